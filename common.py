@@ -1,0 +1,1100 @@
+"""common.py -- the one shared module of the GAN-inversion reference scripts.
+
+Everything two or more method scripts need, and nothing a single script needs:
+
+* data: MNIST / Fashion-MNIST / CIFAR-10 / CelebA / LSUN / image folders, pixels in [-1, 1],
+  standard test splits, resumable (distributed) sampling;
+* blocks: DCGAN, StyleGAN2-lite (equalized lr, modulated conv, mapping MLP, skip generator, residual
+  discriminator, no noise and no minibatch-stddev), ProGAN, discriminators with an optional latent
+  head, a ResNet-style BN encoder, and NICE / RealNVP coupling layers;
+* losses and metrics: logistic / WGAN / hinge, R1, MMD, VGG16 perceptual loss (real ImageNet
+  weights), MSE / MAE / PSNR / SSIM;
+* runtime: device, seeding, torchrun / DDP helpers, EMA, atomic checkpoints loaded with
+  ``weights_only=True``, run directories, JSONL (+ TensorBoard) logging, PNG grids, progress lines.
+
+Assets (datasets, VGG16, the FID Inception) are fetched offline by ``bash setup.sh`` into
+``$GANINV_CACHE`` (default ``~/.cache/ganinv``); online users can also let torchvision download.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+CACHE_DIR = os.path.expanduser(os.environ.get("GANINV_CACHE", "~/.cache/ganinv"))
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+WEIGHTS_DIR = os.path.join(CACHE_DIR, "weights")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+def fail(message: str):
+    """Stop with a one-line error (no traceback) and exit status 1: bad input is the user's to fix."""
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+DATASETS = "mnist | fashion-mnist | cifar10 | celeba | lsun-<category> | folder:<path>"
+
+
+def check_resolution(resolution: int, minimum: int = 8):
+    if resolution < minimum or resolution & (resolution - 1):
+        up = 1 << max(int(math.ceil(math.log2(max(resolution, 1)))), int(math.log2(minimum)))
+        fail(f"--resolution must be a power of two >= {minimum} for the conv nets (got {resolution}); try {up}")
+
+
+def default_channels(dataset: str) -> int:
+    return 1 if dataset in ("mnist", "fashion-mnist") else 3
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Whole dataset held as uint8 (N, C, H, W): small datasets train faster without per-item decoding."""
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images_uint8, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].float().div(127.5).sub(1.0), int(self.labels[i])
+
+
+def _to_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 (N, C, h, w) -> uint8 (N, C, R, R); 28 -> 32 by zero padding keeps MNIST pixels exact."""
+    h = images.shape[-1]
+    if h == resolution:
+        return images
+    if h == 28 and resolution == 32:
+        return F.pad(images, (2, 2, 2, 2))
+    out = []
+    for chunk in images.split(4096):
+        x = F.interpolate(chunk.float(), size=(resolution, resolution), mode="bilinear", antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _torchvision_dataset(cls, name: str, data_root: str | None, **kwargs):
+    """Look in the offline cache first, then --data-root, then let torchvision download (needs internet)."""
+    roots = [DATA_DIR] + ([data_root] if data_root else [])
+    for root in roots:
+        try:
+            return cls(root, download=False, **kwargs)
+        except (RuntimeError, FileNotFoundError):
+            continue
+    try:
+        return cls(data_root or DATA_DIR, download=True, **kwargs)
+    except Exception as e:  # offline, or a dataset torchvision cannot download
+        fail(
+            f"dataset '{name}' not found in {' or '.join(roots)} and could not be downloaded "
+            f"({type(e).__name__}); run `bash setup.sh` (MNIST, Fashion-MNIST) or put the files under --data-root"
+        )
+
+
+class ImageFolderFlat(torch.utils.data.Dataset):
+    """Images under a folder (flat, or one sub-folder per class), with a deterministic held-out split.
+
+    A file goes to the test split when crc32(relative path) % 1000 < 1000 * test_fraction, so the split
+    does not depend on listing order and does not move when files are added. Non-image and unreadable
+    files are skipped and counted (``self.skipped``); none left is an error.
+    """
+
+    def __init__(self, root, resolution, channels, train=True, test_fraction=0.1):
+        if not os.path.isdir(root):
+            fail(f"image folder '{root}' does not exist; pass --dataset folder:<existing directory>")
+        from PIL import Image, UnidentifiedImageError
+
+        self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
+        files, self.skipped = [], 0
+        for dirpath, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.skipped += 1
+                    continue
+                try:
+                    with Image.open(path) as im:
+                        im.verify()
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    self.skipped += 1
+                    continue
+                files.append(os.path.relpath(path, root))
+        if not files:
+            fail(f"no readable images in '{root}' ({self.skipped} files skipped); expected {IMAGE_EXTENSIONS}")
+        classes = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        threshold = int(1000 * test_fraction)
+        pick = [(zlib.crc32(f.encode()) % 1000 < threshold) != train for f in files]
+        self.files = [os.path.join(root, f) for f, keep in zip(files, pick) if keep]
+        if not self.files:
+            fail(f"image folder '{root}' has too few images for a {'train' if train else 'test'} split")
+        self.labels = [self.class_to_idx.get(os.path.relpath(f, root).split(os.sep)[0], 0) for f in self.files]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert(self.mode).resize((self.resolution, self.resolution), Image.BICUBIC)
+            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        return x.float().div(127.5).sub(1.0), self.labels[i]
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """Wraps a torchvision dataset that yields PIL images (CelebA, LSUN): resize (no crop), to [-1, 1]."""
+
+    def __init__(self, base, resolution, channels):
+        self.base, self.resolution, self.mode = base, resolution, "L" if channels == 1 else "RGB"
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        im, label = self.base[i]
+        im = im.convert(self.mode).resize((self.resolution, self.resolution), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        return x.float().div(127.5).sub(1.0), label if isinstance(label, int) else 0
+
+
+def build_dataset(name: str, resolution: int, train: bool = True, data_root: str | None = None, channels=None):
+    """Returns a Dataset of (image in [-1, 1] with shape (C, R, R), label). ``train=False``: the test split."""
+    check_resolution(resolution)
+    channels = channels or default_channels(name.split(":")[0])
+    import torchvision.datasets as tvd
+
+    if name in ("mnist", "fashion-mnist", "cifar10"):
+        cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+        ds = _torchvision_dataset(cls, name, data_root, train=train)
+        data = torch.as_tensor(np.asarray(ds.data))
+        images = data[:, None] if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        if images.shape[1] != channels:  # gray <-> RGB on request
+            images = images.repeat(1, 3, 1, 1) if channels == 3 else images.float().mean(1, keepdim=True).byte()
+        return TensorImages(_to_resolution(images, resolution).contiguous(), torch.as_tensor(np.asarray(ds.targets)))
+    if name == "celeba":
+        base = _torchvision_dataset(tvd.CelebA, name, data_root, split="train" if train else "test", target_type=[])
+        return _PILDataset(base, resolution, channels)
+    if name.startswith("lsun-"):
+        category = name[len("lsun-") :]
+        root = data_root or os.path.join(DATA_DIR, "lsun")
+        try:
+            base = tvd.LSUN(root, classes=[f"{category}_{'train' if train else 'val'}"])
+        except Exception as e:
+            fail(f"LSUN '{category}' not found under {root} ({e}); download the lmdb and pass --data-root")
+        return _PILDataset(base, resolution, channels)
+    if name.startswith("folder:"):
+        return ImageFolderFlat(name[len("folder:") :], resolution, channels, train=train)
+    fail(f"unknown dataset '{name}'; choose one of: {DATASETS}")
+
+
+class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (seeded permutation per epoch, rank::world shards) that can start mid-epoch,
+    so a resumed run sees exactly the batches an uninterrupted run would have seen."""
+
+    start_index = 0
+
+    def set_position(self, epoch: int, start_index: int = 0):
+        self.set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index :])
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+def make_loader(dataset, batch_size, dist_info, seed, shuffle=True, workers=0, drop_last=True):
+    """``batch_size`` is per process. Returns (loader, sampler); call ``sampler.set_position`` every epoch."""
+    sampler = ResumableDistributedSampler(
+        dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),  # its own: iterators must not draw from the global RNG
+    )
+    if len(sampler) // batch_size == 0 and drop_last:
+        fail(f"dataset has {len(dataset)} images: too few for one batch of {batch_size} per process")
+    return loader, sampler
+
+
+def infinite_batches(loader, sampler, start_step: int = 0):
+    """Yields (epoch, image batch) forever, starting at the batch of global step ``start_step``."""
+    batches_per_epoch = (sampler.num_samples) // loader.batch_size
+    epoch, skip = divmod(start_step, batches_per_epoch)
+    while True:
+        sampler.set_position(epoch, skip * loader.batch_size)
+        for x, _ in loader:
+            yield epoch, x
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks: equalized learning rate, StyleGAN2-lite, DCGAN, ProGAN, encoder
+# ---------------------------------------------------------------------------------------------------------
+class EqualLinear(nn.Module):
+    """Linear layer with equalized learning rate (weights ~ N(0, 1/lr_mul^2), scaled at run time)."""
+
+    def __init__(self, in_dim, out_dim, bias=True, bias_init=0.0, lr_mul=1.0, activation=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
+        self.scale, self.lr_mul, self.activation = lr_mul / math.sqrt(in_dim), lr_mul, activation
+
+    def forward(self, x):
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        out = F.linear(x, self.weight * self.scale, bias)
+        return F.leaky_relu(out, 0.2) * math.sqrt(2) if self.activation else out
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, in_ch, out_ch, kernel_size, padding=0, bias=True, activation=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
+        self.scale, self.padding, self.activation = 1 / math.sqrt(in_ch * kernel_size**2), padding, activation
+
+    def forward(self, x):
+        out = F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        return F.leaky_relu(out, 0.2) * math.sqrt(2) if self.activation else out
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 modulated convolution: per-sample weights scaled by the style, optionally demodulated.
+    Upsampling is bilinear x2 before the conv (the 'lite' stand-in for transposed conv + blur)."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, w_dim, demodulate=True, upsample=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel_size, kernel_size))
+        self.affine = EqualLinear(w_dim, in_ch, bias_init=1.0)  # styles start at 1
+        self.scale = 1 / math.sqrt(in_ch * kernel_size**2)
+        self.demodulate, self.upsample, self.padding = demodulate, upsample, kernel_size // 2
+        self.out_ch = out_ch
+
+    def forward(self, x, w):
+        # Modulate the activations rather than the weights ("non-fused", as StyleGAN2-ADA trains): the same
+        # result as a per-sample grouped conv, but a plain batched conv, several times faster on CPU.
+        style = self.affine(w)  # (N, in)
+        weight = self.scale * self.weight[0]  # (out, in, k, k)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        out = F.conv2d(x * style[:, :, None, None], weight, padding=self.padding)
+        if self.demodulate:  # 1 / ||w * style||_2 per (sample, output channel)
+            demod = torch.rsqrt(style.square() @ weight.square().sum([2, 3]).t() + 1e-8)
+            out = out * demod[:, :, None, None]
+        return out
+
+
+class StyledConv(nn.Module):
+    """Modulated conv + bias + leaky ReLU (no noise input: one latent code -> one image)."""
+
+    def __init__(self, in_ch, out_ch, w_dim, upsample=False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, upsample=upsample)
+        self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
+
+    def forward(self, x, w):
+        return F.leaky_relu(self.conv(x, w) + self.bias, 0.2) * math.sqrt(2)
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_ch, out_ch, w_dim):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_ch, out_ch, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, out_ch, 1, 1))
+
+    def forward(self, x, w, skip=None):
+        out = self.conv(x, w) + self.bias
+        if skip is not None:
+            out = out + F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+        return out
+
+
+def stylegan_channels(resolution: int, width: int) -> int:
+    """Feature maps at a resolution: ``width`` up to 32x32, halving above (StyleGAN2's shape, scaled)."""
+    return max(min(width, width * 32 // resolution), 8)
+
+
+class MappingNetwork(nn.Module):
+    """z -> w MLP with lr multiplier 0.01. ``normalize_z`` (StyleGAN's pixel norm of z) must be off when the
+    latent's per-dimension scale carries information (DLSGAN)."""
+
+    def __init__(self, z_dim, w_dim, n_layers=8, lr_mul=0.01, normalize_z=True):
+        super().__init__()
+        dims = [z_dim] + [w_dim] * n_layers
+        self.layers = nn.Sequential(*[EqualLinear(a, b, lr_mul=lr_mul, activation=True) for a, b in zip(dims, dims[1:])])
+        self.normalize_z = normalize_z
+
+    def forward(self, z):
+        if self.normalize_z:
+            z = z * torch.rsqrt(z.square().mean(1, keepdim=True) + 1e-8)
+        return self.layers(z)
+
+
+class StyleGAN2Generator(nn.Module):
+    """StyleGAN2-lite: mapping MLP, learned 4x4 constant, two modulated convs per resolution, skip ToRGB.
+
+    ``forward(z)`` maps then synthesizes; ``synthesis(w)`` takes w of shape (N, w_dim) or W+ (N, num_ws, w_dim).
+    ``mapping`` is a plain attribute so a method can swap in another z -> w network (LIA's invertible one).
+    """
+
+    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=8, mapping_lr_mul=0.01,
+                 normalize_z=True):  # fmt: skip
+        super().__init__()
+        check_resolution(resolution)
+        self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
+        self.mapping = MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul, normalize_z) if n_mapping else nn.Identity()
+        ch = stylegan_channels(4, width)
+        self.const = nn.Parameter(torch.randn(1, ch, 4, 4))
+        self.conv4 = StyledConv(ch, ch, w_dim)
+        self.rgb4 = ToRGB(ch, img_channels, w_dim)
+        self.blocks, self.to_rgbs = nn.ModuleList(), nn.ModuleList()
+        res = 8
+        while res <= resolution:
+            out_ch = stylegan_channels(res, width)
+            self.blocks.append(nn.ModuleList([StyledConv(ch, out_ch, w_dim, upsample=True), StyledConv(out_ch, out_ch, w_dim)]))
+            self.to_rgbs.append(ToRGB(out_ch, img_channels, w_dim))
+            ch, res = out_ch, res * 2
+        self.num_ws = 2 + 3 * len(self.blocks)  # conv4, rgb4, then (conv, conv, rgb) per block
+
+    def synthesis(self, w):
+        ws = w.unsqueeze(1).expand(-1, self.num_ws, -1) if w.ndim == 2 else w
+        x = self.conv4(self.const.expand(len(ws), -1, -1, -1), ws[:, 0])
+        rgb = self.rgb4(x, ws[:, 1])
+        i = 2
+        for (conv_up, conv), to_rgb in zip(self.blocks, self.to_rgbs):
+            x = conv(conv_up(x, ws[:, i]), ws[:, i + 1])
+            rgb = to_rgb(x, ws[:, i + 2], rgb)
+            i += 3
+        return rgb
+
+    def forward(self, z):
+        return self.synthesis(self.mapping(z))
+
+
+class DiscriminatorHeads(nn.Module):
+    """Shared trunk features -> dense -> (adversarial logit, optional latent prediction of ``latent_dim``)."""
+
+    def __init__(self, in_features, hidden, latent_dim=0, equalized=True):
+        super().__init__()
+        lin = EqualLinear if equalized else nn.Linear
+        self.dense = EqualLinear(in_features, hidden, activation=True) if equalized else nn.Linear(in_features, hidden)
+        self.equalized = equalized
+        self.adv = lin(hidden, 1)
+        self.latent = lin(hidden, latent_dim) if latent_dim else None
+
+    def forward(self, features):
+        h = self.dense(features.flatten(1))
+        h = h if self.equalized else F.leaky_relu(h, 0.2)
+        return self.adv(h).squeeze(1), self.latent(h) if self.latent is not None else None
+
+
+class ResBlockDown(nn.Module):
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv1 = EqualConv2d(in_ch, in_ch, 3, padding=1, activation=True)
+        self.conv2 = EqualConv2d(in_ch, out_ch, 3, padding=1, activation=True)
+        self.skip = EqualConv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x):
+        out = F.avg_pool2d(self.conv2(self.conv1(x)), 2)
+        return (out + self.skip(F.avg_pool2d(x, 2))) / math.sqrt(2)
+
+
+class StyleGAN2Discriminator(nn.Module):
+    """Residual StyleGAN2 discriminator without minibatch-stddev (a per-image encoder head needs no batch
+    statistics). ``forward(x) -> (logit, latent or None)``; ``features(x)`` is the flattened trunk output."""
+
+    def __init__(self, resolution, img_channels, width=64, latent_dim=0):
+        super().__init__()
+        check_resolution(resolution)
+        ch = stylegan_channels(resolution, width)
+        self.from_rgb = EqualConv2d(img_channels, ch, 1, activation=True)
+        blocks, res = [], resolution
+        while res > 4:
+            out_ch = stylegan_channels(res // 2, width)
+            blocks.append(ResBlockDown(ch, out_ch))
+            ch, res = out_ch, res // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.final_conv = EqualConv2d(ch, ch, 3, padding=1, activation=True)
+        self.heads = DiscriminatorHeads(ch * 16, ch, latent_dim)
+        self.feature_dim = ch * 16
+
+    def features(self, x):
+        return self.final_conv(self.blocks(self.from_rgb(x))).flatten(1)
+
+    def forward(self, x):
+        return self.heads(self.features(x))
+
+
+class DCGANGenerator(nn.Module):
+    """DCGAN: z -> 4x4 -> (ConvTranspose 4/2/1, BN, ReLU) per doubling -> tanh."""
+
+    def __init__(self, z_dim, resolution, img_channels, width=64):
+        super().__init__()
+        check_resolution(resolution)
+        self.z_dim, self.resolution, self.img_channels = z_dim, resolution, img_channels
+        n_up = int(math.log2(resolution)) - 2
+        ch = width * 2 ** (n_up - 1)
+        self.project = nn.Sequential(nn.Linear(z_dim, ch * 16), nn.Unflatten(1, (ch, 4, 4)), nn.BatchNorm2d(ch), nn.ReLU(True))
+        layers = []
+        for i in range(n_up - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, img_channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.project(z))
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN: (Conv 4/2/1, [norm], LeakyReLU 0.2) down to 4x4, then heads. ``norm='none'`` keeps every image
+    independent of its batch (wanted when the head is an encoder); 'bn' is the classic DCGAN."""
+
+    def __init__(self, resolution, img_channels, width=64, latent_dim=0, norm="none"):
+        super().__init__()
+        check_resolution(resolution)
+        layers, ch, res = [nn.Conv2d(img_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)], width, resolution // 2
+        while res > 4:
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=norm == "none")]
+            layers += [nn.BatchNorm2d(ch * 2)] if norm == "bn" else []
+            layers += [nn.LeakyReLU(0.2, True)]
+            ch, res = ch * 2, res // 2
+        self.trunk = nn.Sequential(*layers)
+        self.heads = DiscriminatorHeads(ch * 16, min(ch * 2, 1024), latent_dim, equalized=False)
+        self.feature_dim = ch * 16
+
+    def features(self, x):
+        return self.trunk(x).flatten(1)
+
+    def forward(self, x):
+        return self.heads(self.features(x))
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x):
+        return x * torch.rsqrt(x.square().mean(1, keepdim=True) + 1e-8)
+
+
+class ProGANGenerator(nn.Module):
+    """Fixed-resolution ProGAN generator: pixel norm and equalized lr, (upsample, conv3, conv3) per doubling."""
+
+    def __init__(self, z_dim, resolution, img_channels, width=128):
+        super().__init__()
+        check_resolution(resolution)
+        self.z_dim, self.resolution, self.img_channels = z_dim, resolution, img_channels
+        ch = stylegan_channels(4, width)
+        self.project = EqualLinear(z_dim, ch * 16, activation=True)
+        self.conv4 = EqualConv2d(ch, ch, 3, padding=1, activation=True)
+        blocks, res = [], 8
+        while res <= resolution:
+            out_ch = stylegan_channels(res, width)
+            blocks.append(nn.ModuleList([EqualConv2d(ch, out_ch, 3, 1, activation=True),
+                                         EqualConv2d(out_ch, out_ch, 3, 1, activation=True)]))  # fmt: skip
+            ch, res = out_ch, res * 2
+        self.blocks, self.to_rgb, self.norm = nn.ModuleList(blocks), EqualConv2d(ch, img_channels, 1), PixelNorm()
+
+    def forward(self, z):
+        x = self.norm(self.project(self.norm(z)).view(len(z), -1, 4, 4))
+        x = self.norm(self.conv4(x))
+        for conv1, conv2 in self.blocks:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = self.norm(conv2(self.norm(conv1(x))))
+        return self.to_rgb(x)
+
+
+class ProGANDiscriminator(nn.Module):
+    """Fixed-resolution ProGAN discriminator (equalized lr), (conv3, conv3, avg-pool) per halving, heads."""
+
+    def __init__(self, resolution, img_channels, width=128, latent_dim=0):
+        super().__init__()
+        check_resolution(resolution)
+        ch = stylegan_channels(resolution, width)
+        layers, res = [EqualConv2d(img_channels, ch, 1, activation=True)], resolution
+        while res > 4:
+            out_ch = stylegan_channels(res // 2, width)
+            layers += [EqualConv2d(ch, ch, 3, 1, activation=True), EqualConv2d(ch, out_ch, 3, 1, activation=True),
+                       nn.AvgPool2d(2)]  # fmt: skip
+            ch, res = out_ch, res // 2
+        layers += [EqualConv2d(ch, ch, 3, 1, activation=True)]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = DiscriminatorHeads(ch * 16, ch, latent_dim)
+        self.feature_dim = ch * 16
+
+    def features(self, x):
+        return self.trunk(x).flatten(1)
+
+    def forward(self, x):
+        return self.heads(self.features(x))
+
+
+class EncoderResBlock(nn.Module):
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch),
+        )  # fmt: skip
+        self.skip = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        return F.leaky_relu(self.body(x) + self.skip(x), 0.2)
+
+
+class ResNetEncoder(nn.Module):
+    """LIA's encoder recipe: conv + BN, then per resolution [avg-pool, residual block with BN] down to 4x4,
+    then dense to one code of ``out_dim``. ``in_channels`` can exceed the image's (e.g. a mask channel)."""
+
+    def __init__(self, resolution, in_channels, out_dim, width=64):
+        super().__init__()
+        check_resolution(resolution)
+        ch = stylegan_channels(resolution, width)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.LeakyReLU(0.2, True))
+        blocks, res = [], resolution
+        while res > 4:
+            out_ch = stylegan_channels(res // 2, width)
+            blocks += [nn.AvgPool2d(2), EncoderResBlock(ch, out_ch)]
+            ch, res = out_ch, res // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(ch * 16, out_dim)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Invertible coupling layers (NICE additive, RealNVP-style affine)
+# ---------------------------------------------------------------------------------------------------------
+class CouplingLayer(nn.Module):
+    """One coupling step on vectors: reverse the feature order, split into halves (a, b), then
+    additive ``b += f(a)`` or affine ``b = b * sigmoid(h + 2) + t`` with (h, t) = f(a). Exactly invertible."""
+
+    def __init__(self, dim, hidden=None, kind="additive"):
+        super().__init__()
+        if kind not in ("additive", "affine"):
+            fail(f"unknown coupling kind '{kind}'; use additive or affine")
+        if dim % 2:
+            fail(f"coupling layers need an even dimension (got {dim})")
+        hidden, half = hidden or dim, dim // 2
+        self.kind = kind
+        self.net = nn.Sequential(
+            nn.Linear(half, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, half * (2 if kind == "affine" else 1))
+        )
+        nn.init.zeros_(self.net[-1].weight)  # start as the identity (up to the order reversal)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _shift_scale(self, a):
+        out = self.net(a)
+        if self.kind == "additive":
+            return out, None
+        h, t = out.chunk(2, dim=1)
+        return t, torch.sigmoid(h + 2.0)
+
+    def forward(self, x):
+        a, b = x.flip(1).chunk(2, dim=1)
+        shift, scale = self._shift_scale(a)
+        b = b + shift if scale is None else b * scale + shift
+        return torch.cat([a, b], dim=1)
+
+    def inverse(self, y):
+        a, b = y.chunk(2, dim=1)
+        shift, scale = self._shift_scale(a)
+        b = b - shift if scale is None else (b - shift) / scale
+        return torch.cat([a, b], dim=1).flip(1)
+
+
+class InvertibleMapping(nn.Module):
+    """An N-step stack of coupling layers: ``forward`` and ``inverse`` are exact inverses of each other."""
+
+    def __init__(self, dim, n_steps=4, hidden=None, kind="additive"):
+        super().__init__()
+        self.steps = nn.ModuleList([CouplingLayer(dim, hidden, kind) for _ in range(n_steps)])
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def inverse(self, y):
+        for step in reversed(self.steps):
+            y = step.inverse(y)
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses and regularizers
+# ---------------------------------------------------------------------------------------------------------
+GAN_LOSSES = ("logistic", "wgan", "hinge")
+
+
+def d_adv_loss(kind: str, real_logit, fake_logit):
+    """Discriminator loss. logistic = non-saturating GAN (softplus form)."""
+    if kind == "logistic":
+        return F.softplus(fake_logit).mean() + F.softplus(-real_logit).mean()
+    if kind == "wgan":
+        return fake_logit.mean() - real_logit.mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
+    fail(f"unknown GAN loss '{kind}'; choose one of {GAN_LOSSES}")
+
+
+def g_adv_loss(kind: str, fake_logit):
+    if kind == "logistic":
+        return F.softplus(-fake_logit).mean()
+    if kind in ("wgan", "hinge"):
+        return -fake_logit.mean()
+    fail(f"unknown GAN loss '{kind}'; choose one of {GAN_LOSSES}")
+
+
+def r1_penalty(real_logit, x_real):
+    """E ||grad_x D(x)||^2 over real images (Mescheder et al. 2018). ``x_real`` must require grad.
+    Weight convention: loss += r1_weight * penalty (so r1_weight = gamma / 2)."""
+    (grad,) = torch.autograd.grad(real_logit.sum(), x_real, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean()
+
+
+def lazy_regularization_adam(lr, betas, interval):
+    """StyleGAN2's correction when a regularizer runs only every ``interval`` steps: (lr, betas) to use."""
+    if interval <= 1:
+        return lr, betas
+    c = interval / (interval + 1)
+    return lr * c, (betas[0] ** c, betas[1] ** c)
+
+
+def rbf_kernel(x, y, bandwidths):
+    """sum_s exp(-||x_i - y_j||^2 / (2 s^2)) for each bandwidth s."""
+    d2 = torch.cdist(x, y).square()
+    return sum(torch.exp(-d2 / (2 * s**2)) for s in bandwidths)
+
+
+def mmd_rbf(x, y, bandwidths=None, scales=(0.25, 0.5, 1.0, 2.0, 4.0)):
+    """Unbiased MMD^2 between samples x (n, d) and y (m, d) with a multi-bandwidth RBF kernel.
+    Bandwidths default to ``scales`` times the median pairwise distance of the pooled sample (detached)."""
+    if bandwidths is None:
+        with torch.no_grad():
+            pooled = torch.cat([x, y])
+            d = torch.cdist(pooled, pooled)
+            median = d[~torch.eye(len(pooled), dtype=torch.bool, device=d.device)].median().clamp_min(1e-6)
+        bandwidths = [float(median) * s for s in scales]
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = rbf_kernel(x, x, bandwidths), rbf_kernel(y, y, bandwidths), rbf_kernel(x, y, bandwidths)
+    sum_xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+    sum_yy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return sum_xx + sum_yy - 2 * kxy.mean()
+
+
+VGG16_FEATURE_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # convs in torchvision's vgg16().features
+VGG16_RELU_OUTPUTS = {"relu1_2": 4, "relu2_2": 9, "relu3_3": 16, "relu4_3": 23, "relu5_3": 30}
+
+
+class VGG16Features(nn.Module):
+    """torchvision's VGG16 conv trunk with the real ImageNet weights (converted by setup.sh), frozen.
+    Input: images in [-1, 1] (1 or 3 channels); returns the requested ReLU outputs in order."""
+
+    def __init__(self, layers=("relu4_3",), weights_path=None):
+        super().__init__()
+        path = weights_path or os.path.join(WEIGHTS_DIR, "vgg16_features.pt")
+        if not os.path.exists(path):
+            fail(f"VGG16 ImageNet weights not found at {path}; run `bash setup.sh`")
+        import torchvision
+
+        self.cut = [VGG16_RELU_OUTPUTS[name] for name in layers]
+        features = torchvision.models.vgg16(weights=None).features[: max(self.cut)]
+        state = load_checkpoint(path)
+        features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) < max(self.cut)})
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def train(self, mode=True):  # always in eval mode: frozen
+        return super().train(False)
+
+    def forward(self, x):
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        h = ((x + 1) / 2 - self.mean) / self.std
+        outs, start = [], 0
+        for cut in self.cut:
+            h = self.features[start:cut](h)
+            outs.append(h)
+            start = cut
+        return outs
+
+
+class VGGPerceptualLoss(nn.Module):
+    """Mean squared distance between VGG16 conv4_3 (after ReLU) features of two image batches."""
+
+    def __init__(self, layer="relu4_3"):
+        super().__init__()
+        self.vgg = VGG16Features((layer,))
+
+    def forward(self, x, y):
+        return F.mse_loss(self.vgg(x)[0], self.vgg(y)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cheap image metrics on [-1, 1] (data range 2), averaged over images
+# ---------------------------------------------------------------------------------------------------------
+def mse(x, y):
+    return (x - y).square().mean()
+
+
+def mae(x, y):
+    """Per pixel per channel, as InvGAN's Table 1."""
+    return (x - y).abs().mean()
+
+
+def psnr(x, y, data_range=2.0):
+    """Mean over images of 10 log10(range^2 / MSE_image)."""
+    per_image = (x - y).square().flatten(1).mean(1).clamp_min(1e-12)
+    return (10 * torch.log10(data_range**2 / per_image)).mean()
+
+
+def _gaussian_window(size=11, sigma=1.5, device=None):
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x, y, data_range=2.0, reduction="mean"):
+    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region only.
+    Matches skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False)."""
+    c, dtype = x.shape[1], x.dtype
+    x, y = x.double(), y.double()
+    g = _gaussian_window(device=x.device)
+    win_h, win_w = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, win_h, groups=c), win_w, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    per_image = s.flatten(1).mean(1).to(dtype)
+    return per_image.mean() if reduction == "mean" else per_image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runtime: device, seeding, distributed, AMP, EMA
+# ---------------------------------------------------------------------------------------------------------
+def get_device(cuda: bool = True, local_rank: int = 0) -> torch.device:
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = True):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init_distributed(cuda: bool) -> DistInfo:
+    """Under torchrun (WORLD_SIZE > 1): init the process group, nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    use_nccl = cuda and torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    return info
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_module(module: nn.Module, src: int = 0):
+    """Copy rank ``src``'s parameters and buffers to every rank (identical start)."""
+    if dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def sync_gradients(*modules: nn.Module):
+    """Average gradients over ranks in one flat all-reduce. Used instead of DistributedDataParallel because
+    GAN steps run several forwards, double-backward (R1) and heads that are unused in some passes."""
+    if not dist.is_initialized():
+        return
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    all_reduce_mean_(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def sync_buffers(module: nn.Module):
+    """Average float buffers (BatchNorm running stats) over ranks so every rank evaluates and saves the same."""
+    for b in module.buffers():
+        if b.is_floating_point():
+            all_reduce_mean_(b.data)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Optional mixed precision: bf16 autocast on CUDA (no loss scaler needed); a no-op on CPU or when off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied), for evaluation."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay=None):
+        d = self.decay if decay is None else decay
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach(), 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints (atomic save, weights_only load, RNG state), run directories, logging, images, progress
+# ---------------------------------------------------------------------------------------------------------
+def save_checkpoint(obj, path: str):
+    """Write to a temporary file in the same directory, fsync, then rename: a crash never leaves a torn file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location="cpu"):
+    """``torch.load(weights_only=True)``: tensors, dicts, lists and plain values only -- never arbitrary pickles."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist; check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"refusing to load '{path}': not a plain weights checkpoint or corrupt ({first[:160]})")
+
+
+def rng_state() -> dict:
+    """All RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def args_to_dict(args) -> dict:
+    """argparse Namespace -> plain dict (weights_only-safe: str/int/float/bool/None/lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
+def make_run_dir(args, root="runs") -> str:
+    """runs/{dataset}__{exp_name}__{seed}__{time}; an explicit --run-name that already holds files is refused
+    unless resuming, so nothing already written is overwritten."""
+    name = args.run_name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(root, name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not getattr(args, "resume", None):
+        fail(f"run directory '{run_dir}' already holds files; pass --resume {run_dir}/checkpoint.pt or another --run-name")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+class RunLogger:
+    """Scalars as JSONL (one object per line: step plus values) and to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled, self.writer = enabled, None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(run_dir)
+            except Exception:  # tensorboard not installed: JSONL only
+                self.writer = None
+
+    def log(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, float(v), step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', C) grid with a white border."""
+    images = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    n, c, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, padding + r * (h + padding) : padding + r * (h + padding) + h, padding + q * (w + padding) : padding + q * (w + padding) + w] = images[i]
+    return grid.permute(1, 2, 0).squeeze(-1).numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(image_grid(images, nrow)).save(path)
+
+
+class Progress:
+    """One line per report: step/total, it/s, ETA and the losses given."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
+        self.t0 = time.time()
+
+    def report(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        done = max(step - self.start, 1)
+        rate = done / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - step) / rate
+        values = " ".join(f"{k} {float(v):.4g}" for k, v in scalars.items())
+        print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {int(eta // 60):02d}:{int(eta % 60):02d} | {values}", flush=True)
+
+
+def check_finite(step: int, **losses):
+    """NaN / inf divergence is fatal: say so in one line (the last checkpoint on disk is left as it was)."""
+    bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+    if bad:
+        fail(f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+             "lower --lr or raise --r1, and resume from the last checkpoint")  # fmt: skip
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint contract shared by every method script and eval.py
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint is a dict with at least:
+#   "format": "ganinv/1", "method": str, "args": dict, "step": int,
+#   "model_specs": {name: {"class": <a class in BUILDABLE>, "kwargs": dict}},
+#   "state_dicts": {name: state_dict}            (for every name in model_specs; "G_ema" uses spec "G")
+#   "inversion": {"generator": name, "encoder": name, "encoder_output": "latent_head" | "output",
+#                 "latent_scale": tensor or None}   (how eval.py maps x -> code -> image)
+CHECKPOINT_FORMAT = "ganinv/1"
+BUILDABLE = (
+    "StyleGAN2Generator", "StyleGAN2Discriminator", "DCGANGenerator", "DCGANDiscriminator", "ProGANGenerator",
+    "ProGANDiscriminator", "ResNetEncoder", "InvertibleMapping",
+)  # fmt: skip
+
+
+def model_spec(module_class, **kwargs) -> dict:
+    if module_class.__name__ not in BUILDABLE:
+        raise ValueError(f"{module_class.__name__} is not a buildable common.py class")
+    return {"class": module_class.__name__, "kwargs": kwargs}
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """Rebuild a network from a checkpoint's spec; only the classes above, never arbitrary code."""
+    name = spec.get("class")
+    if name not in BUILDABLE:
+        fail(f"checkpoint names model class '{name}', which common.py cannot build; is it from another version?")
+    return globals()[name](**spec["kwargs"])
+
+
+def load_state_strict(module: nn.Module, state_dict, what: str, path: str):
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        fail(f"checkpoint '{path}' does not fit {what} ({str(e).splitlines()[0][:120]}...); were the flags changed?")

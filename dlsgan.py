@@ -1,0 +1,475 @@
+"""Dynamic Latent Scale GAN (DLSGAN) -- GAN inversion with an encoder living in the discriminator.
+
+Paper: J. Cho and A. Krzyzak, "Dynamic Latent Scale for GAN Inversion", ICPRAM 2022 (Algorithm 1).
+The encoder is a latent head on the discriminator trunk. The generator is fed ``z * s`` where
+``s = sqrt(d) * v^(1/2) / ||v^(1/2)||`` and v tracks the per-dimension variance of the encoder's
+predictions, so dimensions the generator ignores shrink and the encoder's MSE loss can converge:
+
+    L_enc = mean((z - z_hat)^2 * s^2)        added to D's loss, and to G's too with --dg
+
+What it reproduces: without DLS (``--no-dls``, s = 1) L_enc stays near 1; with DLS it keeps falling,
+lower still with DG, and real/fake reconstruction PSNR/SSIM are better (paper Figs. 3-4, 7-15).
+
+Usage:
+    python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32 on a CPU, ~12 min
+    python dlsgan.py --dist normal --dg --no-dls            # the plain-MSE ablation
+    python dlsgan.py --ablation --dist normal               # {DLS, no DLS} x {D, DG}: table + L_enc plot
+    torchrun --nproc_per_node=2 dlsgan.py --dist uniform --dg   # DDP (gloo on CPU, nccl on CUDA)
+    python dlsgan.py --resume runs/<run>/checkpoint.pt      # continue exactly where it stopped
+    # paper scale (GPU): CelebA 128x128, 50 epochs, batch 16, d = 512
+    python dlsgan.py --dataset celeba --resolution 128 --width 512 --batch-size 16 --epochs 50 --dist normal --dg \\
+        --n-mapping 8 --eval-every 5000
+
+Everything of a run goes to runs/{run_name}/: metrics.jsonl, samples.png, reconstructions.png,
+fig17_top_dim.png, checkpoint.pt (rebuildable by eval.py without importing this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # experiment
+    p.add_argument("--exp-name", default="dlsgan", help="experiment name, part of the run name")
+    p.add_argument("--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    # model
+    p.add_argument("--arch", default="stylegan2", choices=["stylegan2", "dcgan"], help="generator/discriminator family")
+    p.add_argument("--width", type=int, default=32, help="max feature maps (paper-sized StyleGAN2: 512)")
+    p.add_argument("--latent-dim", type=int, default=512, help="d, the latent dimension (paper: 512)")
+    p.add_argument("--w-dim", type=int, default=256, help="StyleGAN2 intermediate latent width")
+    p.add_argument("--n-mapping", type=int, default=4, help="StyleGAN2 mapping layers (paper: 8)")
+    p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="learning-rate multiplier of the mapper")
+    # the method
+    p.add_argument("--dist", default="normal", choices=["normal", "uniform"], help="latent prior, mean 0 variance 1")
+    p.add_argument("--dg", action="store_true", help="add lambda_enc * L_enc to G's loss too (paper: 'DG')")
+    p.add_argument("--no-dls", action="store_true", help="ablation: plain MSE encoder loss, s fixed at 1")
+    p.add_argument("--lambda-enc", type=float, default=1.0, help="weight of L_enc")
+    p.add_argument("--v-update", default="window", choices=["window", "ema"], help="how v is tracked")
+    p.add_argument("--v-window", type=int, default=8192, help="samples in v's moving window (paper: 512 x 16)")
+    p.add_argument("--v-ema", type=float, default=0.999, help="EMA decay of v with --v-update ema")
+    # optimization
+    p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], help="Adam betas")
+    p.add_argument("--lr-decay", type=float, default=0.02, help="learning-rate decay per epoch (paper: 2%%)")
+    p.add_argument("--r1", type=float, default=10.0, help="R1 weight (paper: 10, i.e. gamma = 20)")
+    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
+    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
+    p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
+    p.add_argument("--images", type=int, default=128_000, help="training budget in images when --epochs is 0")
+    # evaluation and saving
+    p.add_argument("--eval-every", type=int, default=250, help="evaluate and log every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="test images (and fresh fakes) per evaluation")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    # ablation driver
+    p.add_argument("--ablation", action="store_true", help="run {DLS, no DLS} x {D, DG} for --dist; write a table")
+    args = p.parse_args(argv)
+    if args.batch_size < 2:
+        common.fail("--batch-size must be at least 2")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method: prior, latent scale, tracked variance, entropy
+# ---------------------------------------------------------------------------------------------------------
+def sample_z(n, d, dist, device, generator=None):
+    """Mean 0, variance 1 priors: N(0, 1) or U(-sqrt 3, sqrt 3)."""
+    if dist == "normal":
+        return torch.randn(n, d, device=device, generator=generator)
+    return (torch.rand(n, d, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
+
+
+def latent_scale(v: torch.Tensor) -> torch.Tensor:
+    """s = sqrt(d) * v^(1/2) / ||v^(1/2)||_2, so that sum(s^2) = d (s = 1 when all v are equal)."""
+    return torch.sqrt(len(v) * v / v.sum())
+
+
+class PredictedVariance:
+    """v: per-dimension variance of the encoder's predicted codes. The predictions have mean ~0, so
+    mean(z_hat^2) over a batch is a variance sample. 'window' averages the last N batch samples (paper),
+    'ema' is the later variant. Fed with the global batch mean, so v is identical on every DDP rank."""
+
+    def __init__(self, d, mode="window", window_batches=128, ema=0.999, device="cpu"):
+        self.mode, self.ema = mode, ema
+        self.window = torch.ones(window_batches if mode == "window" else 1, d, device=device)
+        self.pointer = torch.zeros((), dtype=torch.long)
+
+    @property
+    def value(self):
+        return self.window.mean(0) if self.mode == "window" else self.window[0]
+
+    @torch.no_grad()
+    def update(self, z_hat: torch.Tensor):
+        batch_var = common.all_reduce_mean_(z_hat.detach().float().square().mean(0))
+        if self.mode == "window":
+            self.window[self.pointer % len(self.window)] = batch_var
+            self.pointer += 1
+        else:
+            self.window[0].lerp_(batch_var, 1 - self.ema)
+
+    def state_dict(self):
+        return {"window": self.window.cpu(), "pointer": self.pointer}
+
+    def load_state_dict(self, state):
+        if state["window"].shape != self.window.shape:
+            common.fail(f"the checkpoint's v buffer has shape {tuple(state['window'].shape)}, expected "
+                        f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size")  # fmt: skip
+        self.window.copy_(state["window"])
+        self.pointer = state["pointer"].clone()
+
+
+def latent_entropy(s: torch.Tensor, dist: str) -> float:
+    """Differential entropy (nats) of z * s with z i.i.d. N(0,1) or U(-sqrt3, sqrt3): a sum over dimensions."""
+    s = s.double().clamp_min(1e-30)
+    if dist == "normal":
+        return float((0.5 * torch.log(2 * math.pi * math.e * s**2)).sum())
+    return float(torch.log(2 * math.sqrt(3) * s).sum())
+
+
+def dims_carrying(s: torch.Tensor, fraction=0.9) -> int:
+    """How many latent dimensions carry ``fraction`` of sum(s^2) (= d)."""
+    share = torch.sort(s.double() ** 2, descending=True).values.cumsum(0) / (s.double() ** 2).sum()
+    return int((share < fraction).sum()) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks (from common.py): G(z * s), D(x) -> (adversarial logit, z_hat)
+# ---------------------------------------------------------------------------------------------------------
+def model_specs(args, img_channels):
+    if args.arch == "stylegan2":
+        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim,
+                              resolution=args.resolution, img_channels=img_channels, width=args.width,
+                              n_mapping=args.n_mapping, mapping_lr_mul=args.mapping_lr_mul,
+                              normalize_z=False)  # fmt: skip  # pixel-norm of z would undo the scale s
+        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim)  # fmt: skip
+    else:
+        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width)  # fmt: skip
+        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.width, latent_dim=args.latent_dim, norm="none")  # fmt: skip
+    return {"G": g, "D": d}
+
+
+# Flags that define the networks and the latent: a resumed run must keep them.
+ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "dist", "no_dls",
+              "v_update", "v_window", "batch_size")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: reconstructions of fakes and of held-out real images, figures
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode(D, x, batch=250):
+    return torch.cat([D(chunk)[1] for chunk in x.split(batch)])
+
+
+@torch.no_grad()
+def generate(G, z, batch=250):
+    return torch.cat([G(chunk).clamp(-1, 1) for chunk in z.split(batch)])
+
+
+@torch.no_grad()
+def evaluate(G, D, s, x_test, args, device):
+    """Fake: G(z*s) vs G(E(G(z*s))*s) on fresh z; real: x vs G(E(x)*s) on test images. Fixed seed, so
+    evaluation never touches the training RNG streams."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    z = sample_z(len(x_test), args.latent_dim, args.dist, device, gen)
+    x_fake = generate(G, z * s)
+    x_fake_rec = generate(G, encode(D, x_fake) * s)
+    x_real_rec = generate(G, encode(D, x_test) * s)
+    return {
+        "eval/fake_psnr": common.psnr(x_fake, x_fake_rec).item(),
+        "eval/fake_ssim": common.ssim(x_fake, x_fake_rec).item(),
+        "eval/real_psnr": common.psnr(x_test, x_real_rec).item(),
+        "eval/real_ssim": common.ssim(x_test, x_real_rec).item(),
+        "eval/real_mse": common.mse(x_test, x_real_rec).item(),
+    }, x_real_rec
+
+
+@torch.no_grad()
+def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
+    gen = torch.Generator(device=device).manual_seed(args.seed + 999)
+    z = sample_z(64, args.latent_dim, args.dist, device, gen)
+    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "samples.png"), nrow=8)
+    # rows alternate: 8 test images, then their reconstructions G(E(x) * s)
+    real, rec = x_test[:32].view(4, 8, *x_test.shape[1:]), x_real_rec[:32].view(4, 8, *x_test.shape[1:])
+    common.save_image_grid(torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8)
+    # paper Fig. 17: the most important element (largest s) swept from -2 to 2, one row per base sample
+    top = int(torch.argmax(s))
+    values = torch.linspace(-2, 2, 9, device=device)
+    z = sample_z(6, args.latent_dim, args.dist, device, gen).repeat_interleave(len(values), 0)
+    z[:, top] = values.repeat(6)
+    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "fig17_top_dim.png"), nrow=len(values))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def train(args):
+    dist_info = common.init_distributed(args.cuda)
+    device = common.get_device(args.cuda, dist_info.local_rank)
+    if args.batch_size % dist_info.world_size:
+        common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
+    batch = args.batch_size // dist_info.world_size
+    common.seed_everything(args.seed, args.deterministic)
+
+    ckpt = common.load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        if ckpt.get("method") != "dlsgan":
+            common.fail(f"'{args.resume}' is a {ckpt.get('method')} checkpoint, not a dlsgan one")
+        for flag in ARCH_FLAGS:
+            if ckpt["args"].get(flag) != getattr(args, flag):
+                common.fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but the checkpoint was trained "
+                            f"with {ckpt['args'].get(flag)!r}; pass the same value to resume")  # fmt: skip
+        args.run_name = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
+    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
+    img_channels = train_set[0][0].shape[0]
+    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+
+    specs = model_specs(args, img_channels)
+    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
+    common.broadcast_module(G), common.broadcast_module(D)
+    G_ema = common.EMA(G, decay=0.5 ** (args.batch_size / (args.ema_kimg * 1000)))
+    mapping_params = [p for n, p in G.named_parameters() if n.startswith("mapping.")]
+    synthesis_params = [p for n, p in G.named_parameters() if not n.startswith("mapping.")]
+    # the mapper's 0.01 lr multiplier is inside its equalized-lr layers (StyleGAN2), so one lr fits all
+    opt_g = torch.optim.Adam([{"params": synthesis_params}, {"params": mapping_params}], lr=args.lr, betas=args.betas)
+    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval)
+    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
+    v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // args.batch_size), args.v_ema, device)
+
+    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
+    steps_per_epoch = len(sampler) // batch
+    total_steps = int(args.epochs * steps_per_epoch) if args.epochs > 0 else args.images // args.batch_size
+    step = 0
+    if ckpt is not None:
+        common.load_state_strict(G, ckpt["state_dicts"]["G"], "the generator", args.resume)
+        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.resume)
+        common.load_state_strict(G_ema.model, ckpt["state_dicts"]["G_ema"], "the EMA generator", args.resume)
+        opt_g.load_state_dict(ckpt["optimizers"]["G"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
+        v.load_state_dict(ckpt["v"])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+    else:
+        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
+
+    n_eval = min(args.eval_images, len(test_set))
+    x_test = torch.stack([test_set[i][0] for i in range(n_eval)]).to(device)
+    logger = common.RunLogger(run_dir, enabled=dist_info.is_main, tensorboard=args.track) if dist_info.is_main else None
+    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        print(f"run: {run_dir} | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} "
+              f"| {'DLS' if not args.no_dls else 'no DLS'} {'DG' if args.dg else 'D'} {args.dist} | {total_steps} steps "
+              f"of {args.batch_size} ({steps_per_epoch} per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
+
+    def save(step):
+        if not dist_info.is_main:
+            return
+        common.sync_buffers(D)
+        common.save_checkpoint({
+            "format": common.CHECKPOINT_FORMAT, "method": "dlsgan", "args": common.args_to_dict(args), "step": step,
+            "model_specs": specs,
+            "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
+            "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
+            "v": v.state_dict(), "rng": rng_states,
+            "inversion": {"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
+                          "latent_scale": current_scale().cpu(), "latent_dist": args.dist},
+        }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
+
+    def current_scale():
+        return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
+
+    batches = common.infinite_batches(loader, sampler, start_step=step)
+    sums, t_start, images_seen = {}, time.time(), 0
+    while step < total_steps:
+        epoch, x_real = next(batches)
+        x_real = x_real.to(device, non_blocking=True)
+        for group in opt_g.param_groups:
+            group["lr"] = args.lr * (1 - args.lr_decay) ** epoch
+        for group in opt_d.param_groups:
+            group["lr"] = d_lr * (1 - args.lr_decay) ** epoch
+        s = current_scale()
+
+        # --- D (and the encoder head): adversarial loss + lambda_enc * L_enc (+ lazy R1) ---
+        D.requires_grad_(True)
+        z = sample_z(batch, args.latent_dim, args.dist, device)
+        with torch.no_grad(), common.autocast(device, args.amp):
+            x_fake = G(z * s)
+        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
+        x_real.requires_grad_(do_r1)
+        with common.autocast(device, args.amp):
+            real_logit, _ = D(x_real)
+            fake_logit, z_hat = D(x_fake.detach())
+            l_enc_d = ((z - z_hat.float()).square() * s.square()).mean()
+            loss_d = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc_d
+        r1 = common.r1_penalty(real_logit.float(), x_real) if do_r1 else torch.zeros((), device=device)
+        opt_d.zero_grad(set_to_none=True)
+        (loss_d + args.r1 * args.r1_interval * r1).backward()
+        common.sync_gradients(D)
+        opt_d.step()
+        v.update(z_hat)
+
+        # --- G: adversarial loss (+ lambda_enc * L_enc with --dg) ---
+        D.requires_grad_(False)
+        z = sample_z(batch, args.latent_dim, args.dist, device)
+        with common.autocast(device, args.amp):
+            fake_logit, z_hat = D(G(z * s))
+            l_enc_g = ((z - z_hat.float()).square() * s.square()).mean()
+            loss_g = common.g_adv_loss(args.loss, fake_logit.float())
+            if args.dg:
+                loss_g = loss_g + args.lambda_enc * l_enc_g
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        common.sync_gradients(G)
+        opt_g.step()
+        G_ema.update(G)
+        step += 1
+        images_seen += args.batch_size
+
+        scalars = {"losses/L_enc": l_enc_d.item(), "losses/D": loss_d.item(), "losses/G": loss_g.item(), "losses/R1": r1.item()}
+        common.check_finite(step, **scalars)
+        for k, val in scalars.items():
+            sums[k] = sums.get(k, 0.0) + val
+        sums["_n"] = sums.get("_n", 0) + 1
+        if step % args.log_every == 0 or step == total_steps:
+            progress.report(step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]})
+
+        if step % args.eval_every == 0 or step == total_steps:
+            s = current_scale()
+            metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
+            elapsed = time.time() - t_start
+            row = {k: val / sums["_n"] for k, val in sums.items() if k != "_n"}
+            row.update(metrics)
+            row.update({
+                "charts/epoch": step / steps_per_epoch, "charts/lr": opt_g.param_groups[0]["lr"],
+                "charts/latent_entropy": latent_entropy(s, args.dist),
+                "charts/dims_90pct_scale": dims_carrying(s, 0.9), "charts/s_max": s.max().item(),
+                "charts/images_per_sec": images_seen / elapsed, "charts/peak_memory_mb": common.peak_memory_mb(device),
+            })  # fmt: skip
+            if dist_info.is_main:
+                logger.log(step, row)
+                save_figures(G_ema.model, D, s, x_test, x_real_rec, args, run_dir, device)
+                print(f"  eval @ {step}: L_enc {row['losses/L_enc']:.4f} | real PSNR {metrics['eval/real_psnr']:.2f} "
+                      f"SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR {metrics['eval/fake_psnr']:.2f} SSIM "
+                      f"{metrics['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
+                      f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)  # fmt: skip
+            sums = {}
+        if step % args.save_every == 0 or step == total_steps:
+            rng_states = gather_rng_states(dist_info)
+            save(step)
+
+    if dist_info.is_main:
+        summary = {"steps": step, "wall_s": time.time() - t_start, "images_per_sec": images_seen / (time.time() - t_start),
+                   "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir}  # fmt: skip
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"done: {json.dumps(summary)}", flush=True)
+        logger.close()
+    common.cleanup_distributed()
+    return run_dir
+
+
+def gather_rng_states(dist_info):
+    """Every rank's RNG state (each rank draws its own z), so a resumed DDP run continues every stream."""
+    state = common.rng_state()
+    if not dist_info.enabled:
+        return [state]
+    states = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
+# ---------------------------------------------------------------------------------------------------------
+def run_ablation(args, argv):
+    passthrough = [a for a in argv if a not in ("--ablation", "--dg", "--no-dls")]
+    out_dir = os.path.join("runs", f"ablation__{args.dataset.replace(':', '_').replace('/', '_')}__{args.dist}__{args.seed}")
+    os.makedirs(out_dir, exist_ok=True)
+    variants = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
+    results = {}
+    for label, flags in variants.items():
+        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
+        run_dir = os.path.join("runs", run_name)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):  # finished runs are kept, not redone
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, *flags, "--run-name", run_name]
+            if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+                cmd += ["--resume", os.path.join(run_dir, "checkpoint.pt")]
+            print(f"[ablation] {label}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            results[label] = [json.loads(line) for line in f]
+    write_ablation_report(results, args, out_dir)
+
+
+def write_ablation_report(results, args, out_dir):
+    keys = ["losses/L_enc", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr", "eval/fake_ssim", "charts/latent_entropy",
+            "charts/dims_90pct_scale"]  # fmt: skip
+    header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
+    lines = [f"{args.dataset} {args.resolution}px, {args.dist} prior, d = {args.latent_dim}, final evaluation "
+             f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)", "",
+             header, "|" + "---|" * (len(keys) + 1)]  # fmt: skip
+    for label, rows in results.items():
+        last = rows[-1]
+        lines.append(f"| {label} | " + " | ".join(f"{last[k]:.4g}" for k in keys) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "table.json"), "w") as f:
+        json.dump({label: rows[-1] for label, rows in results.items()}, f, indent=1)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[ablation] matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, rows in results.items():
+        epochs = [r["charts/epoch"] for r in rows]
+        axes[0].plot(epochs, [r["losses/L_enc"] for r in rows], label=label, marker=".")
+        axes[1].plot(epochs, [r["eval/real_psnr"] for r in rows], label=label, marker=".")
+    axes[0].set(xlabel="epoch", ylabel="average L_enc", title=f"L_enc, {args.dataset}, {args.dist} prior")
+    axes[1].set(xlabel="epoch", ylabel="dB", title="real (test) reconstruction PSNR")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "l_enc.png"), dpi=110)
+    print(f"[ablation] wrote {out_dir}/table.md and l_enc.png")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.ablation:
+        run_ablation(args, sys.argv[1:])
+    else:
+        train(args)
