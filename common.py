@@ -1098,3 +1098,18 @@ def load_state_strict(module: nn.Module, state_dict, what: str, path: str):
         module.load_state_dict(state_dict)
     except RuntimeError as e:
         fail(f"checkpoint '{path}' does not fit {what} ({str(e).splitlines()[0][:120]}...); were the flags changed?")
+
+
+def assert_same_across_ranks(named_tensors: dict, step: int):
+    """Fail loudly if data-parallel ranks drifted apart (compares a float64 checksum per tensor)."""
+    if not dist.is_initialized():
+        return
+    names = sorted(named_tensors)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = torch.stack([named_tensors[n].detach().double().sum() for n in names]).to(device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    for other in gathered[1:]:
+        bad = [n for n, a, b in zip(names, gathered[0], other) if a != b]
+        if bad:
+            fail(f"ranks drifted apart at step {step} in {bad[:3]}; this is a bug, please report it")

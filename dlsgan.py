@@ -219,7 +219,8 @@ def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
     z = sample_z(64, args.latent_dim, args.dist, device, gen)
     common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "samples.png"), nrow=8)
     # rows alternate: 8 test images, then their reconstructions G(E(x) * s)
-    real, rec = x_test[:32].view(4, 8, *x_test.shape[1:]), x_real_rec[:32].view(4, 8, *x_test.shape[1:])
+    rows = max(1, min(4, len(x_test) // 8))
+    real, rec = (t[: rows * 8].view(rows, -1, *t.shape[1:]) for t in (x_test, x_real_rec))
     common.save_image_grid(torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8)
     # paper Fig. 17: the most important element (largest s) swept from -2 to 2, one row per base sample
     top = int(torch.argmax(s))
@@ -383,6 +384,9 @@ def train(args):
                       f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)  # fmt: skip
             sums = {}
         if step % args.save_every == 0 or step == total_steps:
+            checked = {"s": current_scale(), **{f"G.{k}": t for k, t in G.state_dict().items()},
+                       **{f"D.{k}": t for k, t in D.state_dict().items()}}  # fmt: skip
+            common.assert_same_across_ranks(checked, step)
             rng_states = gather_rng_states(dist_info)
             save(step)
 
@@ -392,6 +396,8 @@ def train(args):
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print(f"done: {json.dumps(summary)}", flush=True)
+        if dist_info.enabled:
+            print(f"parameters and latent scale identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
     common.cleanup_distributed()
     return run_dir
