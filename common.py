@@ -347,7 +347,9 @@ class MappingNetwork(nn.Module):
     def __init__(self, z_dim, w_dim, n_layers=8, lr_mul=0.01, normalize_z=True):
         super().__init__()
         dims = [z_dim] + [w_dim] * n_layers
-        self.layers = nn.Sequential(*[EqualLinear(a, b, lr_mul=lr_mul, activation=True) for a, b in zip(dims, dims[1:])])
+        self.layers = nn.Sequential(
+            *[EqualLinear(a, b, lr_mul=lr_mul, activation=True) for a, b in zip(dims, dims[1:])]
+        )
         self.normalize_z = normalize_z
 
     def forward(self, z):
@@ -368,7 +370,9 @@ class StyleGAN2Generator(nn.Module):
         super().__init__()
         check_resolution(resolution)
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
-        self.mapping = MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul, normalize_z) if n_mapping else nn.Identity()
+        self.mapping = (
+            MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul, normalize_z) if n_mapping else nn.Identity()
+        )
         ch = stylegan_channels(4, width)
         self.const = nn.Parameter(torch.randn(1, ch, 4, 4))
         self.conv4 = StyledConv(ch, ch, w_dim)
@@ -377,7 +381,9 @@ class StyleGAN2Generator(nn.Module):
         res = 8
         while res <= resolution:
             out_ch = stylegan_channels(res, width)
-            self.blocks.append(nn.ModuleList([StyledConv(ch, out_ch, w_dim, upsample=True), StyledConv(out_ch, out_ch, w_dim)]))
+            self.blocks.append(
+                nn.ModuleList([StyledConv(ch, out_ch, w_dim, upsample=True), StyledConv(out_ch, out_ch, w_dim)])
+            )
             self.to_rgbs.append(ToRGB(out_ch, img_channels, w_dim))
             ch, res = out_ch, res * 2
         self.num_ws = 2 + 3 * len(self.blocks)  # conv4, rgb4, then (conv, conv, rgb) per block
@@ -461,7 +467,9 @@ class DCGANGenerator(nn.Module):
         self.z_dim, self.resolution, self.img_channels = z_dim, resolution, img_channels
         n_up = int(math.log2(resolution)) - 2
         ch = width * 2 ** (n_up - 1)
-        self.project = nn.Sequential(nn.Linear(z_dim, ch * 16), nn.Unflatten(1, (ch, 4, 4)), nn.BatchNorm2d(ch), nn.ReLU(True))
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, ch * 16), nn.Unflatten(1, (ch, 4, 4)), nn.BatchNorm2d(ch), nn.ReLU(True)
+        )
         layers = []
         for i in range(n_up - 1):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
@@ -561,7 +569,11 @@ class EncoderResBlock(nn.Module):
             nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True),
             nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch),
         )  # fmt: skip
-        self.skip = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)) if in_ch != out_ch else nn.Identity()
+        self.skip = (
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            if in_ch != out_ch
+            else nn.Identity()
+        )
 
     def forward(self, x):
         return F.leaky_relu(self.body(x) + self.skip(x), 0.2)
@@ -575,7 +587,9 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         check_resolution(resolution)
         ch = stylegan_channels(resolution, width)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.LeakyReLU(0.2, True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.LeakyReLU(0.2, True)
+        )
         blocks, res = [], resolution
         while res > 4:
             out_ch = stylegan_channels(res // 2, width)
@@ -945,7 +959,12 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -971,10 +990,15 @@ def args_to_dict(args) -> dict:
 def make_run_dir(args, root="runs") -> str:
     """runs/{dataset}__{exp_name}__{seed}__{time}; an explicit --run-name that already holds files is refused
     unless resuming, so nothing already written is overwritten."""
-    name = args.run_name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    name = (
+        args.run_name
+        or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
     run_dir = os.path.join(root, name)
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not getattr(args, "resume", None):
-        fail(f"run directory '{run_dir}' already holds files; pass --resume {run_dir}/checkpoint.pt or another --run-name")
+        fail(
+            f"run directory '{run_dir}' already holds files; pass --resume {run_dir}/checkpoint.pt or another --run-name"
+        )
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
 
@@ -1017,7 +1041,11 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndar
     grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), 255, dtype=torch.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
-        grid[:, padding + r * (h + padding) : padding + r * (h + padding) + h, padding + q * (w + padding) : padding + q * (w + padding) + w] = images[i]
+        grid[
+            :,
+            padding + r * (h + padding) : padding + r * (h + padding) + h,
+            padding + q * (w + padding) : padding + q * (w + padding) + w,
+        ] = images[i]
     return grid.permute(1, 2, 0).squeeze(-1).numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
 
 
@@ -1042,7 +1070,10 @@ class Progress:
         rate = done / max(time.time() - self.t0, 1e-9)
         eta = (self.total - step) / rate
         values = " ".join(f"{k} {float(v):.4g}" for k, v in scalars.items())
-        print(f"step {step}/{self.total} | {rate:.2f} it/s | ETA {int(eta // 60):02d}:{int(eta % 60):02d} | {values}", flush=True)
+        print(
+            f"step {step}/{self.total} | {rate:.2f} it/s | ETA {int(eta // 60):02d}:{int(eta % 60):02d} | {values}",
+            flush=True,
+        )
 
 
 def check_finite(step: int, **losses):

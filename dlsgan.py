@@ -35,16 +35,19 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     # experiment
     p.add_argument("--exp-name", default="dlsgan", help="experiment name, part of the run name")
-    p.add_argument("--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)")
+    p.add_argument(
+        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
+    )
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
@@ -69,7 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--no-dls", action="store_true", help="ablation: plain MSE encoder loss, s fixed at 1")
     p.add_argument("--lambda-enc", type=float, default=1.0, help="weight of L_enc")
     p.add_argument("--v-update", default="window", choices=["window", "ema"], help="how v is tracked")
-    p.add_argument("--v-window", type=int, default=8192, help="samples in v's moving window (paper: 512 x 16)")
+    p.add_argument(
+        "--v-window",
+        type=int,
+        default=2048,
+        help="samples in v's moving window; the paper's 512 x 16 is 0.08%% of its 630k steps, so short CPU "
+        "runs use a proportionally shorter window (32 batches of 64)",
+    )
     p.add_argument("--v-ema", type=float, default=0.999, help="EMA decay of v with --v-update ema")
     # optimization
     p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
@@ -81,14 +90,20 @@ def parse_args(argv=None):
     p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
     p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=128_000, help="training budget in images when --epochs is 0")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=89_600,
+        help="training budget in images when --epochs is 0 (default: 1400 steps of 64)",
+    )
     # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=250, help="evaluate and log every N steps")
+    p.add_argument("--eval-every", type=int, default=200, help="evaluate and log every N steps")
     p.add_argument("--eval-images", type=int, default=500, help="test images (and fresh fakes) per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     # ablation driver
     p.add_argument("--ablation", action="store_true", help="run {DLS, no DLS} x {D, DG} for --dist; write a table")
+    p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
     args = p.parse_args(argv)
     if args.batch_size < 2:
         common.fail("--batch-size must be at least 2")
@@ -221,7 +236,9 @@ def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
     # rows alternate: 8 test images, then their reconstructions G(E(x) * s)
     rows = max(1, min(4, len(x_test) // 8))
     real, rec = (t[: rows * 8].view(rows, -1, *t.shape[1:]) for t in (x_test, x_real_rec))
-    common.save_image_grid(torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8)
+    common.save_image_grid(
+        torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8
+    )
     # paper Fig. 17: the most important element (largest s) swept from -2 to 2, one row per base sample
     top = int(torch.argmax(s))
     values = torch.linspace(-2, 2, 9, device=device)
@@ -355,13 +372,20 @@ def train(args):
         step += 1
         images_seen += args.batch_size
 
-        scalars = {"losses/L_enc": l_enc_d.item(), "losses/D": loss_d.item(), "losses/G": loss_g.item(), "losses/R1": r1.item()}
+        scalars = {
+            "losses/L_enc": l_enc_d.item(),
+            "losses/D": loss_d.item(),
+            "losses/G": loss_g.item(),
+            "losses/R1": r1.item(),
+        }
         common.check_finite(step, **scalars)
         for k, val in scalars.items():
             sums[k] = sums.get(k, 0.0) + val
         sums["_n"] = sums.get("_n", 0) + 1
         if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]})
+            progress.report(
+                step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]}
+            )
 
         if step % args.eval_every == 0 or step == total_steps:
             s = current_scale()
@@ -417,21 +441,49 @@ def gather_rng_states(dist_info):
 # The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
 # ---------------------------------------------------------------------------------------------------------
 def run_ablation(args, argv):
-    passthrough = [a for a in argv if a not in ("--ablation", "--dg", "--no-dls")]
-    out_dir = os.path.join("runs", f"ablation__{args.dataset.replace(':', '_').replace('/', '_')}__{args.dist}__{args.seed}")
+    passthrough, skip = [], False
+    for a in argv:  # drop the driver's own flags
+        if skip or a in ("--ablation", "--dg", "--no-dls"):
+            skip = False
+            continue
+        if a == "--jobs":
+            skip = True
+            continue
+        passthrough.append(a if not a.startswith("--jobs=") else "")
+    passthrough = [a for a in passthrough if a]
+    out_dir = os.path.join(
+        "runs", f"ablation__{args.dataset.replace(':', '_').replace('/', '_')}__{args.dist}__{args.seed}"
+    )
     os.makedirs(out_dir, exist_ok=True)
     variants = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
-    results = {}
+    pending, running = [], []
     for label, flags in variants.items():
         run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
         run_dir = os.path.join("runs", run_name)
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):  # finished runs are kept, not redone
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, *flags, "--run-name", run_name]
-            if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-                cmd += ["--resume", os.path.join(run_dir, "checkpoint.pt")]
-            print(f"[ablation] {label}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        if os.path.exists(os.path.join(run_dir, "summary.json")):  # finished runs are kept, not redone
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, *flags, "--run-name", run_name]
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            cmd += ["--resume", os.path.join(run_dir, "checkpoint.pt")]
+        pending.append((label, cmd, run_name))
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else os.environ
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            label, cmd, run_name = pending.pop(0)
+            log = open(os.path.join(out_dir, f"{run_name}.log"), "a")
+            print(f"[ablation] {label}: {' '.join(cmd[1:])} (log: {log.name})", flush=True)
+            running.append((label, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode != 0:
+                common.fail(f"ablation run '{item[0]}' failed (exit {item[1].returncode}); see {item[2].name}")
+    results = {}
+    for label in variants:
+        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
+        with open(os.path.join("runs", run_name, "metrics.jsonl")) as f:
             results[label] = [json.loads(line) for line in f]
     write_ablation_report(results, args, out_dir)
 

@@ -23,7 +23,10 @@ def test_block_shapes(res):
     torch.manual_seed(0)
     z = torch.randn(3, 16)
     cases = [
-        (common.StyleGAN2Generator(16, 24, res, 3, width=16, n_mapping=2), common.StyleGAN2Discriminator(res, 3, 16, latent_dim=16)),
+        (
+            common.StyleGAN2Generator(16, 24, res, 3, width=16, n_mapping=2),
+            common.StyleGAN2Discriminator(res, 3, 16, latent_dim=16),
+        ),
         (common.DCGANGenerator(16, res, 1, width=8), common.DCGANDiscriminator(res, 1, 8, latent_dim=16, norm="bn")),
         (common.ProGANGenerator(16, res, 3, width=16), common.ProGANDiscriminator(res, 3, 16, latent_dim=16)),
     ]
@@ -97,7 +100,9 @@ def test_coupling_reverses_order_and_starts_as_identity():
 def test_gan_losses_hand_values():
     real, fake = torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0])
     sp = lambda t: math.log1p(math.exp(t))  # noqa: E731
-    assert common.d_adv_loss("logistic", real, fake).item() == pytest.approx((sp(0) + sp(-1)) / 2 + (sp(0) + sp(-2)) / 2)
+    assert common.d_adv_loss("logistic", real, fake).item() == pytest.approx(
+        (sp(0) + sp(-1)) / 2 + (sp(0) + sp(-2)) / 2
+    )
     assert common.g_adv_loss("logistic", fake).item() == pytest.approx((sp(0) + sp(1)) / 2)
     assert common.d_adv_loss("wgan", real, fake).item() == pytest.approx(-0.5 - 1.0)
     assert common.d_adv_loss("hinge", real, fake).item() == pytest.approx((1 + 0) / 2 + (1 + 0) / 2)
@@ -283,7 +288,11 @@ def _tiny_training(steps, state=None):
         start = state["step"]
     for _ in range(start, steps):
         x = torch.randn(16, 4)  # draws from the global RNG: resume must restore it
-        loss = (model(x) - x.sum(1, keepdim=True)).square().mean() + 0.01 * np.random.rand() + 0.01 * __import__("random").random()
+        loss = (
+            (model(x) - x.sum(1, keepdim=True)).square().mean()
+            + 0.01 * np.random.rand()
+            + 0.01 * __import__("random").random()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -53,7 +53,9 @@ def test_entropy_matches_scipy_and_monte_carlo():
 
     s = torch.tensor([0.3, 1.0, 2.5])
     ref_normal = sum(stats.norm(scale=float(si)).entropy() for si in s)
-    ref_uniform = sum(stats.uniform(loc=-math.sqrt(3) * float(si), scale=2 * math.sqrt(3) * float(si)).entropy() for si in s)
+    ref_uniform = sum(
+        stats.uniform(loc=-math.sqrt(3) * float(si), scale=2 * math.sqrt(3) * float(si)).entropy() for si in s
+    )
     assert dlsgan.latent_entropy(s, "normal") == pytest.approx(ref_normal, rel=1e-9)
     assert dlsgan.latent_entropy(s, "uniform") == pytest.approx(ref_uniform, rel=1e-9)
     # Monte-Carlo: -E[log p(z*s)] for the scaled normal
@@ -80,7 +82,9 @@ def test_predicted_variance_window_and_ema():
 
 def test_dims_carrying():
     s = torch.sqrt(torch.tensor([7.0, 1.0, 1.0, 1.0]))  # sum s^2 = 10 = 4 * 2.5 (not normalized: fine here)
-    assert dlsgan.dims_carrying(s, 0.69) == 1 and dlsgan.dims_carrying(s, 0.71) == 2 and dlsgan.dims_carrying(s, 1.0) == 4
+    assert (
+        dlsgan.dims_carrying(s, 0.69) == 1 and dlsgan.dims_carrying(s, 0.71) == 2 and dlsgan.dims_carrying(s, 1.0) == 4
+    )
 
 
 # ------------------------------------------------------------------------------------------------- smoke runs
