@@ -105,6 +105,16 @@ def _torchvision_dataset(cls, name: str, data_root: str | None, **kwargs):
         )
 
 
+def pil_to_tensor(im, mode: str, resolution: int) -> torch.Tensor:
+    """PIL image -> (C, R, R) float in [-1, 1]: converted to L or RGB, resized (bicubic, no crop)."""
+    from PIL import Image
+
+    im = im.convert(mode).resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    return x.float().div(127.5).sub(1.0)
+
+
 class ImageFolderFlat(torch.utils.data.Dataset):
     """Images under a folder (flat, or one sub-folder per class), with a deterministic held-out split.
 
@@ -151,10 +161,7 @@ class ImageFolderFlat(torch.utils.data.Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            im = im.convert(self.mode).resize((self.resolution, self.resolution), Image.BICUBIC)
-            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        return x.float().div(127.5).sub(1.0), self.labels[i]
+            return pil_to_tensor(im, self.mode, self.resolution), self.labels[i]
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -167,13 +174,9 @@ class _PILDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
-        from PIL import Image
 
         im, label = self.base[i]
-        im = im.convert(self.mode).resize((self.resolution, self.resolution), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-        return x.float().div(127.5).sub(1.0), label if isinstance(label, int) else 0
+        return pil_to_tensor(im, self.mode, self.resolution), label if isinstance(label, int) else 0
 
 
 def build_dataset(name: str, resolution: int, train: bool = True, data_root: str | None = None, channels=None):
