@@ -276,10 +276,8 @@ def train(args):
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     common.broadcast_module(G), common.broadcast_module(D)
     G_ema = common.EMA(G, decay=0.5 ** (args.batch_size / (args.ema_kimg * 1000)))
-    mapping_params = [p for n, p in G.named_parameters() if n.startswith("mapping.")]
-    synthesis_params = [p for n, p in G.named_parameters() if not n.startswith("mapping.")]
-    # the mapper's 0.01 lr multiplier is inside its equalized-lr layers (StyleGAN2), so one lr fits all
-    opt_g = torch.optim.Adam([{"params": synthesis_params}, {"params": mapping_params}], lr=args.lr, betas=args.betas)
+    # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // args.batch_size), args.v_ema, device)
@@ -441,16 +439,14 @@ def gather_rng_states(dist_info):
 # The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
 # ---------------------------------------------------------------------------------------------------------
 def run_ablation(args, argv):
-    passthrough, skip = [], False
-    for a in argv:  # drop the driver's own flags
-        if skip or a in ("--ablation", "--dg", "--no-dls"):
-            skip = False
+    passthrough, skip_next = [], False
+    for a in argv:  # drop the driver's own flags; the variant flags are added per run
+        if skip_next or a in ("--ablation", "--dg", "--no-dls") or a.startswith("--jobs="):
+            skip_next = False
             continue
-        if a == "--jobs":
-            skip = True
-            continue
-        passthrough.append(a if not a.startswith("--jobs=") else "")
-    passthrough = [a for a in passthrough if a]
+        skip_next = a == "--jobs"
+        if not skip_next:
+            passthrough.append(a)
     out_dir = os.path.join(
         "runs", f"ablation__{args.dataset.replace(':', '_').replace('/', '_')}__{args.dist}__{args.seed}"
     )
