@@ -299,7 +299,7 @@ def train(args):
 
     n_eval = min(args.eval_images, len(test_set))
     x_test = torch.stack([test_set[i][0] for i in range(n_eval)]).to(device)
-    logger = common.RunLogger(run_dir, enabled=dist_info.is_main, tensorboard=args.track) if dist_info.is_main else None
+    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
     progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
     if dist_info.is_main:
         print(f"run: {run_dir} | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} "
