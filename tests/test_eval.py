@@ -1,0 +1,304 @@
+"""eval.py: every metric against an independent reference (closed forms, scipy, a hand-written resampler, a
+second LPIPS built on torchvision's VGG16), optimization inversion on a tiny trained generator, and the
+comparison command end to end on tiny checkpoints, with its one-line errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+
+import common
+import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch", "stylegan2", "--resolution", "16", "--width", "8", "--latent-dim", "16", "--w-dim", "16", "--n-mapping", "2",
+        "--batch-size", "8", "--eval-images", "16", "--eval-every", "1000", "--save-every", "1000",
+        "--log-every", "1000", "--v-window", "32", "--no-track"]  # fmt: skip
+
+
+def run(script, args, cwd, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=400)  # fmt: skip
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    """Two tiny MNIST 16px checkpoints from dlsgan.py (StyleGAN2-lite and DCGAN), trained for 200 steps."""
+    d = tmp_path_factory.mktemp("ckpts")
+    run("dlsgan.py", [*TINY, "--images", "1600", "--run-name", "sg"], d)
+    run("dlsgan.py", [*TINY, "--arch", "dcgan", "--images", "800", "--run-name", "dc"], d)
+    return d, str(d / "runs/sg/checkpoint.pt"), str(d / "runs/dc/checkpoint.pt")
+
+
+def mnist_uint8(n, train=False, dataset="mnist", resolution=32):
+    return ev.held_out_images(dataset, resolution, None, n, "train" if train else "test")
+
+
+# ------------------------------------------------------------------------------------------------------ FID
+def test_frechet_distance_matches_closed_form_and_scipy():
+    rng = np.random.RandomState(0)
+    mu1, mu2 = rng.randn(5), rng.randn(5)
+    a, b = rng.rand(5) + 0.1, rng.rand(5) + 0.1  # diagonal covariances: closed form
+    closed = np.square(mu1 - mu2).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
+    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, rel=1e-10)
+    x, y = rng.randn(400, 32), rng.randn(400, 32) @ rng.randn(32, 32) * 0.3 + 0.5  # full covariances: scipy
+    (m1, s1), (m2, s2) = ev.feature_stats(x), ev.feature_stats(y)
+    scipy_fd = np.square(m1 - m2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(scipy_fd, rel=1e-8)
+    assert abs(ev.fid_from_features(x, x)) < 1e-8
+
+
+def test_fid_features_from_gaussian_samples_converge_to_closed_form():
+    """Frechet distance of two large Gaussian samples ~ the closed form of the two Gaussians."""
+    rng = np.random.RandomState(1)
+    a = rng.randn(20000, 4) * [1.0, 2.0, 0.5, 1.0]
+    b = rng.randn(20000, 4) * [1.5, 1.0, 0.5, 2.0] + [1, 0, 0, 0]
+    closed = 1 + (1 - 1.5) ** 2 + (2 - 1) ** 2 + 0 + (1 - 2) ** 2
+    assert ev.fid_from_features(a, b) == pytest.approx(closed, abs=0.05)
+
+
+def test_nv_bilinear_matches_a_hand_written_resampler():
+    """StyleGAN2-ADA's resize: output pixel j samples input coordinate ((2j+1)/out - 1 + 1/in - 1/out + 1) in/2 - 1/2
+    with edge clamping, bilinearly."""
+    rng = np.random.RandomState(0)
+    img = rng.rand(7, 5).astype(np.float64)
+    out_size = 13
+
+    def coords(n_in):
+        norm = (2 * np.arange(out_size) + 1) / out_size - 1 + 1 / n_in - 1 / out_size
+        return np.clip(((norm + 1) * n_in - 1) / 2, 0, n_in - 1)
+
+    ys, xs = coords(7), coords(5)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, 6), np.minimum(x0 + 1, 4)
+    wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
+    ref = (img[y0][:, x0] * (1 - wy) * (1 - wx) + img[y0][:, x1] * (1 - wy) * wx
+           + img[y1][:, x0] * wy * (1 - wx) + img[y1][:, x1] * wy * wx)  # fmt: skip
+    got = ev.nv_bilinear(torch.from_numpy(img)[None, None], out_size)[0, 0].numpy()
+    assert np.abs(got - ref).max() < 1e-12
+    # and it is not F.interpolate's grid (the reason it is pinned)
+    plain = torch.nn.functional.interpolate(torch.from_numpy(img)[None, None], (out_size, out_size), mode="bilinear")
+    assert np.abs(plain[0, 0].numpy() - ref).max() > 1e-3
+
+
+def test_fid_with_the_real_inception_network():
+    net = ev.FIDInception(torch.device("cpu"))
+    a, b = mnist_uint8(16), mnist_uint8(16, train=True)
+    fashion = ev.held_out_images("fashion-mnist", 32, None, 16, "test")
+    fa, fb, ff = net(a), net(b), net(fashion)
+    assert fa.shape == (16, 2048) and np.isfinite(fa).all()
+    assert abs(ev.fid_from_features(fa, fa)) < 1e-5 * np.trace(np.cov(fa, rowvar=False))  # round-off only
+    assert ev.fid_from_features(fa, ff) > 2 * ev.fid_from_features(fa, fb)  # MNIST is closer to MNIST
+    # grayscale is repeated to 3 channels, so an RGB copy gives the same features
+    assert np.allclose(net(a[:4].repeat(1, 3, 1, 1)), fa[:4], atol=1e-5)
+
+
+def test_fid_inception_refuses_a_file_that_is_not_the_pinned_one(tmp_path):
+    bad = tmp_path / "inception.pt"
+    bad.write_bytes(b"not the network")
+    with pytest.raises(SystemExit, match="sha256 mismatch"):
+        ev.FIDInception(torch.device("cpu"), path=str(bad))
+
+
+# ------------------------------------------------------------------------------------------------------ KID
+def kid_loop_reference(a, b):
+    """Unbiased MMD^2 with k(x, y) = (x.y/d + 1)^3, written as the textbook double sums."""
+    d, m = a.shape[1], len(a)
+
+    def k(x, y):
+        return (np.dot(x, y) / d + 1) ** 3
+
+    kxx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kyy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+    return kxx + kyy - 2 * kxy
+
+
+def test_kid_is_the_unbiased_mmd_and_zero_for_one_distribution():
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(30, 8), rng.randn(30, 8) + 0.5
+    # one subset holding every sample: KID equals the double-sum estimator exactly
+    assert ev.kid(a, b, subsets=1, subset_size=30) == pytest.approx(kid_loop_reference(a, b), rel=1e-10)
+    same = [ev.kid(rng.randn(500, 16), rng.randn(500, 16), 10, 500, seed=i) for i in range(3)]
+    shifted = ev.kid(rng.randn(500, 16), rng.randn(500, 16) + 0.3, 10, 500)
+    assert max(abs(v) for v in same) < 0.02 < shifted
+
+
+# ------------------------------------------------------------------------------------------------------ SWD
+def test_laplacian_pyramid_reconstructs_exactly_and_blurs_constants_to_constants():
+    rng = np.random.RandomState(0)
+    images = rng.rand(2, 3, 32, 32).astype(np.float32)
+    pyramid = ev.laplacian_pyramid(images, 3)
+    assert [p.shape[-1] for p in pyramid] == [32, 16, 8]
+    rebuilt = pyramid[2]
+    for level in (1, 0):
+        rebuilt = pyramid[level] + ev.pyr_up(rebuilt)
+    assert np.abs(rebuilt - images).max() < 1e-5
+    assert np.allclose(ev.pyr_down(np.full((1, 1, 8, 8), 3.0, np.float32)), 3.0)
+
+
+def test_sliced_wasserstein_in_one_dimension_is_scipys_wasserstein():
+    rng = np.random.RandomState(0)
+    a, b = rng.randn(300, 1), rng.standard_t(3, size=(300, 1)) + 0.4
+    ref = scipy.stats.wasserstein_distance(a[:, 0], b[:, 0])
+    assert ev.sliced_wasserstein(a, b, repeats=2, directions=4) == pytest.approx(ref, rel=1e-10)
+
+
+def test_swd_near_zero_for_identical_sets_and_larger_for_shifted_ones():
+    a, other = mnist_uint8(64), mnist_uint8(64, train=True)
+    fashion = ev.held_out_images("fashion-mnist", 32, None, 64, "test")
+    same = ev.swd(a, a.clone())
+    assert len(same["per_level"]) == 2  # 32 and 16
+    assert same["mean"] < 0.5 * ev.swd(a, fashion)["mean"]
+    assert ev.swd(a, other)["mean"] < ev.swd(a, fashion)["mean"]
+    # identical sets with identical neighbourhood draws: exactly 0
+    rng_state = np.random.RandomState(5)
+    desc = ev.normalize_descriptors(ev.random_neighbourhoods(a.numpy().astype(np.float32), 7, 4, rng_state))
+    assert ev.sliced_wasserstein(desc, desc.copy()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- LPIPS
+def lpips_reference(x, y):
+    """LPIPS v0.1 from torchvision's own vgg16 module, LPIPS's scaling layer constants and the linear weights."""
+    import torchvision
+
+    vgg = torchvision.models.vgg16(weights=None).features.eval()
+    state = torch.load(os.path.join(common.WEIGHTS_DIR, "vgg16_features.pt"), weights_only=True)
+    vgg.load_state_dict(state, strict=False)
+    lin = torch.load(os.path.join(common.WEIGHTS_DIR, "lpips_vgg_lin.pt"), weights_only=True)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    taps = (3, 8, 15, 22, 29)  # indices of relu1_2 .. relu5_3
+    total = torch.zeros(len(x))
+    hx, hy = (x.repeat(1, 3, 1, 1) - shift) / scale, (y.repeat(1, 3, 1, 1) - shift) / scale
+    for i, layer in enumerate(vgg[:30]):
+        hx, hy = layer(hx), layer(hy)
+        if i in taps:
+            k = taps.index(i)
+            nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += torch.nn.functional.conv2d((nx - ny) ** 2, lin[f"lin{k}.weight"]).mean((1, 2, 3))
+    return total
+
+
+@torch.no_grad()
+def test_lpips_zero_symmetric_monotone_and_equal_to_a_reference():
+    lpips = ev.LPIPS()
+    x = mnist_uint8(4).float().div(127.5).sub(1)
+    g = torch.Generator().manual_seed(0)
+    noisy = [(x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1) for sigma in (0.05, 0.2, 0.6)]
+    assert lpips(x, x).abs().max() < 1e-7
+    assert torch.allclose(lpips(x, noisy[1]), lpips(noisy[1], x), atol=1e-7)
+    d = [lpips(x, n).mean().item() for n in noisy]
+    assert 0 < d[0] < d[1] < d[2]
+    # the shift / scale constants are LPIPS's rounded ones, hence 1e-4
+    assert torch.allclose(lpips(x, noisy[1]), lpips_reference(x, noisy[1]), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ inversion
+def test_cosine_ramp_schedule():
+    assert ev.cosine_ramp(0.0) == 0.0
+    assert ev.cosine_ramp(0.025) == pytest.approx(0.5)
+    assert ev.cosine_ramp(0.5) == pytest.approx(1.0)
+    assert ev.cosine_ramp(0.875) == pytest.approx(0.5)
+    assert ev.cosine_ramp(1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_baseline_names():
+    assert ev.parse_baseline("opt-wplus-mean") == ("opt", "wplus", "mean")
+    assert ev.parse_baseline("hybrid-z") == ("hybrid", "z", "encoder")
+    assert ev.parse_baseline("indomain-w") == ("indomain", "w", "encoder")
+    with pytest.raises(SystemExit, match="unknown baseline"):
+        ev.parse_baseline("opt-y-mean")
+
+
+def test_optimization_inversion_recovers_a_generated_image(tiny_ckpts):
+    _, sg, _ = tiny_ckpts
+    inv = ev.Inverter(sg, torch.device("cpu"))
+    for space in ("z", "w", "wplus"):
+        with torch.no_grad():
+            code = inv.random_code(space, 4, torch.Generator().manual_seed(7))
+            target = inv.synthesize(space, code)
+            start = inv.synthesize(space, inv.mean_code(space, 4))
+        _, x_rec = ev.invert_by_optimization(inv, target, space, "mean", steps=1000, lr=0.1)
+        before, after = common.psnr(target, start).item(), common.psnr(target, x_rec).item()
+        assert after > 30 and after > before + 10, (space, before, after)
+
+
+def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
+    _, sg, _ = tiny_ckpts
+    inv = ev.Inverter(sg, torch.device("cpu"))
+    x = mnist_uint8(4, resolution=16).float().div(127.5).sub(1)
+    code0, x0 = ev.invert_by_optimization(inv, x, "z", "encoder", steps=0, lr=0.1)
+    assert torch.allclose(code0, inv.encode(x)) and torch.allclose(x0, inv.decode(inv.encode(x)))
+    _, x_hyb = ev.invert_by_optimization(inv, x, "w", "encoder", steps=50, lr=0.05)
+    assert common.psnr(x, x_hyb) > common.psnr(x, x0)  # optimization improves on the encoder
+    _, x_dom = ev.invert_by_optimization(inv, x, "z", "encoder", steps=50, lr=0.05, indomain_weight=2.0)
+    assert torch.isfinite(x_dom).all()
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+def test_comparison_end_to_end(tiny_ckpts):
+    d, sg, dc = tiny_ckpts
+    r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "8", "--n-fid", "8",
+                        "--kid-subset-size", "8", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
+                        "--baselines", "opt-z-mean", "opt-wplus-mean", "hybrid-w", "indomain-z"], d)  # fmt: skip
+    out = d / "runs/cmp"
+    results = json.loads((out / "results.json").read_text())
+    methods = [row["method"] for row in results["rows"]]
+    assert methods[0].startswith("real mnist test images")
+    for expected in ("dlsgan:sg encoder", "dlsgan:sg opt-wplus-mean", "dlsgan:sg indomain-z", "dlsgan:dc encoder",
+                     "dlsgan:dc opt-z-mean", "dlsgan:dc indomain-z"):  # fmt: skip
+        assert expected in methods, methods
+    assert "dlsgan:dc opt-wplus-mean" not in methods and "skipped" in r.stdout  # DCGAN has no W+
+    assert results["config"]["n_fid"] == 8 and results["config"]["fid_ref"] == "train"
+    for row in results["rows"][1:]:
+        assert math.isfinite(row["psnr"]) and 0 <= row["lpips"] and row["seconds_per_image"] > 0
+        if row["method"].endswith("encoder"):
+            assert all(math.isfinite(row[k]) for k in ("fid_sample", "fid_recon", "fid_interp", "kid_sample"))
+    table = (out / "table.md").read_text()
+    assert "FID sample" in table and "n = 8" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
+    from PIL import Image
+
+    grid = Image.open(out / "comparison.png")
+    assert grid.height == (1 + 2 * (len(methods) - 1)) * (16 + 4)  # real row + (rec, |diff|) per method
+    assert (out / "samples_dlsgan_sg.png").exists() and (out / "interpolations_dlsgan_dc.png").exists()
+
+
+def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
+    d, sg, dc = tiny_ckpts
+    run("dlsgan.py", [*TINY, "--resolution", "32", "--images", "16", "--run-name", "res32"], d)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    plain = tmp_path / "plain.pt"
+    torch.save({"G": torch.zeros(3)}, plain)
+    cases = [
+        (["--ckpt", sg, "--dataset", "fashion-mnist"], "trained on 'mnist', not 'fashion-mnist'"),
+        (["--ckpt", sg, "--ckpt", str(d / "runs/res32/checkpoint.pt")], "compare checkpoints of one resolution"),
+        (["--ckpt", str(junk)], "refusing to load"),
+        (["--ckpt", str(plain)], "is not a ganinv/1 checkpoint"),
+        (["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--ckpt", sg, "--n-fid", "20000"], "lower them"),
+        (["--ckpt", sg, "--baselines", "opt-q-mean"], "unknown baseline"),
+    ]
+    for args, message in cases:
+        r = run("eval.py", args, tmp_path, check=False)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-500:])
+        assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
+    # an existing run directory is never overwritten
+    run("eval.py", ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--baselines", "--run-name", "keep"], tmp_path)
+    before = (tmp_path / "runs/keep/results.json").read_bytes()
+    r = run("eval.py", ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--run-name", "keep"], tmp_path, check=False)
+    assert r.returncode != 0 and "already holds files" in r.stderr
+    assert (tmp_path / "runs/keep/results.json").read_bytes() == before
