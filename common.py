@@ -1126,7 +1126,10 @@ def build_from_spec(spec: dict) -> nn.Module:
     name = spec.get("class")
     if name not in BUILDABLE:
         fail(f"checkpoint names model class '{name}', which common.py cannot build; is it from another version?")
-    return globals()[name](**spec["kwargs"])
+    try:
+        return globals()[name](**spec["kwargs"])
+    except TypeError as e:  # arguments this version's class does not take
+        fail(f"checkpoint's {name} arguments do not fit this common.py ({e}); is it from another version?")
 
 
 def load_state_strict(module: nn.Module, state_dict, what: str, path: str):
