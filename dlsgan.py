@@ -62,9 +62,13 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     # model
-    p.add_argument("--arch", default="dcgan", choices=["stylegan2", "dcgan"],
-                   help="generator/discriminator family; the CPU default is DCGAN because StyleGAN2-lite does not "
-                   "show the DLS effect within a 15-minute CPU budget (measured, see README); paper: stylegan2")
+    p.add_argument(
+        "--arch",
+        default="dcgan",
+        choices=["stylegan2", "dcgan"],
+        help="generator/discriminator family; the CPU default is DCGAN because StyleGAN2-lite does not "
+        "show the DLS effect within a 15-minute CPU budget (measured, see README); paper: stylegan2",
+    )
     p.add_argument("--width", type=int, default=32, help="max feature maps (paper-sized StyleGAN2: 512)")
     p.add_argument("--latent-dim", type=int, default=512, help="d, the latent dimension (paper: 512)")
     p.add_argument("--w-dim", type=int, default=256, help="StyleGAN2 intermediate latent width")
