@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -384,9 +385,17 @@ def test_two_rank_gloo_ddp_identical_parameters(tmp_path):
     script.write_text(DDP_SCRIPT)
     out = str(tmp_path / "state")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script), out]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        out,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:3000]
     s0, s1 = torch.load(out + ".rank0", weights_only=True), torch.load(out + ".rank1", weights_only=True)
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k

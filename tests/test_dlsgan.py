@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from conftest import free_port
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +143,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_ddp_two_ranks_identical(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "dlsgan.py"), *TINY, "--dg", "--images", "32", "--run-name", "ddp"]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
