@@ -637,18 +637,16 @@ def compare(args):
         parse_baseline(name)
     if args.n_fid == 1 or args.n_fid < 0:
         common.fail(f"--n-fid {args.n_fid} is too few for a covariance; use at least 2 (or 0 to skip FID)")
-    n_test = len(common.build_dataset(dataset, resolution, train=False, data_root=args.data_root))
-    if max(args.n_fid, args.n_recon) > n_test:
-        common.fail(f"--n-fid {args.n_fid} / --n-recon {args.n_recon} need more than the {n_test} {dataset} test "
-                    "images; lower them")  # fmt: skip
+    # loaded before the run directory exists, so asking for too many images fails without leaving anything
+    test_images = held_out_images(dataset, resolution, args.data_root, max(args.n_recon, args.n_fid))
     out_dir = common.make_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed)
     )
     print(f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
           f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}", flush=True)  # fmt: skip
 
-    x_recon = held_out_images(dataset, resolution, args.data_root, args.n_recon).float().div(127.5).sub(1).to(device)
-    x_fid = held_out_images(dataset, resolution, args.data_root, args.n_fid).float().div(127.5).sub(1).to(device)
+    x_test = test_images.float().div(127.5).sub(1).to(device)
+    x_recon, x_fid = x_test[: args.n_recon], x_test[: args.n_fid]
     lpips = LPIPS().to(device)
     fid_net, ref = None, None
     config = {"dataset": dataset, "resolution": resolution, "n_recon": args.n_recon, "recon_split": "test[:n_recon]",
@@ -667,25 +665,25 @@ def compare(args):
                      "fid_sample": fid_from_features(floor, ref["feats"]),
                      "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
                      "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"]})  # fmt: skip
+
+    def add(row, x_rec):
+        rows.append(row)
+        recs.append((row["method"], x_rec[: args.grid_images]))
+        fid = f", FID sample {row['fid_sample']:.2f}" if "fid_sample" in row else ""
+        print(f"  PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f}, "
+              f"{row['seconds_per_image']:.4f} s/img{fid}", flush=True)  # fmt: skip
+
     for inv in inverters:
         if inv.E is not None:
             print(f"[{inv.name}] encoder", flush=True)
-            row, x_rec = evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir)
-            rows.append(row)
-            recs.append((row["method"], x_rec[: args.grid_images]))
+            add(*evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir))
         for name in args.baselines:
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
             row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args)
             if row is None:
                 print(f"  skipped: {x_rec}")
-                continue
-            rows.append(row)
-            recs.append((row["method"], x_rec[: args.grid_images]))
-        for row in rows[-(1 + len(args.baselines)) :]:
-            if row.get("checkpoint") == inv.path:
-                print(f"  {row['method']}: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f} "
-                      f"{row['seconds_per_image']:.4f} s/img" + (f" FID sample {row['fid_sample']:.2f}"
-                      if "fid_sample" in row else ""), flush=True)  # fmt: skip
+            else:
+                add(row, x_rec)
     comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
     table = markdown_table(rows, config)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

@@ -294,7 +294,7 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
         (["--ckpt", str(plain)], "is not a ganinv/1 checkpoint"),
         (["--ckpt", str(other_version)], "arguments do not fit this common.py"),
         (["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),
-        (["--ckpt", sg, "--n-fid", "20000"], "lower them"),
+        (["--ckpt", sg, "--n-fid", "20000"], "asked for 20000 test images but mnist has 10000"),
         (["--ckpt", sg, "--baselines", "opt-q-mean"], "unknown baseline"),
     ]
     for args, message in cases:
