@@ -356,6 +356,10 @@ class Inverter:
                 return code_from_encoder
             return self.G.mapping.inverse(code_from_encoder) / self.s  # an invertible mapping (LIA)
         w = self.G.mapping(code_from_encoder * self.s) if self.encoder_space == "z" else code_from_encoder
+        return self._per_layer(space, w)
+
+    def _per_layer(self, space, w):
+        """w -> W+ (one copy per synthesis layer) when optimizing in wplus."""
         return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w
 
     def synthesize(self, space, code):
@@ -375,14 +379,14 @@ class Inverter:
             z = self.sample_z(10_000, torch.Generator().manual_seed(123))
             self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0, keepdim=True)
         w = self._w_mean.expand(n, -1)
-        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w.clone()
+        return self._per_layer(space, w.clone())
 
     def random_code(self, space, n, generator):
         z = self.sample_z(n, generator)
         if space == "z":
             return z
         w = self.G.mapping(z * self.s)
-        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w
+        return self._per_layer(space, w)
 
 
 # ---------------------------------------------------------------------------------------------------------
