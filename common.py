@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 import zlib
@@ -43,6 +44,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 def fail(message: str):
     """Stop with a one-line error (no traceback) and exit status 1: bad input is the user's to fix."""
     raise SystemExit(f"error: {message}")
+
+
+def check_args(args, positive=(), nonnegative=(), fraction=()):
+    """One-line errors for numeric flags, called once per script before anything is created on disk.
+    positive: > 0; nonnegative: >= 0; fraction: in [0, 1). Lists (e.g. --betas) are checked element-wise."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (nonnegative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v < 1, "in [0, 1)")]  # fmt: skip
+    for names, ok, what in rules:
+        for name in names:
+            value = getattr(args, name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if not (math.isfinite(v) and ok(v)):
+                    fail(f"--{name.replace('_', '-')} must be {what} (got {value})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,23 +110,106 @@ def _torchvision_dataset(cls, name: str, data_root: str | None, **kwargs):
             return cls(root, download=False, **kwargs)
         except (RuntimeError, FileNotFoundError):
             continue
+    target = data_root or DATA_DIR
+    before = set(os.listdir(target)) if os.path.isdir(target) else None
     try:
-        return cls(data_root or DATA_DIR, download=True, **kwargs)
+        return cls(target, download=True, **kwargs)
     except Exception as e:  # offline, or a dataset torchvision cannot download
+        _remove_new_entries(target, before)  # a failed download leaves no empty MNIST/raw behind
         fail(
             f"dataset '{name}' not found in {' or '.join(roots)} and could not be downloaded "
             f"({type(e).__name__}); run `bash setup.sh` (MNIST, Fashion-MNIST) or put the files under --data-root"
         )
 
 
-def pil_to_tensor(im, mode: str, resolution: int) -> torch.Tensor:
-    """PIL image -> (C, R, R) float in [-1, 1]: converted to L or RGB, resized (bicubic, no crop)."""
+def _remove_new_entries(directory: str, before: set | None):
+    """Undo what a failed call created in ``directory``: entries not in ``before`` (the folder too if it was new)."""
+    import shutil
+
+    if not os.path.isdir(directory):
+        return
+    for name in set(os.listdir(directory)) - (before or set()):
+        path = os.path.join(directory, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if before is None and not os.listdir(directory):
+        os.rmdir(directory)
+
+
+def to_8bit(im):
+    """A PIL image with 8 bits per channel. 16-bit grayscale (modes I;16*, or I from 16-bit PNGs) is scaled by
+    255 / 65535 -- PIL's own convert() would clip it to 0..255 and turn most pixels white."""
     from PIL import Image
 
-    im = im.convert(mode).resize((resolution, resolution), Image.BICUBIC)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise ValueError("32-bit float images are not supported; save them as 8- or 16-bit PNG")
+    return im
+
+
+def pil_to_tensor(im, mode: str, resolution: int) -> torch.Tensor:
+    """PIL image -> (C, R, R) float in [-1, 1]: 16-bit scaled to 8, converted to L or RGB, resized (bicubic)."""
+    from PIL import Image
+
+    im = to_8bit(im).convert(mode).resize((resolution, resolution), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
     return x.float().div(127.5).sub(1.0)
+
+
+def decodable_image(path: str) -> str | None:
+    """None if the file decodes completely to an image this project can use, else the reason it cannot.
+    A full decode, not PIL's verify(): a truncated JPEG passes verify() and fails only when its pixels are read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            to_8bit(im)
+        return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def scan_image_folder(root: str) -> tuple[list[str], dict]:
+    """Relative paths of the decodable images under ``root`` (sorted) and {relative path: reason} of the rest.
+    Every image is decoded once; the verdicts are cached by path, size and mtime in $GANINV_CACHE/folder_scans,
+    so a large folder is decoded in full only the first time."""
+    import hashlib
+
+    cache_path = os.path.join(CACHE_DIR, "folder_scans", hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16] + ".json")
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    files, skipped, verdicts = [], {}, {}
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames.sort()
+        for name in sorted(names):
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped[rel] = "not an image file"
+                continue
+            st = os.stat(path)
+            key = f"{st.st_size}:{st.st_mtime_ns}"
+            reason = cache[rel][1] if rel in cache and cache[rel][0] == key else decodable_image(path)
+            verdicts[rel] = [key, reason]
+            if reason is None:
+                files.append(rel)
+            else:
+                skipped[rel] = reason
+    files.sort()
+    try:
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with open(cache_path + f".tmp.{os.getpid()}", "w") as f:
+            json.dump(verdicts, f)
+        os.replace(cache_path + f".tmp.{os.getpid()}", cache_path)
+    except OSError:  # a read-only cache only costs a re-scan next time
+        pass
+    return files, skipped
 
 
 class ImageFolderFlat(torch.utils.data.Dataset):
@@ -126,25 +223,15 @@ class ImageFolderFlat(torch.utils.data.Dataset):
     def __init__(self, root, resolution, channels, train=True, test_fraction=0.1):
         if not os.path.isdir(root):
             fail(f"image folder '{root}' does not exist; pass --dataset folder:<existing directory>")
-        from PIL import Image, UnidentifiedImageError
-
         self.resolution, self.mode = resolution, "L" if channels == 1 else "RGB"
-        files, self.skipped = [], 0
-        for dirpath, _, names in sorted(os.walk(root)):
-            for name in sorted(names):
-                path = os.path.join(dirpath, name)
-                if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                    self.skipped += 1
-                    continue
-                try:
-                    with Image.open(path) as im:
-                        im.verify()
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                    self.skipped += 1
-                    continue
-                files.append(os.path.relpath(path, root))
+        files, self.skipped_files = scan_image_folder(root)
+        self.skipped = len(self.skipped_files)
         if not files:
             fail(f"no readable images in '{root}' ({self.skipped} files skipped); expected {IMAGE_EXTENSIONS}")
+        if self.skipped and train:
+            reasons = sorted({r.split(":")[0] for r in self.skipped_files.values()})
+            print(f"[data] {root}: skipped {self.skipped} of {self.skipped + len(files)} files ({', '.join(reasons)}), "
+                  f"e.g. {next(iter(self.skipped_files))}", flush=True)  # fmt: skip
         classes = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         threshold = int(1000 * test_fraction)
@@ -260,6 +347,33 @@ def infinite_batches(loader, sampler, start_step: int = 0):
 # ---------------------------------------------------------------------------------------------------------
 # Blocks: equalized learning rate, StyleGAN2-lite, DCGAN, ProGAN, encoder
 # ---------------------------------------------------------------------------------------------------------
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the *global* batch under torchrun, on any backend
+    (torch's SyncBatchNorm needs a GPU): the per-channel mean and variance are summed over ranks with a
+    differentiable all-reduce, so every rank normalizes with, and tracks, exactly what one process would on the
+    whole batch, and the running statistics stay identical on every rank. Plain BatchNorm2d otherwise; the same
+    state_dict keys, so checkpoints load into either."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        count = all_reduce(count)  # not differentiated: a constant
+        mean = all_reduce(x.sum((0, 2, 3))) / count
+        centered = x - mean.view(1, -1, 1, 1)
+        var = all_reduce(centered.square().sum((0, 2, 3))) / count  # two passes: no E[x^2] - E[x]^2 cancellation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / (count - 1).clamp_min(1), momentum)
+        out = centered * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else out
+
+
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate (weights ~ N(0, 1/lr_mul^2), scaled at run time)."""
 
@@ -471,11 +585,11 @@ class DCGANGenerator(nn.Module):
         n_up = int(math.log2(resolution)) - 2
         ch = width * 2 ** (n_up - 1)
         self.project = nn.Sequential(
-            nn.Linear(z_dim, ch * 16), nn.Unflatten(1, (ch, 4, 4)), nn.BatchNorm2d(ch), nn.ReLU(True)
+            nn.Linear(z_dim, ch * 16), nn.Unflatten(1, (ch, 4, 4)), BatchNorm2d(ch), nn.ReLU(True)
         )
         layers = []
         for i in range(n_up - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), BatchNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
         layers += [nn.ConvTranspose2d(ch, img_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -494,7 +608,7 @@ class DCGANDiscriminator(nn.Module):
         layers, ch, res = [nn.Conv2d(img_channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True)], width, resolution // 2
         while res > 4:
             layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=norm == "none")]
-            layers += [nn.BatchNorm2d(ch * 2)] if norm == "bn" else []
+            layers += [BatchNorm2d(ch * 2)] if norm == "bn" else []
             layers += [nn.LeakyReLU(0.2, True)]
             ch, res = ch * 2, res // 2
         self.trunk = nn.Sequential(*layers)
@@ -569,11 +683,11 @@ class EncoderResBlock(nn.Module):
     def __init__(self, in_ch, out_ch):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch),
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), BatchNorm2d(out_ch),
         )  # fmt: skip
         self.skip = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), BatchNorm2d(out_ch))
             if in_ch != out_ch
             else nn.Identity()
         )
@@ -591,7 +705,7 @@ class ResNetEncoder(nn.Module):
         check_resolution(resolution)
         ch = stylegan_channels(resolution, width)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.LeakyReLU(0.2, True)
+            nn.Conv2d(in_channels, ch, 3, 1, 1, bias=False), BatchNorm2d(ch), nn.LeakyReLU(0.2, True)
         )
         blocks, res = [], resolution
         while res > 4:
@@ -906,40 +1020,76 @@ def sync_gradients(*modules: nn.Module):
         offset += p.numel()
 
 
-def sync_buffers(module: nn.Module):
-    """Average float buffers (BatchNorm running stats) over ranks so every rank evaluates and saves the same."""
-    for b in module.buffers():
-        if b.is_floating_point():
-            all_reduce_mean_(b.data)
-
-
 def autocast(device: torch.device, enabled: bool):
     """Optional mixed precision: bf16 autocast on CUDA (no loss scaler needed); a no-op on CPU or when off."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied), for evaluation."""
+    """Exponential moving average of a model's parameters, for evaluation (StyleGAN2-ADA's G_ema).
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
+    The half-life is ``half_life_kimg`` thousand images, ramped up as ``rampup * images seen`` early in training
+    (StyleGAN2-ADA's ema_rampup), so a short run's EMA is not dominated by the random initialisation.
+    BatchNorm statistics are not averaged: statistics of past live weights do not fit averaged weights, so they
+    are re-estimated for the EMA weights themselves with ``recalibrate_batchnorm`` before every evaluation and
+    save. Other buffers are copied."""
+
+    def __init__(self, model: nn.Module, half_life_kimg: float = 10.0, rampup: float | None = 0.05):
+        self.half_life_kimg, self.rampup = half_life_kimg, rampup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay(self, images_seen: int, batch_size: int) -> float:
+        half_life = self.half_life_kimg * 1000
+        if self.rampup:
+            half_life = min(half_life, images_seen * self.rampup)
+        return 0.5 ** (batch_size / max(half_life, 1e-8))
+
     @torch.no_grad()
-    def update(self, model: nn.Module, decay=None):
-        d = self.decay if decay is None else decay
+    def update(self, model: nn.Module, images_seen: int, batch_size: int):
+        """Call after the optimizer step that brought the total to ``images_seen`` (global) images."""
+        d = self.decay(images_seen, batch_size)
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
             p_ema.lerp_(p.detach(), 1 - d)
+        bn = {id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()}
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if id(b) not in bn:
+                b_ema.copy_(b)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, make_input, n_batches: int = 8):
+    """Re-estimate a model's BatchNorm running statistics for its own weights: reset them, then run
+    ``model(make_input(i))`` for i < n_batches in training mode with a cumulative average (as torch's
+    swa_utils.update_bn). ``make_input`` must be deterministic (its own seeded generator), so evaluation and
+    saving never touch the training RNG and every DDP rank computes the same statistics. No-op without BN."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for i in range(n_batches):
+        model(make_input(i))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints (atomic save, weights_only load, RNG state), run directories, logging, images, progress
 # ---------------------------------------------------------------------------------------------------------
 def save_checkpoint(obj, path: str):
-    """Write to a temporary file in the same directory, fsync, then rename: a crash never leaves a torn file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write to a temporary file in the same directory, fsync, then rename: a crash never leaves a torn file.
+    Temporary files left by a save that was killed mid-write are removed first (one writer per run directory)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.basename(path) + ".tmp."
+    for name in os.listdir(directory):
+        if name.startswith(prefix):
+            os.remove(os.path.join(directory, name))
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -950,13 +1100,39 @@ def save_checkpoint(obj, path: str):
 
 def load_checkpoint(path: str, map_location="cpu"):
     """``torch.load(weights_only=True)``: tensors, dicts, lists and plain values only -- never arbitrary pickles."""
+    import pickle
+    import zipfile
+
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; check the path")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch.save: a zip, or a legacy pickle
+        fail(f"'{path}' is not a checkpoint (neither a torch.save zip nor a pickle); pass a checkpoint.pt")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "global" in str(e).lower():
+            fail(f"refusing to load '{path}': it holds objects other than tensors and plain values, which could run "
+                 "code; only checkpoints written by this project's scripts are loaded")  # fmt: skip
+        fail(f"'{path}' is corrupt or truncated ({_first_line(e)}); use another checkpoint")
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"refusing to load '{path}': not a plain weights checkpoint or corrupt ({first[:160]})")
+        fail(f"'{path}' is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use another checkpoint")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+
+
+def load_method_checkpoint(path: str, method: str | None = None) -> dict:
+    """A checkpoint of this project (format ganinv/1), of ``method`` when given; anything else is a one-line error."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"'{path}' is not a {CHECKPOINT_FORMAT} checkpoint of this project; pass a checkpoint.pt written by "
+             "one of the method scripts")  # fmt: skip
+    if method is not None and ckpt.get("method") != method:
+        fail(f"'{path}' is a {ckpt.get('method')!r} checkpoint, not a {method!r} one; pass a checkpoint of {method}")
+    return ckpt
 
 
 def rng_state() -> dict:
@@ -992,19 +1168,45 @@ def args_to_dict(args) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
-def make_run_dir(args, root="runs") -> str:
-    """runs/{dataset}__{exp_name}__{seed}__{time}; an explicit --run-name that already holds files is refused
-    unless resuming, so nothing already written is overwritten."""
-    name = (
-        args.run_name
-        or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
+def resolve_run_dir(args, root="runs") -> str:
+    """Where a run writes, decided before anything is created (so a refused run leaves nothing behind):
+
+    * ``--resume CKPT``: the checkpoint's own directory, wherever it is -- a resumed run continues its own files
+      and updates the checkpoint it came from, never a directory that merely has the same name; a --run-name
+      that names another directory is refused;
+    * otherwise ``runs/{--run-name}`` or ``runs/{dataset}__{exp_name}__{seed}__{time}``, refused if it already
+      holds files."""
+    name = getattr(args, "run_name", None)
+    if name is not None and (not name or os.sep in name or name in (".", "..")):
+        fail(f"--run-name '{name}' must be a plain directory name (it goes under {root}/)")
+    if getattr(args, "resume", None):
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        if name is not None and os.path.abspath(os.path.join(root, name)) != run_dir:
+            fail(f"--run-name {name} and --resume {args.resume} name different directories; a resumed run continues "
+                 f"in its checkpoint's directory ({run_dir}): drop --run-name")  # fmt: skip
+        if not os.access(run_dir, os.W_OK):
+            fail(f"cannot write to {run_dir}, the resumed checkpoint's directory; copy the run somewhere writable")
+        return run_dir
+    name = name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(root, name)
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not getattr(args, "resume", None):
-        fail(
-            f"run directory '{run_dir}' already holds files; pass --resume {run_dir}/checkpoint.pt or another --run-name"
-        )
-    os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(root) and not os.path.isdir(root):
+        fail(f"'{root}' exists and is not a directory; move it away so runs can be written to {root}/")
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        hint = "pass --resume {0}/checkpoint.pt or another --run-name" if hasattr(args, "resume") else "pass another --run-name"
+        fail(f"run directory '{run_dir}' already holds files; {hint.format(run_dir)}")
+    probe = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))
+    if not os.access(probe, os.W_OK):
+        fail(f"cannot write to '{os.path.abspath(probe)}'; run from a writable directory")
+    return run_dir
+
+
+def make_run_dir(args, root="runs") -> str:
+    """``resolve_run_dir``, then create it (call once the arguments and inputs have been checked)."""
+    run_dir = resolve_run_dir(args, root)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create run directory '{run_dir}' ({type(e).__name__}: {e.strerror}); run from a writable directory")
     return run_dir
 
 
@@ -1152,3 +1354,72 @@ def assert_same_across_ranks(named_tensors: dict, step: int):
         bad = [n for n, a, b in zip(names, gathered[0], other) if a != b]
         if bad:
             fail(f"ranks drifted apart at step {step} in {bad[:3]}; this is a bug, please report it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ablation driver: one script, several variants, run as subprocesses (method-agnostic)
+# ---------------------------------------------------------------------------------------------------------
+# Flags that do not change what a run computes: a reused run may differ in these.
+NON_CONFIG_FLAGS = ("run_name", "resume", "track", "workers", "log_every", "cuda", "jobs", "ablation", "exp_name")
+
+
+def run_config(args_dict: dict) -> dict:
+    return {k: v for k, v in args_dict.items() if k not in NON_CONFIG_FLAGS}
+
+
+def strip_flags(argv: list[str], flags: tuple[str, ...], valued: tuple[str, ...] = ()) -> list[str]:
+    """argv without the driver's own ``flags`` (and the ``valued`` ones with their values, ``--x v`` or ``--x=v``)."""
+    out, skip_next = [], False
+    for a in argv:
+        if skip_next:
+            skip_next = False
+        elif a in flags or a.split("=")[0] in valued:
+            skip_next = a in valued
+        else:
+            out.append(a)
+    return out
+
+
+def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, out_dir: str, jobs: int = 1) -> dict:
+    """Run ``script`` once per variant (label -> extra flags), ``jobs`` at a time with the CPU threads split
+    between them, each in runs/{basename(out_dir)}__{label}. A finished run is reused, and an interrupted one
+    resumed, only when the configuration recorded in its checkpoint equals the one this call asks for; any
+    difference is a one-line error, so a table never mixes runs of different settings. Returns {label: run_dir}."""
+    os.makedirs(out_dir, exist_ok=True)
+    pending, running, run_dirs = [], [], {}
+    for label, flags in variants.items():
+        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
+        run_dir = run_dirs[label] = os.path.join("runs", run_name)
+        argv = [*base_argv, *flags, "--run-name", run_name]
+        ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+        if os.path.exists(ckpt_path):
+            wanted, found = run_config(args_to_dict(parse_args(argv))), run_config(load_checkpoint(ckpt_path)["args"])
+            diff = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
+            if diff:
+                k = diff[0]
+                fail(f"{run_dir} was run with --{k.replace('_', '-')} {found.get(k)!r} but this ablation asks for "
+                     f"{wanted.get(k)!r} ({len(diff)} setting(s) differ); move {run_dir} away or change --seed")  # fmt: skip
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                print(f"[ablation] {label}: reusing the finished run {run_dir} (same configuration)", flush=True)
+                continue
+            argv = [*argv, "--resume", ckpt_path]
+        elif os.path.isdir(run_dir) and os.listdir(run_dir):
+            fail(f"{run_dir} holds files but no checkpoint; move it away and rerun the ablation")
+        pending.append((label, [sys.executable, os.path.abspath(script), *argv]))
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if jobs > 1 else os.environ
+    while pending or running:
+        while pending and len(running) < jobs:
+            label, cmd = pending.pop(0)
+            log = open(os.path.join(out_dir, f"{os.path.basename(run_dirs[label])}.log"), "a")
+            print(f"[ablation] {label}: {' '.join(cmd[1:])} (log: {log.name})", flush=True)
+            running.append((label, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(1)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode != 0:
+                for _, proc, _ in running:
+                    proc.terminate()
+                fail(f"ablation run '{item[0]}' failed (exit {item[1].returncode}); see {item[2].name}")
+    return run_dirs

@@ -29,10 +29,10 @@ fig17_top_dim.png, checkpoint.pt (rebuildable by eval.py without importing this 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -97,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--r1", type=float, default=10.0, help="R1 weight (paper: 10, i.e. gamma = 20)")
     p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
+    p.add_argument(
+        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of the images seen (0: off)"
+    )
     p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
     p.add_argument(
         "--images",
@@ -113,9 +116,24 @@ def parse_args(argv=None):
     p.add_argument("--ablation", action="store_true", help="run {DLS, no DLS} x {D, DG} for --dist; write a table")
     p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
     args = p.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
+    common.check_args(
+        args,
+        positive=("latent_dim", "width", "w_dim", "batch_size", "lr", "mapping_lr_mul", "v_window", "ema_kimg",
+                  "r1_interval", "eval_every", "eval_images", "save_every", "log_every", "jobs"),
+        nonnegative=("n_mapping", "lambda_enc", "r1", "epochs", "images", "workers", "ema_rampup"),
+        fraction=("betas", "lr_decay", "v_ema"),
+    )  # fmt: skip
+    common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
     if args.batch_size < 2:
         common.fail("--batch-size must be at least 2")
-    return args
+    if args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,6 +183,11 @@ class PredictedVariance:
                         f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size")  # fmt: skip
         self.window.copy_(state["window"])
         self.pointer = state["pointer"].clone()
+
+
+def encoder_loss(z, z_hat, s):
+    """L_enc = mean((z - z_hat)^2 * s^2): each dimension's error counts as much as G's input z * s lets it."""
+    return ((z - z_hat.float()).square() * s.square()).mean()
 
 
 def latent_entropy(s: torch.Tensor, dist: str) -> float:
@@ -247,19 +270,90 @@ def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
     common.save_image_grid(
         torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8
     )
-    # paper Fig. 17: the most important element (largest s) swept from -2 to 2, one row per base sample
+    # paper Fig. 17: the most important element (largest s) swept over [-2, 2] (normal) or the uniform prior's
+    # support [-sqrt 3, sqrt 3], one row per base sample
     top = int(torch.argmax(s))
-    values = torch.linspace(-2, 2, 9, device=device)
+    bound = 2.0 if args.dist == "normal" else math.sqrt(3)
+    values = torch.linspace(-bound, bound, 9, device=device)
     z = sample_z(6, args.latent_dim, args.dist, device, gen).repeat_interleave(len(values), 0)
     z[:, top] = values.repeat(6)
     common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "fig17_top_dim.png"), nrow=len(values))
 
 
 # ---------------------------------------------------------------------------------------------------------
+# One training iteration: the D step (adversarial + L_enc on fakes, feeds v), lazy R1, the G step
+# ---------------------------------------------------------------------------------------------------------
+def d_step(G, D, opt_d, v, x_real, s, args, r1_weight=0.0):
+    """D and its encoder head: adversarial loss on x_real / G(z * s) + lambda_enc * L_enc(z, E(G(z * s))), then v
+    is fed with the predicted codes. ``r1_weight`` > 0 folds R1 into this step (--r1-interval 1)."""
+    device = x_real.device
+    D.requires_grad_(True)
+    z = sample_z(len(x_real), args.latent_dim, args.dist, device)
+    with torch.no_grad(), common.autocast(device, args.amp):
+        x_fake = G(z * s)
+    x_real = x_real.detach().requires_grad_(r1_weight > 0)
+    with common.autocast(device, args.amp):
+        real_logit, _ = D(x_real)
+        fake_logit, z_hat = D(x_fake)
+        l_enc = encoder_loss(z, z_hat, s)
+        loss = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc
+    r1 = common.r1_penalty(real_logit.float(), x_real) if r1_weight > 0 else torch.zeros((), device=device)
+    opt_d.zero_grad(set_to_none=True)
+    (loss + r1_weight * r1).backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    v.update(z_hat)
+    return {"losses/L_enc": l_enc.item(), "losses/D": loss.item(), **({"losses/R1": r1.item()} if r1_weight else {})}
+
+
+def r1_step(D, opt_d, x_real, weight, amp=False):
+    """StyleGAN2's lazy regularization: R1 as its own optimizer step every k iterations, weighted by k. (The
+    Adam lr / betas correction k / (k + 1) in common.lazy_regularization_adam is for exactly this extra step.)"""
+    D.requires_grad_(True)
+    x_real = x_real.detach().requires_grad_(True)
+    with common.autocast(x_real.device, amp):
+        real_logit, _ = D(x_real)
+    r1 = common.r1_penalty(real_logit.float(), x_real)
+    opt_d.zero_grad(set_to_none=True)
+    (weight * r1).backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    return {"losses/R1": r1.item()}
+
+
+def g_step(G, D, opt_g, s, batch, args, device):
+    """G: adversarial loss on G(z * s), plus lambda_enc * L_enc with --dg (the encoder is D's, frozen here)."""
+    D.requires_grad_(False)
+    z = sample_z(batch, args.latent_dim, args.dist, device)
+    with common.autocast(device, args.amp):
+        fake_logit, z_hat = D(G(z * s))
+        l_enc = encoder_loss(z, z_hat, s)
+        loss = common.g_adv_loss(args.loss, fake_logit.float())
+        if args.dg:
+            loss = loss + args.lambda_enc * l_enc
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    common.sync_gradients(G)
+    opt_g.step()
+    D.requires_grad_(True)
+    return {"losses/G": loss.item(), "losses/L_enc_G": l_enc.item()}
+
+
+def recalibrate(G_ema, s, args, device, n_batches=8, batch=256):
+    """G_ema's BatchNorm statistics re-estimated for its own (averaged) weights on fixed z * s (DCGAN; no-op for
+    StyleGAN2): evaluation and the checkpoint use the generator as it really is."""
+
+    def make_input(i):
+        gen = torch.Generator(device=device).manual_seed(args.seed + 777 + i)
+        return sample_z(batch, args.latent_dim, args.dist, device, gen) * s
+
+    common.recalibrate_batchnorm(G_ema, make_input, n_batches)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
 def train(args):
-    common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
     dist_info = common.init_distributed(args.cuda)
     device = common.get_device(args.cuda, dist_info.local_rank)
     if args.batch_size % dist_info.world_size:
@@ -267,33 +361,34 @@ def train(args):
     batch = args.batch_size // dist_info.world_size
     common.seed_everything(args.seed, args.deterministic)
 
-    ckpt = common.load_checkpoint(args.resume) if args.resume else None
+    ckpt = common.load_method_checkpoint(args.resume, "dlsgan") if args.resume else None
     if ckpt is not None:
-        if ckpt.get("method") != "dlsgan":
-            common.fail(f"'{args.resume}' is a {ckpt.get('method')} checkpoint, not a dlsgan one")
         for flag in ARCH_FLAGS:
             if ckpt["args"].get(flag) != getattr(args, flag):
                 common.fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but the checkpoint was trained "
                             f"with {ckpt['args'].get(flag)!r}; pass the same value to resume")  # fmt: skip
-        args.run_name = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    if dist_info.is_main:
+        common.resolve_run_dir(args)  # refuse early, before the data is read
     train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
     test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
     img_channels = train_set[0][0].shape[0]
+    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
+    steps_per_epoch = len(sampler) // batch
+    total_steps = int(args.epochs * steps_per_epoch) if args.epochs > 0 else args.images // args.batch_size
+    if total_steps < 1:
+        common.fail(f"--epochs {args.epochs} is less than one step of {args.batch_size} images; train longer")
     run_dir = common.make_run_dir(args) if dist_info.is_main else None
 
     specs = model_specs(args, img_channels)
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     common.broadcast_module(G), common.broadcast_module(D)
-    G_ema = common.EMA(G, decay=0.5 ** (args.batch_size / (args.ema_kimg * 1000)))
+    G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
-    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval)
+    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // args.batch_size), args.v_ema, device)
 
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = int(args.epochs * steps_per_epoch) if args.epochs > 0 else args.images // args.batch_size
     step = 0
     if ckpt is not None:
         common.load_state_strict(G, ckpt["state_dicts"]["G"], "the generator", args.resume)
@@ -315,10 +410,10 @@ def train(args):
               f"| {'DLS' if not args.no_dls else 'no DLS'} {'DG' if args.dg else 'D'} {args.dist} | {total_steps} steps "
               f"of {args.batch_size} ({steps_per_epoch} per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
 
-    def save(step):
-        if not dist_info.is_main:
-            return
-        common.sync_buffers(D)
+    def current_scale():
+        return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
+
+    def save(step, rng_states):
         common.save_checkpoint({
             "format": common.CHECKPOINT_FORMAT, "method": "dlsgan", "args": common.args_to_dict(args), "step": step,
             "model_specs": specs,
@@ -329,79 +424,44 @@ def train(args):
                           "latent_scale": current_scale().cpu(), "latent_dist": args.dist},
         }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
 
-    def current_scale():
-        return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
-
     batches = common.infinite_batches(loader, sampler, start_step=step)
     sums, t_start, images_seen = {}, time.time(), 0
     while step < total_steps:
         epoch, x_real = next(batches)
         x_real = x_real.to(device, non_blocking=True)
-        for group in opt_g.param_groups:
-            group["lr"] = args.lr * (1 - args.lr_decay) ** epoch
-        for group in opt_d.param_groups:
-            group["lr"] = d_lr * (1 - args.lr_decay) ** epoch
+        for opt, lr in ((opt_g, args.lr), (opt_d, d_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - args.lr_decay) ** epoch
         s = current_scale()
-
-        # --- D (and the encoder head): adversarial loss + lambda_enc * L_enc (+ lazy R1) ---
-        D.requires_grad_(True)
-        z = sample_z(batch, args.latent_dim, args.dist, device)
-        with torch.no_grad(), common.autocast(device, args.amp):
-            x_fake = G(z * s)
         do_r1 = args.r1 > 0 and step % args.r1_interval == 0
-        x_real.requires_grad_(do_r1)
-        with common.autocast(device, args.amp):
-            real_logit, _ = D(x_real)
-            fake_logit, z_hat = D(x_fake.detach())
-            l_enc_d = ((z - z_hat.float()).square() * s.square()).mean()
-            loss_d = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc_d
-        r1 = common.r1_penalty(real_logit.float(), x_real) if do_r1 else torch.zeros((), device=device)
-        opt_d.zero_grad(set_to_none=True)
-        (loss_d + args.r1 * args.r1_interval * r1).backward()
-        common.sync_gradients(D)
-        opt_d.step()
-        v.update(z_hat)
-
-        # --- G: adversarial loss (+ lambda_enc * L_enc with --dg) ---
-        D.requires_grad_(False)
-        z = sample_z(batch, args.latent_dim, args.dist, device)
-        with common.autocast(device, args.amp):
-            fake_logit, z_hat = D(G(z * s))
-            l_enc_g = ((z - z_hat.float()).square() * s.square()).mean()
-            loss_g = common.g_adv_loss(args.loss, fake_logit.float())
-            if args.dg:
-                loss_g = loss_g + args.lambda_enc * l_enc_g
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        common.sync_gradients(G)
-        opt_g.step()
-        G_ema.update(G)
+        scalars = d_step(G, D, opt_d, v, x_real, s, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
+        if do_r1 and args.r1_interval > 1:
+            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
+        scalars.update(g_step(G, D, opt_g, s, batch, args, device))
         step += 1
         images_seen += args.batch_size
+        G_ema.update(G, step * args.batch_size, args.batch_size)
 
-        scalars = {
-            "losses/L_enc": l_enc_d.item(),
-            "losses/D": loss_d.item(),
-            "losses/G": loss_g.item(),
-            "losses/R1": r1.item(),
-        }
         common.check_finite(step, **scalars)
         for k, val in scalars.items():
             sums[k] = sums.get(k, 0.0) + val
-        sums["_n"] = sums.get("_n", 0) + 1
+            sums["_n/" + k] = sums.get("_n/" + k, 0) + 1
         if step % args.log_every == 0 or step == total_steps:
-            progress.report(
-                step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]}
-            )
+            progress.report(step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]})
 
-        if step % args.eval_every == 0 or step == total_steps:
+        do_eval = step % args.eval_every == 0 or step == total_steps
+        do_save = step % args.save_every == 0 or step == total_steps
+        if do_eval or do_save:
             s = current_scale()
+            recalibrate(G_ema.model, s, args, device)
+        if do_eval:
             metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
             elapsed = time.time() - t_start
-            row = {k: val / sums["_n"] for k, val in sums.items() if k != "_n"}
+            row = {k: val / sums["_n/" + k] for k, val in sums.items() if not k.startswith("_n/")}
             row.update(metrics)
             row.update({
                 "charts/epoch": step / steps_per_epoch, "charts/lr": opt_g.param_groups[0]["lr"],
+                "charts/ema_decay": G_ema.decay(step * args.batch_size, args.batch_size),
                 "charts/latent_entropy": latent_entropy(s, args.dist),
                 "charts/dims_90pct_scale": dims_carrying(s, 0.9), "charts/s_max": s.max().item(),
                 "charts/images_per_sec": images_seen / elapsed, "charts/peak_memory_mb": common.peak_memory_mb(device),
@@ -414,12 +474,13 @@ def train(args):
                       f"{metrics['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
                       f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)  # fmt: skip
             sums = {}
-        if step % args.save_every == 0 or step == total_steps:
-            checked = {"s": current_scale(), **{f"G.{k}": t for k, t in G.state_dict().items()},
-                       **{f"D.{k}": t for k, t in D.state_dict().items()}}  # fmt: skip
-            common.assert_same_across_ranks(checked, step)
+        if do_save:
+            checked = {"s": s, **{f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
+                                  for k, t in net.state_dict().items()}}  # fmt: skip
+            common.assert_same_across_ranks(checked, step)  # parameters and BatchNorm buffers alike
             rng_states = gather_rng_states(dist_info)
-            save(step)
+            if dist_info.is_main:
+                save(step, rng_states)
 
     if dist_info.is_main:
         summary = {"steps": step, "wall_s": time.time() - t_start, "images_per_sec": images_seen / (time.time() - t_start),
@@ -428,7 +489,7 @@ def train(args):
             json.dump(summary, f, indent=1)
         print(f"done: {json.dumps(summary)}", flush=True)
         if dist_info.enabled:
-            print(f"parameters and latent scale identical on {dist_info.world_size} ranks", flush=True)
+            print(f"parameters, BatchNorm statistics and latent scale identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
     common.cleanup_distributed()
     return run_dir
@@ -447,57 +508,32 @@ def gather_rng_states(dist_info):
 # ---------------------------------------------------------------------------------------------------------
 # The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
 # ---------------------------------------------------------------------------------------------------------
+VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
+
+
 def run_ablation(args, argv):
-    passthrough, skip_next = [], False
-    for a in argv:  # drop the driver's own flags; the variant flags are added per run
-        if skip_next or a in ("--ablation", "--dg", "--no-dls") or a.startswith("--jobs="):
-            skip_next = False
-            continue
-        skip_next = a == "--jobs"
-        if not skip_next:
-            passthrough.append(a)
-    out_dir = os.path.join(
-        "runs", f"ablation__{args.dataset.replace(':', '_').replace('/', '_')}__{args.dist}__{args.seed}"
-    )
-    os.makedirs(out_dir, exist_ok=True)
-    variants = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
-    pending, running = [], []
-    for label, flags in variants.items():
-        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
-        run_dir = os.path.join("runs", run_name)
-        if os.path.exists(os.path.join(run_dir, "summary.json")):  # finished runs are kept, not redone
-            continue
-        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, *flags, "--run-name", run_name]
-        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            cmd += ["--resume", os.path.join(run_dir, "checkpoint.pt")]
-        pending.append((label, cmd, run_name))
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if args.jobs > 1 else os.environ
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            label, cmd, run_name = pending.pop(0)
-            log = open(os.path.join(out_dir, f"{run_name}.log"), "a")
-            print(f"[ablation] {label}: {' '.join(cmd[1:])} (log: {log.name})", flush=True)
-            running.append((label, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(2)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode != 0:
-                common.fail(f"ablation run '{item[0]}' failed (exit {item[1].returncode}); see {item[2].name}")
+    """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
+    ablation with other settings never reuses (or overwrites) these."""
+    base_argv = common.strip_flags(argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume"))
+    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
+    digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode())
+    slug = args.dataset.replace(":", "_").replace("/", "_")
+    out_dir = os.path.join("runs", f"ablation__{slug}__{args.dist}__{args.seed}__{digest.hexdigest()[:8]}")
+    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, VARIANTS, out_dir, args.jobs)
     results = {}
-    for label in variants:
-        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
-        with open(os.path.join("runs", run_name, "metrics.jsonl")) as f:
+    for label, run_dir in run_dirs.items():
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             results[label] = [json.loads(line) for line in f]
-    write_ablation_report(results, args, out_dir)
+    # the table is titled from the settings the runs recorded, not from this command line
+    recorded = common.load_checkpoint(os.path.join(run_dirs["DLS, DG"], "checkpoint.pt"))["args"]
+    write_ablation_report(results, argparse.Namespace(**recorded), out_dir)
 
 
 def write_ablation_report(results, args, out_dir):
     keys = ["losses/L_enc", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr", "eval/fake_ssim", "charts/latent_entropy",
             "charts/dims_90pct_scale"]  # fmt: skip
     header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
-    lines = [f"{args.dataset} {args.resolution}px, {args.dist} prior, d = {args.latent_dim}, final evaluation "
+    lines = [f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, d = {args.latent_dim}, final evaluation "
              f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)", "",
              header, "|" + "---|" * (len(keys) + 1)]  # fmt: skip
     for label, rows in results.items():

@@ -140,6 +140,9 @@ class FIDInception:
 
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor, batch_size: int = 50) -> np.ndarray:
+        if images_uint8.ndim != 4 or images_uint8.shape[1] not in (1, 3) or images_uint8.dtype != torch.uint8:
+            common.fail(f"the FID network takes uint8 images (N, 1 or 3, H, W), got {images_uint8.dtype} "
+                        f"{tuple(images_uint8.shape)}; convert RGBA / other layouts to RGB or grayscale first")  # fmt: skip
         feats = []
         for chunk in images_uint8.split(batch_size):
             x = chunk.to(self.device).float()
@@ -301,10 +304,7 @@ class Inverter:
     encoder maps x to z (or to w when ``inversion.encoder_space`` says so)."""
 
     def __init__(self, path: str, device):
-        ckpt = common.load_checkpoint(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != common.CHECKPOINT_FORMAT:
-            common.fail(f"'{path}' is not a {common.CHECKPOINT_FORMAT} checkpoint of this project; "
-                        "pass a checkpoint.pt written by one of the method scripts")  # fmt: skip
+        ckpt = common.load_method_checkpoint(path)
         missing = [k for k in ("model_specs", "state_dicts", "inversion", "args") if k not in ckpt]
         if missing:
             common.fail(f"checkpoint '{path}' lacks {missing}; it cannot be rebuilt (written by an older version?)")
@@ -410,6 +410,18 @@ def cosine_ramp(t: float, rampdown=0.25, rampup=0.05) -> float:
     return ramp * min(1.0, t / rampup)
 
 
+def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0):
+    """Per image: MSE(G(code), x) [+ lpips_weight * LPIPS] [+ indomain_weight * mean((code - E(G(code)))^2), the
+    in-domain regularizer that keeps the code where the encoder maps images]."""
+    x_rec = inv.synthesize(space, code)
+    loss = (x_rec - x).square().flatten(1).mean(1)
+    if lpips is not None:
+        loss = loss + lpips_weight * lpips(x_rec, x)
+    if indomain_weight:
+        loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
+    return loss
+
+
 def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0,
                            indomain_weight=0.0, seed=0):  # fmt: skip
     """Batched: every image's code is optimized on its own loss (the summed loss has independent gradients, and
@@ -426,12 +438,7 @@ def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None,
     for i in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * cosine_ramp(i / steps)
-        x_rec = inv.synthesize(space, code)
-        loss = (x_rec - x).square().flatten(1).mean(1)
-        if lpips is not None:
-            loss = loss + lpips_weight * lpips(x_rec, x)
-        if indomain_weight:  # in-domain: stay where the encoder puts images
-            loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
+        loss = inversion_loss(inv, space, code, x, lpips, lpips_weight, indomain_weight)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

@@ -259,6 +259,87 @@ def test_bad_data_inputs(tmp_path):
         common.build_dataset("mnist", 30)
 
 
+def test_folder_skips_truncated_jpeg_and_scales_16_bit_png(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(12):
+        Image.fromarray(rng.randint(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"ok{i}.jpg", quality=95)
+    full = (root / "ok0.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 2])  # passes PIL's verify(), fails when decoded
+    with Image.open(root / "truncated.jpg") as im:
+        im.verify()
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 16-bit gray, 0 .. 65535
+    Image.fromarray(ramp).save(root / "deep.png")
+    with Image.open(root / "deep.png") as im:
+        assert im.mode.startswith("I")
+    ds = common.build_dataset(f"folder:{root}", 16, True, channels=1)
+    assert "truncated.jpg" in ds.skipped_files and ds.skipped == 1
+    everything = ds.files + common.build_dataset(f"folder:{root}", 16, False, channels=1).files
+    assert len(everything) == 13
+    x = common.pil_to_tensor(Image.open(root / "deep.png"), "L", 16)
+    expected = torch.from_numpy(np.round(ramp / 257.0)).float().div(127.5).sub(1)  # 16 -> 8 bits, not clipped
+    assert torch.allclose(x[0], expected, atol=1e-6)
+    for i, _ in enumerate(everything):  # nothing left to crash a DataLoader later
+        common.ImageFolderFlat.__getitem__(ds, i % len(ds))
+    # the verdicts are cached: a second scan decodes nothing (all files unchanged)
+    monkeypatch.setattr(common, "decodable_image", lambda path: pytest.fail(f"decoded {path} again"))
+    assert common.build_dataset(f"folder:{root}", 16, True, channels=1).files == ds.files
+
+
+def test_failed_download_leaves_nothing_in_data_root(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline(torchvision.datasets.MNIST):
+        def download(self):  # what torchvision does offline: create raw/, then fail to fetch
+            os.makedirs(self.raw_folder, exist_ok=True)
+            raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(common, "DATA_DIR", str(tmp_path / "empty_cache"))
+    root = tmp_path / "data"
+    with pytest.raises(SystemExit, match="could not be downloaded"):
+        common._torchvision_dataset(Offline, "mnist", str(root), train=True)
+    assert not root.exists()
+    root.mkdir()
+    (root / "mine.txt").write_text("kept")
+    with pytest.raises(SystemExit):
+        common._torchvision_dataset(Offline, "mnist", str(root), train=True)
+    assert os.listdir(root) == ["mine.txt"]
+
+
+def test_run_directory_rules(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    monkeypatch.chdir(tmp_path)
+    args = Namespace(run_name="a", dataset="mnist", exp_name="x", seed=1, resume=None)
+    assert common.make_run_dir(args) == os.path.join("runs", "a")
+    (tmp_path / "runs/a/metrics.jsonl").write_text("{}")
+    with pytest.raises(SystemExit, match="already holds files; pass --resume runs/a/checkpoint.pt"):
+        common.make_run_dir(args)
+    # resuming continues in the checkpoint's own directory, wherever it is, never in runs/<same name>
+    (tmp_path / "elsewhere/a").mkdir(parents=True)
+    resumed = Namespace(run_name=None, dataset="mnist", exp_name="x", seed=1, resume="elsewhere/a/checkpoint.pt")
+    assert common.make_run_dir(resumed) == str(tmp_path / "elsewhere/a")
+    with pytest.raises(SystemExit, match="name different directories"):
+        common.make_run_dir(Namespace(**{**vars(resumed), "run_name": "a"}))
+    with pytest.raises(SystemExit, match="plain directory name"):
+        common.make_run_dir(Namespace(**{**vars(args), "run_name": "../escape"}))
+    with pytest.raises(SystemExit, match="already holds files; pass another --run-name"):
+        common.make_run_dir(Namespace(run_name="a", dataset="mnist", exp_name="eval", seed=0))  # eval.py: no --resume
+    os.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/runs").write_text("a file where the runs folder should be")
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        common.make_run_dir(args)
+
+
+def test_strip_flags():
+    argv = ["--ablation", "--dist", "normal", "--jobs", "2", "--dg", "--run-name=x", "--seed", "3"]
+    assert common.strip_flags(argv, ("--ablation", "--dg"), ("--jobs", "--run-name")) == ["--dist", "normal", "--seed", "3"]
+
+
 def test_resumable_sampler_continues_the_epoch():
     ds = torch.utils.data.TensorDataset(torch.arange(40).float(), torch.zeros(40))
     loader, sampler = common.make_loader(ds, 4, common.DistInfo(), seed=3)
@@ -269,13 +350,35 @@ def test_resumable_sampler_continues_the_epoch():
 
 
 # ------------------------------------------------------------------------------------------------- runtime
-def test_ema_update_hand_value():
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.constant_(model.weight, 1.0)
-    ema = common.EMA(model, decay=0.9)
-    torch.nn.init.constant_(model.weight, 2.0)
-    ema.update(model)
-    assert ema.model.weight.item() == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)
+def test_ema_update_hand_value_rampup_and_batchnorm_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    torch.nn.init.constant_(model[0].weight, 1.0)
+    ema = common.EMA(model, half_life_kimg=10.0, rampup=None)
+    torch.nn.init.constant_(model[0].weight, 2.0)
+    model[1].running_mean.fill_(5.0)
+    d = 0.5 ** (64 / 10_000)
+    ema.update(model, images_seen=10**6, batch_size=64)
+    assert ema.model[0].weight.item() == pytest.approx(d * 1.0 + (1 - d) * 2.0)
+    assert ema.model[1].running_mean.item() == 0.0  # BN statistics are not copied from the live model
+    # StyleGAN2-ADA's ramp-up: the half-life is at most 5 % of the images seen
+    ramped = common.EMA(model, half_life_kimg=10.0, rampup=0.05)
+    assert ramped.decay(1000, 64) == pytest.approx(0.5 ** (64 / 50))
+    assert ramped.decay(10**6, 64) == pytest.approx(0.5 ** (64 / 10_000))
+    assert ramped.decay(0, 64) == 0.0  # the first update copies the model
+
+
+def test_recalibrate_batchnorm_gives_the_statistics_of_the_inputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), common.BatchNorm2d(3)).eval()
+    net[1].running_mean.fill_(7.0)
+    batches = [torch.randn(16, 2, 4, 4) * (i + 1) + i for i in range(4)]
+    common.recalibrate_batchnorm(net, lambda i: batches[i], n_batches=4)
+    with torch.no_grad():
+        h = [net[0](b).permute(1, 0, 2, 3).reshape(3, -1).double().numpy() for b in batches]
+    # the cumulative average of per-batch means (= the mean of all, batches of equal size) and unbiased variances
+    assert np.allclose(net[1].running_mean.numpy(), np.mean([x.mean(1) for x in h], 0), atol=1e-5)
+    assert np.allclose(net[1].running_var.numpy(), np.mean([x.var(1, ddof=1) for x in h], 0), rtol=1e-4)
+    assert not net.training and net[1].momentum == 0.1  # mode and momentum restored
 
 
 def _tiny_training(steps, state=None):
@@ -304,9 +407,13 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     full, _ = _tiny_training(10)
     half, opt = _tiny_training(5)
     path = str(tmp_path / "ck.pt")
-    common.save_checkpoint({"model": half.state_dict(), "opt": opt.state_dict(), "rng": common.rng_state(), "step": 5,
-                            "args": {"a": 1, "b": [1, 2], "c": None}}, path)  # fmt: skip
+    obj = {"model": half.state_dict(), "opt": opt.state_dict(), "rng": common.rng_state(), "step": 5,
+           "args": {"a": 1, "b": [1, 2], "c": None}}  # fmt: skip
+    common.save_checkpoint(obj, path)
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]  # the temp file was renamed away
+    (tmp_path / "ck.pt.tmp.99999").write_bytes(b"x" * 1000)  # left by a save killed mid-write
+    common.save_checkpoint(obj, path)
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # stale temporary files are removed on the next save
     state = common.load_checkpoint(path)
     assert state["args"] == {"a": 1, "b": [1, 2], "c": None}
     resumed, _ = _tiny_training(10, state)
@@ -331,6 +438,15 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not marker.exists()
     with pytest.raises(SystemExit, match="does not exist"):
         common.load_checkpoint(str(tmp_path / "nothing.pt"))
+    (tmp_path / "random.pt").write_bytes(os.urandom(256).replace(b"\x80", b"\x00"))
+    with pytest.raises(SystemExit, match="is not a checkpoint"):
+        common.load_checkpoint(str(tmp_path / "random.pt"))
+    common.save_checkpoint({"x": torch.zeros(1)}, str(tmp_path / "plain.pt"))
+    with pytest.raises(SystemExit, match="is not a ganinv/1 checkpoint of this project"):
+        common.load_method_checkpoint(str(tmp_path / "plain.pt"))
+    common.save_checkpoint({"format": common.CHECKPOINT_FORMAT, "method": "lia"}, str(tmp_path / "lia.pt"))
+    with pytest.raises(SystemExit, match="is a 'lia' checkpoint, not a 'dlsgan' one"):
+        common.load_method_checkpoint(str(tmp_path / "lia.pt"), "dlsgan")
 
 
 def test_build_from_spec_whitelist():
@@ -363,24 +479,24 @@ DDP_SCRIPT = r"""
 import os, sys, torch, common
 info = common.init_distributed(cuda=False)
 torch.manual_seed(100 + info.rank)  # different init per rank: broadcast must equalize
-model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
-bn = torch.nn.BatchNorm1d(6)
+model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), common.BatchNorm2d(4), torch.nn.Tanh(), torch.nn.Flatten(),
+                            torch.nn.Linear(16, 1))
 common.broadcast_module(model)
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 g = torch.Generator().manual_seed(0)
-x_all, y_all = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
+x_all, y_all = torch.randn(8, 2, 4, 4, generator=g), torch.randn(8, 1, generator=g)
 x, y = x_all[info.rank * 4:(info.rank + 1) * 4], y_all[info.rank * 4:(info.rank + 1) * 4]
 for _ in range(3):
     loss = (model(x) - y).square().mean()
     opt.zero_grad(); loss.backward(); common.sync_gradients(model); opt.step()
-bn(x)  # per-rank running stats differ until synced
-common.sync_buffers(bn)
-torch.save({**model.state_dict(), **{"bn." + k: v for k, v in bn.state_dict().items()}}, sys.argv[1] + f".rank{info.rank}")
+torch.save(model.state_dict(), sys.argv[1] + f".rank{info.rank}")
 common.cleanup_distributed()
 """
 
 
-def test_two_rank_gloo_ddp_identical_parameters(tmp_path):
+def test_two_rank_gloo_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    """Two ranks with half the batch each (gradients averaged, BatchNorm over the global batch) must equal one
+    process on the whole batch: parameters and BatchNorm running statistics."""
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
     out = str(tmp_path / "state")
@@ -399,19 +515,16 @@ def test_two_rank_gloo_ddp_identical_parameters(tmp_path):
     s0, s1 = torch.load(out + ".rank0", weights_only=True), torch.load(out + ".rank1", weights_only=True)
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
-    # global-batch semantics: the same 3 steps in one process on all 8 samples, from rank 0's init
+    # the same 3 steps in one process on all 8 samples, from rank 0's init, with torch's own BatchNorm2d
     torch.manual_seed(100)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+                                torch.nn.Flatten(), torch.nn.Linear(16, 1))  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)
+    x, y = torch.randn(8, 2, 4, 4, generator=g), torch.randn(8, 1, generator=g)
     for _ in range(3):
         opt.zero_grad()
         (model(x) - y).square().mean().backward()
         opt.step()
     for k, v in model.state_dict().items():
-        assert torch.allclose(v, s0[k], atol=1e-6), k
-    bn = torch.nn.BatchNorm1d(6)
-    bn(x[:4]), bn.running_mean.mul_(0.5), bn(x[4:])  # mean of the two ranks' running means, by hand
-    expected = 0.5 * (0.1 * x[:4].mean(0) + 0.1 * x[4:].mean(0))
-    assert torch.allclose(s0["bn.running_mean"], expected, atol=1e-6)
+        assert torch.allclose(v.double(), s0[k].double(), atol=1e-5), (k, v, s0[k])
