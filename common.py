@@ -1008,10 +1008,12 @@ def sync_gradients(*modules: nn.Module):
     GAN steps run several forwards, double-backward (R1) and heads that are unused in some passes."""
     if not dist.is_initialized():
         return
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    # Parameters without a gradient (a head unused in this pass, e.g. the latent head in an R1 step) are left
+    # without one, as in a single process: a zero gradient would still move Adam's moments. Every rank runs the
+    # same graph, so the set is the same on every rank.
+    params = [p for m in modules for p in m.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return
     flat = torch.cat([p.grad.flatten() for p in params])
     all_reduce_mean_(flat)
     offset = 0
@@ -1108,6 +1110,8 @@ def load_checkpoint(path: str, map_location="cpu"):
     with open(path, "rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # torch.save: a zip, or a legacy pickle
+        if head == b"PK":
+            fail(f"'{path}' is corrupt or truncated (an incomplete zip); use another checkpoint")
         fail(f"'{path}' is not a checkpoint (neither a torch.save zip nor a pickle); pass a checkpoint.pt")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

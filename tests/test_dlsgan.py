@@ -88,6 +88,81 @@ def test_dims_carrying():
     )
 
 
+# ------------------------------------------------------------------------------------------------- the wiring
+class Recording(torch.nn.Module):
+    """Wraps a network and keeps every input it was called with."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+def tiny_nets(*flags):
+    args = dlsgan.parse_args([*TINY, "--arch", "dcgan", *flags])
+    specs = dlsgan.model_specs(args, 1)
+    torch.manual_seed(0)
+    return args, common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
+
+
+def test_d_step_feeds_G_z_times_s_weights_L_enc_by_s2_and_feeds_v():
+    args, G, D = tiny_nets()
+    G = Recording(G)
+    s = torch.linspace(0.2, 1.8, 16)
+    v = dlsgan.PredictedVariance(16, "window", window_batches=4)
+    x_real = torch.rand(8, 1, 16, 16) * 2 - 1
+    opt = torch.optim.Adam(D.parameters(), lr=0.0)  # lr 0: D is unchanged, so z_hat can be recomputed after
+    torch.manual_seed(5)
+    z = dlsgan.sample_z(8, 16, args.dist, "cpu")
+    torch.manual_seed(5)
+    out = dlsgan.d_step(G, D, opt, v, x_real, s, args)
+    assert torch.equal(G.inputs[0], z * s)  # the generator gets the scaled latent
+    with torch.no_grad():
+        z_hat = D(G.net(z * s))[1]
+    assert out["losses/L_enc"] == pytest.approx(((z - z_hat) ** 2 * s**2).mean().item(), rel=1e-5)
+    assert abs(out["losses/L_enc"] - ((z - z_hat) ** 2).mean().item()) > 1e-3  # and s^2 matters
+    assert torch.allclose(v.window[0], z_hat.square().mean(0), atol=1e-6)  # v is fed with the predicted codes
+    assert torch.equal(v.window[1], torch.ones(16))
+
+
+def test_g_step_feeds_z_times_s_and_adds_L_enc_only_with_dg():
+    s = torch.linspace(0.2, 1.8, 16)
+    for dg in (False, True):
+        args, G, D = tiny_nets(*(["--dg"] if dg else []))
+        G = Recording(G)
+        opt = torch.optim.Adam(G.parameters(), lr=0.0)
+        torch.manual_seed(3)
+        z = dlsgan.sample_z(8, 16, args.dist, "cpu")
+        torch.manual_seed(3)
+        G.net.train()
+        out = dlsgan.g_step(G, D, opt, s, 8, args, torch.device("cpu"))
+        assert torch.equal(G.inputs[0], z * s)
+        with torch.no_grad():
+            G.net.train()
+            logit, z_hat = D(G.net(z * s))
+        adv = torch.nn.functional.softplus(-logit).mean().item()
+        l_enc = ((z - z_hat) ** 2 * s**2).mean().item()
+        assert out["losses/L_enc_G"] == pytest.approx(l_enc, rel=1e-4)
+        assert out["losses/G"] == pytest.approx(adv + l_enc if dg else adv, rel=1e-4)
+
+
+def test_evaluation_reconstructs_through_the_scale():
+    args, G, D = tiny_nets()
+    G = Recording(G.eval())
+    s = torch.linspace(0.2, 1.8, 16)
+    x_test = torch.rand(16, 1, 16, 16) * 2 - 1
+    dlsgan.evaluate(G, D, s, x_test, args, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    z = dlsgan.sample_z(16, 16, args.dist, "cpu", gen)
+    with torch.no_grad():
+        x_fake = G.net(z * s).clamp(-1, 1)
+        expected = [z * s, D(x_fake)[1] * s, D(x_test)[1] * s]  # G(z s), G(E(G(z s)) s), G(E(x) s)
+    assert len(G.inputs) == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(G.inputs, expected))
+
+
 # ------------------------------------------------------------------------------------------------- smoke runs
 @pytest.mark.parametrize(
     "flags",
@@ -126,10 +201,11 @@ def test_smoke_flag_combinations(flags, tmp_path):
     assert G(D(torch.zeros(2, G.img_channels, 16, 16))[1] * s).shape == (2, G.img_channels, 16, 16)
 
 
-def test_resume_is_exact(tmp_path):
-    run([*TINY, "--dg", "--images", "48", "--run-name", "full"], tmp_path)
-    run([*TINY, "--dg", "--images", "24", "--run-name", "part"], tmp_path)
-    r = run([*TINY, "--dg", "--images", "48", "--resume", "runs/part/checkpoint.pt"], tmp_path)
+@pytest.mark.parametrize("arch", ["stylegan2", "dcgan"])
+def test_resume_is_exact(arch, tmp_path):
+    run([*TINY, "--arch", arch, "--dg", "--images", "48", "--run-name", "full"], tmp_path)
+    run([*TINY, "--arch", arch, "--dg", "--images", "24", "--run-name", "part"], tmp_path)
+    r = run([*TINY, "--arch", arch, "--dg", "--images", "48", "--resume", "runs/part/checkpoint.pt"], tmp_path)
     assert "step 6/6" in r.stdout
     full = common.load_checkpoint(str(tmp_path / "runs/full/checkpoint.pt"))
     resumed = common.load_checkpoint(str(tmp_path / "runs/part/checkpoint.pt"))
@@ -141,16 +217,45 @@ def test_resume_is_exact(tmp_path):
     assert torch.equal(full["inversion"]["latent_scale"], resumed["inversion"]["latent_scale"])
 
 
-def test_ddp_two_ranks_identical(tmp_path):
+@pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
+def test_ddp_two_ranks_identical(arch, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "dlsgan.py"), *TINY, "--dg", "--images", "32", "--run-name", "ddp"]  # fmt: skip
+           os.path.join(ROOT, "dlsgan.py"), *TINY, "--arch", arch, "--dg", "--images", "32", "--run-name", "ddp"]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "parameters and latent scale identical on 2 ranks" in r.stdout
+    assert "parameters, BatchNorm statistics and latent scale identical on 2 ranks" in r.stdout
     assert "4 steps of 8" in r.stdout  # global batch 8 = 2 ranks x 4
     ckpt = common.load_checkpoint(str(tmp_path / "runs/ddp/checkpoint.pt"))
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+
+
+def test_lazy_r1_takes_its_own_adam_step(tmp_path):
+    run([*TINY, "--images", "40", "--r1-interval", "4", "--run-name", "r1"], tmp_path)  # 5 steps: R1 at 0 and 4
+    ckpt = common.load_checkpoint(str(tmp_path / "runs/r1/checkpoint.pt"))
+    d_steps = {int(state["step"]) for state in ckpt["optimizers"]["D"]["state"].values()}
+    g_steps = {int(state["step"]) for state in ckpt["optimizers"]["G"]["state"].values()}
+    assert g_steps == {5} and d_steps == {5, 5 + 2}  # the latent head has no part in R1: it keeps 5
+    assert ckpt["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 4 / 5)  # StyleGAN2's k/(k+1)
+    run([*TINY, "--images", "40", "--r1-interval", "1", "--run-name", "r1_every"], tmp_path)  # folded: no extra step
+    ckpt = common.load_checkpoint(str(tmp_path / "runs/r1_every/checkpoint.pt"))
+    assert {int(state["step"]) for state in ckpt["optimizers"]["D"]["state"].values()} == {5}
+    assert ckpt["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
+def test_ema_generator_has_its_own_batchnorm_statistics(tmp_path):
+    run([*TINY, "--arch", "dcgan", "--images", "80", "--run-name", "bn"], tmp_path)
+    ckpt = common.load_checkpoint(str(tmp_path / "runs/bn/checkpoint.pt"))
+    G_ema = common.build_from_spec(ckpt["model_specs"]["G"])
+    G_ema.load_state_dict(ckpt["state_dicts"]["G_ema"])
+    saved = {k: t.clone() for k, t in G_ema.state_dict().items() if "running" in k}
+    assert saved, "the DCGAN generator has BatchNorm"
+    s = ckpt["inversion"]["latent_scale"]
+    args = dlsgan.parse_args([*TINY, "--arch", "dcgan"])
+    dlsgan.recalibrate(G_ema, s, args, torch.device("cpu"))  # the statistics of the EMA weights themselves, recomputed here
+    for k, t in saved.items():
+        assert torch.allclose(t, G_ema.state_dict()[k], atol=1e-5), k
+        assert not torch.allclose(t, ckpt["state_dicts"]["G"][k], atol=1e-3), k  # not the live G's
 
 
 def test_copy_two_files_into_empty_dir(tmp_path):
@@ -178,3 +283,39 @@ def test_bad_input_one_line_errors(tmp_path):
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before  # nothing written was lost
     r = run([*TINY, "--resume", "runs/missing.pt"], tmp_path, check=False)
     assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_resume_continues_in_the_checkpoints_directory_not_a_namesake(tmp_path):
+    """A checkpoint copied to x/t0 and resumed from a directory whose runs/t0 holds another run: the resumed run
+    writes to x/t0 (its own checkpoint is updated) and runs/t0 is left byte for byte."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run([*TINY, "--images", "16", "--run-name", "t0"], tmp_path / "a")
+    (tmp_path / "x/t0").mkdir(parents=True)
+    shutil.copy(tmp_path / "a/runs/t0/checkpoint.pt", tmp_path / "x/t0/checkpoint.pt")
+    run([*TINY, "--images", "16", "--seed", "2", "--run-name", "t0"], tmp_path / "b")  # another run, same name
+    other = {p.name: p.read_bytes() for p in (tmp_path / "b/runs/t0").iterdir()}
+    run([*TINY, "--images", "32", "--resume", str(tmp_path / "x/t0/checkpoint.pt")], tmp_path / "b")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b/runs/t0").iterdir()} == other
+    assert common.load_checkpoint(str(tmp_path / "x/t0/checkpoint.pt"))["step"] == 4
+    assert (tmp_path / "x/t0/metrics.jsonl").exists() and (tmp_path / "x/t0/samples.png").exists()
+
+
+def test_ablation_reuses_only_runs_of_the_same_configuration(tmp_path):
+    args = [*TINY, "--arch", "dcgan", "--images", "16", "--ablation", "--jobs", "2"]
+    r = run(args, tmp_path)
+    (out_dir,) = [p for p in (tmp_path / "runs").iterdir() if (p / "table.md").exists()]
+    table = (out_dir / "table.md").read_text()
+    assert "dcgan width 8" in table and "d = 16" in table and table.count("\n| ") == 5  # header + 4 variants
+    assert (out_dir / "l_enc.png").stat().st_size > 1000
+    r = run(args, tmp_path)
+    assert r.stdout.count("reusing the finished run") == 4
+    # a run directory of this ablation holding a run of other settings is refused, not relabelled
+    ckpt_path = next(p for p in (tmp_path / "runs").iterdir() if p.name.endswith("__DLS_D")) / "checkpoint.pt"
+    ckpt = common.load_checkpoint(str(ckpt_path))
+    ckpt["args"]["lambda_enc"] = 0.5
+    common.save_checkpoint(ckpt, str(ckpt_path))
+    r = run(args, tmp_path, check=False)
+    assert r.returncode != 0 and "was run with --lambda-enc 0.5 but this ablation asks for 1.0" in r.stderr
+    # other settings go to another ablation directory
+    run([*args, "--latent-dim", "8", "--images", "8"], tmp_path)
+    assert len([p for p in (tmp_path / "runs").iterdir() if (p / "table.md").exists()]) == 2

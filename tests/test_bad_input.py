@@ -1,0 +1,121 @@
+"""Bad input, for every training script: a table of (arguments, expected one-line message). Each case must exit
+non-zero with exactly one line on stderr naming the problem, and leave the working directory exactly as it was
+(nothing created, nothing changed). A new method script adds itself to SCRIPTS with its tiny flags, and its own
+cases to EXTRA_CASES."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DLSGAN_TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "16", "--batch-size", "8", "--eval-images", "16",
+               "--v-window", "32", "--no-track", "--images", "16"]  # fmt: skip
+SCRIPTS = {"dlsgan.py": DLSGAN_TINY}
+
+# (arguments, message); {tmp} is the prepared directory holding the inputs below
+COMMON_CASES = [
+    (["--latent-dim", "0"], "--latent-dim must be > 0 (got 0)"),
+    (["--lr", "-0.1"], "--lr must be > 0 (got -0.1)"),
+    (["--lr", "nan"], "--lr must be > 0 (got nan)"),
+    (["--images", "-16"], "--images must be >= 0 (got -16)"),
+    (["--epochs", "-1"], "--epochs must be >= 0 (got -1.0)"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--images", "4"], "--images 4 is less than one batch of 8"),
+    (["--resolution", "24"], "--resolution must be a power of two"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset", "folder:{tmp}/empty"], "no readable images in"),
+    (["--dataset", "folder:{tmp}/missing"], "does not exist"),
+    (["--run-name", "../escape"], "must be a plain directory name"),
+    (["--resume", "{tmp}/missing.pt"], "does not exist"),
+    (["--resume", "{tmp}/random.pt"], "is not a checkpoint (neither a torch.save zip nor a pickle)"),
+    (["--resume", "{tmp}/plain.pt"], "is not a ganinv/1 checkpoint of this project"),
+    (["--resume", "{tmp}/other_method.pt"], "is a 'other-method' checkpoint, not a"),
+    (["--resume", "{tmp}/truncated.pt"], "is corrupt or truncated"),
+    (["--run-name", "taken"], "run directory 'runs/taken' already holds files"),
+]
+EXTRA_CASES = {
+    "dlsgan.py": [
+        (["--v-ema", "1.5"], "--v-ema must be in [0, 1)"),
+        (["--betas", "0.9", "1.0"], "--betas must be in [0, 1)"),
+        (["--resolution", "8"], "power of two >= 16"),
+    ],
+}
+
+
+def tree_digest(root):
+    """Every path under root with the sha256 of its bytes: equal digests mean nothing was created or changed."""
+    out = {}
+    for dirpath, dirnames, names in os.walk(root):
+        for name in dirnames + names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "empty").mkdir()
+    (tmp / "random.pt").write_bytes(os.urandom(512).replace(b"\x80", b"\x01").replace(b"PK", b"pk"))
+    common.save_checkpoint({"weights": torch.zeros(2)}, str(tmp / "plain.pt"))
+    common.save_checkpoint({"format": common.CHECKPOINT_FORMAT, "method": "other-method"}, str(tmp / "other_method.pt"))
+    common.save_checkpoint({"format": common.CHECKPOINT_FORMAT, "big": torch.zeros(10000)}, str(tmp / "whole.pt"))
+    (tmp / "truncated.pt").write_bytes((tmp / "whole.pt").read_bytes()[:3000])
+    (tmp / "runs" / "taken").mkdir(parents=True)
+    (tmp / "runs" / "taken" / "metrics.jsonl").write_text('{"step": 1}\n')
+    return tmp
+
+
+def run(script, args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+CASES = [(script, args, msg) for script in SCRIPTS for args, msg in COMMON_CASES + EXTRA_CASES.get(script, [])]
+
+
+@pytest.mark.parametrize("script,args,message", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
+def test_refused_in_one_line_and_nothing_written(script, args, message, inputs):
+    before = tree_digest(inputs)
+    args = [a.replace("{tmp}", str(inputs)) for a in args]
+    r = run(script, [*SCRIPTS[script], *args], inputs)
+    assert r.returncode != 0, r.stdout[-1000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert message in r.stderr, r.stderr
+    assert tree_digest(inputs) == before  # nothing created, nothing changed
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_runs_being_a_file_is_refused(script, tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    r = run(script, SCRIPTS[script], tmp_path)
+    assert r.returncode != 0 and "'runs' exists and is not a directory" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_folder_with_a_truncated_jpeg_trains(script, tmp_path):
+    """A truncated JPEG passes PIL's verify(); it must be skipped at the scan, not crash the DataLoader later."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(40):
+        Image.fromarray(rng.randint(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    whole = (folder / "0.jpg").read_bytes()
+    (folder / "0.jpg").write_bytes(whole[: len(whole) // 2])
+    env_cache = {**os.environ, "GANINV_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *SCRIPTS[script], "--dataset", f"folder:{folder}",
+                        "--run-name", "folder"], cwd=tmp_path, env={**env_cache, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 of 40 files" in r.stdout and (tmp_path / "runs/folder/checkpoint.pt").exists()
