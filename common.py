@@ -178,7 +178,9 @@ def scan_image_folder(root: str) -> tuple[list[str], dict]:
     so a large folder is decoded in full only the first time."""
     import hashlib
 
-    cache_path = os.path.join(CACHE_DIR, "folder_scans", hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16] + ".json")
+    cache_path = os.path.join(
+        CACHE_DIR, "folder_scans", hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16] + ".json"
+    )
     try:
         with open(cache_path) as f:
             cache = json.load(f)
@@ -1191,12 +1193,18 @@ def resolve_run_dir(args, root="runs") -> str:
         if not os.access(run_dir, os.W_OK):
             fail(f"cannot write to {run_dir}, the resumed checkpoint's directory; copy the run somewhere writable")
         return run_dir
-    name = name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    name = (
+        name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    )
     run_dir = os.path.join(root, name)
     if os.path.exists(root) and not os.path.isdir(root):
         fail(f"'{root}' exists and is not a directory; move it away so runs can be written to {root}/")
     if os.path.isdir(run_dir) and os.listdir(run_dir):
-        hint = "pass --resume {0}/checkpoint.pt or another --run-name" if hasattr(args, "resume") else "pass another --run-name"
+        hint = (
+            "pass --resume {0}/checkpoint.pt or another --run-name"
+            if hasattr(args, "resume")
+            else "pass another --run-name"
+        )
         fail(f"run directory '{run_dir}' already holds files; {hint.format(run_dir)}")
     probe = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))
     if not os.access(probe, os.W_OK):
@@ -1210,7 +1218,9 @@ def make_run_dir(args, root="runs") -> str:
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create run directory '{run_dir}' ({type(e).__name__}: {e.strerror}); run from a writable directory")
+        fail(
+            f"cannot create run directory '{run_dir}' ({type(e).__name__}: {e.strerror}); run from a writable directory"
+        )
     return run_dir
 
 

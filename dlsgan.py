@@ -98,7 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
     p.add_argument(
-        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of the images seen (0: off)"
+        "--ema-rampup",
+        type=float,
+        default=0.05,
+        help="EMA half-life capped at this fraction of the images seen (0: off)",
     )
     p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
     p.add_argument(
@@ -447,7 +450,9 @@ def train(args):
             sums[k] = sums.get(k, 0.0) + val
             sums["_n/" + k] = sums.get("_n/" + k, 0) + 1
         if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]})
+            progress.report(
+                step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]}
+            )
 
         do_eval = step % args.eval_every == 0 or step == total_steps
         do_save = step % args.save_every == 0 or step == total_steps
@@ -489,7 +494,10 @@ def train(args):
             json.dump(summary, f, indent=1)
         print(f"done: {json.dumps(summary)}", flush=True)
         if dist_info.enabled:
-            print(f"parameters, BatchNorm statistics and latent scale identical on {dist_info.world_size} ranks", flush=True)
+            print(
+                f"parameters, BatchNorm statistics and latent scale identical on {dist_info.world_size} ranks",
+                flush=True,
+            )
         logger.close()
     common.cleanup_distributed()
     return run_dir
@@ -514,9 +522,13 @@ VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"
 def run_ablation(args, argv):
     """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
     ablation with other settings never reuses (or overwrites) these."""
-    base_argv = common.strip_flags(argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume"))
+    base_argv = common.strip_flags(
+        argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume")
+    )
     config = common.run_config(common.args_to_dict(parse_args(base_argv)))
-    digest = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode()
+    )
     slug = args.dataset.replace(":", "_").replace("/", "_")
     out_dir = os.path.join("runs", f"ablation__{slug}__{args.dist}__{args.seed}__{digest.hexdigest()[:8]}")
     run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, VARIANTS, out_dir, args.jobs)

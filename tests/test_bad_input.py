@@ -54,7 +54,9 @@ def tree_digest(root):
     for dirpath, dirnames, names in os.walk(root):
         for name in dirnames + names:
             path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
+            out[os.path.relpath(path, root)] = (
+                hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
+            )
     return out
 
 

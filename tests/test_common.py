@@ -272,7 +272,7 @@ def test_folder_skips_truncated_jpeg_and_scales_16_bit_png(tmp_path, monkeypatch
     (root / "truncated.jpg").write_bytes(full[: len(full) // 2])  # passes PIL's verify(), fails when decoded
     with Image.open(root / "truncated.jpg") as im:
         im.verify()
-    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 16-bit gray, 0 .. 65535
+    ramp = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257  # 16-bit gray, 0 .. 65535
     Image.fromarray(ramp).save(root / "deep.png")
     with Image.open(root / "deep.png") as im:
         assert im.mode.startswith("I")
@@ -337,7 +337,12 @@ def test_run_directory_rules(tmp_path, monkeypatch):
 
 def test_strip_flags():
     argv = ["--ablation", "--dist", "normal", "--jobs", "2", "--dg", "--run-name=x", "--seed", "3"]
-    assert common.strip_flags(argv, ("--ablation", "--dg"), ("--jobs", "--run-name")) == ["--dist", "normal", "--seed", "3"]
+    assert common.strip_flags(argv, ("--ablation", "--dg"), ("--jobs", "--run-name")) == [
+        "--dist",
+        "normal",
+        "--seed",
+        "3",
+    ]
 
 
 def test_resumable_sampler_continues_the_epoch():

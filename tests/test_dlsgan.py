@@ -252,7 +252,9 @@ def test_ema_generator_has_its_own_batchnorm_statistics(tmp_path):
     assert saved, "the DCGAN generator has BatchNorm"
     s = ckpt["inversion"]["latent_scale"]
     args = dlsgan.parse_args([*TINY, "--arch", "dcgan"])
-    dlsgan.recalibrate(G_ema, s, args, torch.device("cpu"))  # the statistics of the EMA weights themselves, recomputed here
+    dlsgan.recalibrate(
+        G_ema, s, args, torch.device("cpu")
+    )  # the statistics of the EMA weights themselves, recomputed here
     for k, t in saved.items():
         assert torch.allclose(t, G_ema.state_dict()[k], atol=1e-5), k
         assert not torch.allclose(t, ckpt["state_dicts"]["G"][k], atol=1e-3), k  # not the live G's
