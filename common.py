@@ -555,7 +555,7 @@ class StyleGAN2Discriminator(nn.Module):
     """Residual StyleGAN2 discriminator without minibatch-stddev (a per-image encoder head needs no batch
     statistics). ``forward(x) -> (logit, latent or None)``; ``features(x)`` is the flattened trunk output."""
 
-    def __init__(self, resolution, img_channels, width=64, latent_dim=0):
+    def __init__(self, resolution, img_channels, width=64, latent_dim=0, head_hidden=None):
         super().__init__()
         check_resolution(resolution)
         ch = stylegan_channels(resolution, width)
@@ -567,7 +567,9 @@ class StyleGAN2Discriminator(nn.Module):
             ch, res = out_ch, res // 2
         self.blocks = nn.Sequential(*blocks)
         self.final_conv = EqualConv2d(ch, ch, 3, padding=1, activation=True)
-        self.heads = DiscriminatorHeads(ch * 16, ch, latent_dim)
+        # StyleGAN2's epilogue dense layer is ch wide: 512 = d at paper scale. At CPU width (ch = 32, d = 512) it
+        # is a bottleneck that caps a latent head at MSE >= 1 - ch / d; head_hidden restores the paper's ratio.
+        self.heads = DiscriminatorHeads(ch * 16, head_hidden or ch, latent_dim)
         self.feature_dim = ch * 16
 
     def features(self, x):
@@ -818,6 +820,22 @@ def lazy_regularization_adam(lr, betas, interval):
         return lr, betas
     c = interval / (interval + 1)
     return lr * c, (betas[0] ** c, betas[1] ** c)
+
+
+def unequalized_lr_groups(module: nn.Module, lr: float) -> list[dict]:
+    """Adam parameter groups in which every EqualConv2d / EqualLinear weight gets lr / its runtime scale
+    (lr * sqrt(fan_in) at lr_mul 1) and every other parameter lr. Adam moves a raw weight by ~lr per step, so an
+    equalized layer's effective weight (raw * scale) moves by only lr / sqrt(fan_in): 17-23x less than an
+    nn.Conv2d / nn.Linear at the same lr for fan-ins of 288-512. With these groups it moves like a plain layer's;
+    init and forward are unchanged. StyleGAN2 does not do this (its training is long enough); it is for an
+    equalized discriminator whose latent head must learn within a short budget (README, "StyleGAN2-lite as an
+    encoder"). Not for a mapping network: its 0.01 lr multiplier lives in the scale and would be undone."""
+    groups = []
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            equalized = name == "weight" and isinstance(mod, (EqualConv2d, EqualLinear))
+            groups.append({"params": [p], "lr": lr / mod.scale if equalized else lr})
+    return groups
 
 
 def rbf_kernel(x, y, bandwidths):

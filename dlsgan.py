@@ -74,6 +74,20 @@ def parse_args(argv=None):
     p.add_argument("--w-dim", type=int, default=256, help="StyleGAN2 intermediate latent width")
     p.add_argument("--n-mapping", type=int, default=4, help="StyleGAN2 mapping layers (paper: 8)")
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="learning-rate multiplier of the mapper")
+    p.add_argument(
+        "--d-head-hidden",
+        type=int,
+        default=0,
+        help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, d), the paper's ratio; "
+        "StyleGAN2's own choice, the feature maps, caps L_enc at >= 1 - 32 / 512 at CPU width)",
+    )
+    p.add_argument(
+        "--d-lr-mode",
+        default="equalized",
+        choices=["equalized", "plain"],
+        help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) per "
+        "step; 'plain' gives each equalized weight lr / its scale so it moves like an nn layer's (README)",
+    )
     # the method
     p.add_argument("--dist", default="normal", choices=["normal", "uniform"], help="latent prior, mean 0 variance 1")
     p.add_argument("--dg", action="store_true", help="add lambda_enc * L_enc to G's loss too (paper: 'DG')")
@@ -129,7 +143,7 @@ def validate_args(args):
         args,
         positive=("latent_dim", "width", "w_dim", "batch_size", "lr", "mapping_lr_mul", "v_window", "ema_kimg",
                   "r1_interval", "eval_every", "eval_images", "save_every", "log_every", "jobs"),
-        nonnegative=("n_mapping", "lambda_enc", "r1", "epochs", "images", "workers", "ema_rampup"),
+        nonnegative=("n_mapping", "lambda_enc", "r1", "epochs", "images", "workers", "ema_rampup", "d_head_hidden"),
         fraction=("betas", "lr_decay", "v_ema"),
     )  # fmt: skip
     common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
@@ -217,7 +231,8 @@ def model_specs(args, img_channels):
                               n_mapping=args.n_mapping, mapping_lr_mul=args.mapping_lr_mul,
                               normalize_z=False)  # fmt: skip  # pixel-norm of z would undo the scale s
         d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim)  # fmt: skip
+                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim,
+                              head_hidden=args.d_head_hidden or max(args.width, args.latent_dim))  # fmt: skip
     else:
         g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
                               img_channels=img_channels, width=args.width)  # fmt: skip
@@ -228,7 +243,7 @@ def model_specs(args, img_channels):
 
 # Flags that define the networks and the latent: a resumed run must keep them.
 ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "dist", "no_dls",
-              "v_update", "v_window", "batch_size")  # fmt: skip
+              "v_update", "v_window", "batch_size", "d_head_hidden", "d_lr_mode")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,6 +277,12 @@ def evaluate(G, D, s, x_test, args, device):
     }, x_real_rec
 
 
+def fig17_values(dist, device="cpu", n=9):
+    """The sweep of Fig. 17: [-2, 2] for the normal prior, the uniform prior's support [-sqrt 3, sqrt 3] otherwise."""
+    bound = 2.0 if dist == "normal" else math.sqrt(3)
+    return torch.linspace(-bound, bound, n, device=device)
+
+
 @torch.no_grad()
 def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
     gen = torch.Generator(device=device).manual_seed(args.seed + 999)
@@ -273,11 +294,9 @@ def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
     common.save_image_grid(
         torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8
     )
-    # paper Fig. 17: the most important element (largest s) swept over [-2, 2] (normal) or the uniform prior's
-    # support [-sqrt 3, sqrt 3], one row per base sample
+    # paper Fig. 17: the most important element (largest s) swept, one row per base sample
     top = int(torch.argmax(s))
-    bound = 2.0 if args.dist == "normal" else math.sqrt(3)
-    values = torch.linspace(-bound, bound, 9, device=device)
+    values = fig17_values(args.dist, device)
     z = sample_z(6, args.latent_dim, args.dist, device, gen).repeat_interleave(len(values), 0)
     z[:, top] = values.repeat(6)
     common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "fig17_top_dim.png"), nrow=len(values))
@@ -389,7 +408,10 @@ def train(args):
     # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
-    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
+    plain = args.arch == "stylegan2" and args.d_lr_mode == "plain"
+    opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
+    for group in opt_g.param_groups + opt_d.param_groups:
+        group["base_lr"] = group["lr"]  # saved with the optimizer; the per-epoch decay scales it
     v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // args.batch_size), args.v_ema, device)
 
     step = 0
@@ -432,9 +454,8 @@ def train(args):
     while step < total_steps:
         epoch, x_real = next(batches)
         x_real = x_real.to(device, non_blocking=True)
-        for opt, lr in ((opt_g, args.lr), (opt_d, d_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr * (1 - args.lr_decay) ** epoch
+        for group in opt_g.param_groups + opt_d.param_groups:
+            group["lr"] = group["base_lr"] * (1 - args.lr_decay) ** epoch
         s = current_scale()
         do_r1 = args.r1 > 0 and step % args.r1_interval == 0
         scalars = d_step(G, D, opt_d, v, x_real, s, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)

@@ -81,6 +81,11 @@ def test_predicted_variance_window_and_ema():
     assert torch.equal(restored.value, v.value) and restored.pointer == v.pointer
 
 
+def test_fig17_sweep_stays_in_the_priors_support():
+    assert dlsgan.fig17_values("uniform").abs().max().item() == pytest.approx(math.sqrt(3))
+    assert dlsgan.fig17_values("normal").tolist()[0] == -2.0 and len(dlsgan.fig17_values("normal")) == 9
+
+
 def test_dims_carrying():
     s = torch.sqrt(torch.tensor([7.0, 1.0, 1.0, 1.0]))  # sum s^2 = 10 = 4 * 2.5 (not normalized: fine here)
     assert (
