@@ -602,6 +602,27 @@ class DCGANGenerator(nn.Module):
         return self.net(self.project(z))
 
 
+class DCGANMappingGenerator(nn.Module):
+    """A DCGAN behind a small mapping network, as InvGAN adds to DCGAN (2 layers in the paper): z -> w by an MLP
+    (leaky ReLU 0.2 between layers, none after the last, so w is unbounded and a linear encoder head can reach it),
+    then ``DCGANGenerator`` as the synthesis network w -> x. ``mapping`` and ``synthesis`` are attributes, as in
+    ``StyleGAN2Generator``, so eval.py can invert into w and optimize in it. ``n_mapping=0``: w = z."""
+
+    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=2):
+        super().__init__()
+        if n_mapping == 0 and w_dim != z_dim:
+            raise ValueError(f"without a mapping network w = z, so w_dim ({w_dim}) must equal z_dim ({z_dim})")
+        self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
+        dims, layers = [z_dim] + [w_dim] * n_mapping, []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.LeakyReLU(0.2)] if i < n_mapping - 1 else [])
+        self.mapping = nn.Sequential(*layers) if n_mapping else nn.Identity()
+        self.synthesis = DCGANGenerator(w_dim, resolution, img_channels, width)
+
+    def forward(self, z):
+        return self.synthesis(self.mapping(z))
+
+
 class DCGANDiscriminator(nn.Module):
     """DCGAN: (Conv 4/2/1, [norm], LeakyReLU 0.2) down to 4x4, then heads. ``norm='none'`` keeps every image
     independent of its batch (wanted when the head is an encoder); 'bn' is the classic DCGAN."""
@@ -721,6 +742,25 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)).flatten(1))
+
+
+class RegressorCNN(nn.Module):
+    """Latent-space regressor of Feng & Sampaio (seed 004, section 5.1) for DCGAN-sized generators: 5 x (conv k3 s2
+    p1, BN, LeakyReLU 0.1) with ``width * (1, 2, 4, 8, 16)`` maps (paper: 32..512), then a linear layer to the code.
+    ``in_channels`` = image channels + 1 when the mask is an input (Chai et al.'s [x * mask, mask])."""
+
+    def __init__(self, resolution, in_channels, out_dim, width=32):
+        super().__init__()
+        check_resolution(resolution)
+        layers, ch, res = [], in_channels, resolution
+        for i in range(5):
+            layers += [nn.Conv2d(ch, width * 2**i, 3, 2, 1, bias=False), BatchNorm2d(width * 2**i), nn.LeakyReLU(0.1)]
+            ch, res = width * 2**i, (res + 1) // 2
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(ch * res * res, out_dim)
+
+    def forward(self, x):
+        return self.head(self.net(x).flatten(1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -876,7 +916,8 @@ class VGG16Features(nn.Module):
         import torchvision
 
         self.cut = [VGG16_RELU_OUTPUTS[name] for name in layers]
-        features = torchvision.models.vgg16(weights=None).features[: max(self.cut)]
+        # torchvision's vgg16().features without building (and randomly initialising) its 120M-parameter classifier
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[: max(self.cut)]
         state = load_checkpoint(path)
         features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) < max(self.cut)})
         self.features = features.eval().requires_grad_(False)
@@ -952,6 +993,129 @@ def ssim(x, y, data_range=2.0, reduction="mean"):
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     per_image = s.flatten(1).mean(1).to(dtype)
     return per_image.mean() if reduction == "mean" else per_image
+
+
+def ssim_map(x, y, data_range=2.0):
+    """Per-pixel SSIM (same window and constants as ``ssim``), averaged over channels: (N, H - 10, W - 10), the
+    map of windows centred at pixels 5 .. H - 6 (the valid region)."""
+    if min(x.shape[-2:]) < 11:
+        raise ValueError(f"SSIM's 11 x 11 window needs images of at least 11 x 11 pixels, got {tuple(x.shape[-2:])}")
+    c = x.shape[1]
+    x, y = x.double(), y.double()
+    g = _gaussian_window(device=x.device)
+    win_h, win_w = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, win_h, groups=c), win_w, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return (((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).mean(1)
+
+
+def _region_mean(values, region):
+    """Per image mean of ``values`` (N, 1 or C, H, W) over the pixels where region (N, 1, H, W) is 1; images whose
+    region is empty are left out (NaN per image). Returns the per-image means."""
+    region = region.to(values.dtype).expand_as(values)
+    total = region.flatten(1).sum(1)
+    return torch.where(total > 0, (values * region).flatten(1).sum(1) / total.clamp_min(1e-12), torch.nan)
+
+
+def region_psnr(x, y, region, data_range=2.0):
+    """PSNR over the pixels of ``region`` only (all channels), per image, then the mean over images with a
+    non-empty region."""
+    per_image = _region_mean((x - y).double().square(), region).clamp_min(1e-12)
+    return torch.nanmean(10 * torch.log10(data_range**2 / per_image)).to(x.dtype)
+
+
+def region_ssim(x, y, region, data_range=2.0):
+    """The SSIM map averaged over the region's pixels that are window centres (5 pixels in from each border)."""
+    return torch.nanmean(_region_mean(ssim_map(x, y, data_range)[:, None], region[:, :, 5:-5, 5:-5].double()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks for inpainting (Chai et al.'s latent-composition masks, and fixed test families)
+# ---------------------------------------------------------------------------------------------------------
+MASK_FAMILIES = ("train", "center", "lower")
+
+
+def random_masks(n, resolution, generator=None, device="cpu", grid=6, low=0.3, span=0.7):
+    """Chai et al.'s training masks: uniform noise on a ``grid`` x ``grid`` grid, bilinearly upsampled to the image,
+    keep (1) where the noise is below a cutoff drawn once per call (per batch) as ``rand * span + low``.
+    Returns (masks (n, 1, R, R) in {0, 1}, the cutoff)."""
+    noise = torch.rand(n, 1, grid, grid, generator=generator, device=device)
+    cutoff = torch.rand((), generator=generator, device=device) * span + low
+    up = F.interpolate(noise, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    return (up < cutoff).float(), float(cutoff)
+
+
+def fixed_masks(family, n, resolution, seed=0, device="cpu"):
+    """Test masks (1 = kept): 'train' = the training distribution, 64-image batches drawn from a generator seeded
+    with ``seed``; 'center' = a centred square of side R/2 removed (a quarter of the image); 'lower' = the lower
+    half removed."""
+    if family == "train":
+        gen = torch.Generator().manual_seed(seed)
+        masks = torch.cat([random_masks(min(64, n - i), resolution, gen)[0] for i in range(0, n, 64)])
+        return masks.to(device)
+    m = torch.ones(n, 1, resolution, resolution, device=device)
+    if family == "center":
+        m[:, :, resolution // 4 : resolution * 3 // 4, resolution // 4 : resolution * 3 // 4] = 0
+    elif family == "lower":
+        m[:, :, resolution // 2 :] = 0
+    else:
+        fail(f"unknown mask family '{family}'; choose one of {MASK_FAMILIES}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LPIPS-VGG (eval.py's metric; here so method scripts can report it without importing eval.py)
+# ---------------------------------------------------------------------------------------------------------
+LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with VGG16 (Zhang et al. 2018): each of five ReLU taps is unit-normalized over channels, the
+    squared difference is weighted per channel by the published linear layer, averaged over space and summed
+    over taps. Input in [-1, 1]; LPIPS's input scaling layer equals ImageNet normalization of (x + 1) / 2, which
+    VGG16Features applies. Returns one distance per image.
+
+    ``region`` (N, 1, H, W) in [0, 1]: each tap's spatial mean becomes a mean weighted by the region area-averaged
+    to that tap's resolution (an all-ones region gives exactly LPIPS); images with an empty region give NaN."""
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        self.vgg = VGG16Features(LPIPS_LAYERS)
+        path = weights_path or os.path.join(WEIGHTS_DIR, "lpips_vgg_lin.pt")
+        if not os.path.isfile(path):
+            fail(f"LPIPS linear layers not found at {path}; run `bash setup.sh`")
+        lin = load_checkpoint(path)
+        for i in range(len(LPIPS_LAYERS)):
+            self.register_buffer(f"lin{i}", lin[f"lin{i}.weight"].float().reshape(1, -1, 1, 1))
+
+    def distance_maps(self, x, y):
+        """Per tap, the weighted squared distance at every spatial position: a list of (N, h, w) maps."""
+        maps = []
+        for i, (fx, fy) in enumerate(zip(self.vgg(x), self.vgg(y))):
+            fx = fx / (fx.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            fy = fy / (fy.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            maps.append(((fx - fy).square() * getattr(self, f"lin{i}")).sum(1))
+        return maps
+
+    @staticmethod
+    def reduce(maps, region=None):
+        """Sum over taps of each map's spatial mean, weighted by ``region`` area-averaged to the tap's size."""
+        total = 0.0
+        for d in maps:
+            if region is None:
+                total = total + d.mean((1, 2))
+            else:
+                r = F.adaptive_avg_pool2d(region.to(d.dtype), d.shape[-2:])[:, 0]
+                total = total + (d * r).sum((1, 2)) / r.sum((1, 2))
+        return total
+
+    def forward(self, x, y, region=None):
+        return self.reduce(self.distance_maps(x, y), region)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1159,6 +1323,28 @@ def load_method_checkpoint(path: str, method: str | None = None) -> dict:
     return ckpt
 
 
+def load_generator(path: str, device="cpu") -> dict:
+    """The frozen generator of any ganinv/1 checkpoint of this project, rebuilt through the contract (the network
+    named by ``inversion.generator``, its spec, the latent scale and prior). One-line error if it has none.
+    Returns {"G", "spec", "state_dict", "latent_scale", "latent_dist", "z_dim", "method", "name"}."""
+    ckpt = load_method_checkpoint(path)
+    inversion = ckpt.get("inversion") or {}
+    name = inversion.get("generator")
+    specs, states = ckpt.get("model_specs") or {}, ckpt.get("state_dicts") or {}
+    spec = specs.get(name) or specs.get(str(name).removesuffix("_ema")) if name else None
+    if spec is None or name not in states:
+        fail(f"'{path}' ({ckpt.get('method')!r}) holds no usable generator (inversion.generator = {name!r} with no "
+             "spec or weights); pass a checkpoint with a trained generator")  # fmt: skip
+    G = build_from_spec(spec)
+    load_state_strict(G, states[name], f"the generator {name}", path)
+    z_dim = getattr(G, "z_dim", spec["kwargs"].get("z_dim"))
+    scale = inversion.get("latent_scale")
+    scale = (scale if scale is not None else torch.ones(z_dim)).float()
+    return {"G": G.to(device).eval().requires_grad_(False), "spec": spec, "state_dict": states[name],
+            "latent_scale": scale.to(device), "latent_dist": inversion.get("latent_dist", "normal"), "z_dim": z_dim,
+            "method": ckpt.get("method"), "name": name, "args": ckpt.get("args") or {}}  # fmt: skip
+
+
 def rng_state() -> dict:
     """All RNG states as weights_only-loadable values."""
     np_state = np.random.get_state()
@@ -1240,6 +1426,23 @@ def make_run_dir(args, root="runs") -> str:
             f"cannot create run directory '{run_dir}' ({type(e).__name__}: {e.strerror}); run from a writable directory"
         )
     return run_dir
+
+
+def check_resume_flags(ckpt: dict, args, flags):
+    """A resumed run must keep the flags that define its networks and data order: one line naming the first that
+    differs from the checkpoint's."""
+    for flag in flags:
+        if ckpt["args"].get(flag) != getattr(args, flag):
+            fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but the checkpoint was trained with "
+                 f"{ckpt['args'].get(flag)!r}; pass the same value to resume")  # fmt: skip
+
+
+def training_steps(args, steps_per_epoch: int) -> int:
+    """The budget in optimizer steps: ``--epochs`` when given, else ``--images`` / global batch; refused if < 1."""
+    steps = int(args.epochs * steps_per_epoch) if args.epochs > 0 else args.images // args.batch_size
+    if steps < 1:
+        fail(f"--epochs {args.epochs} is less than one step of {args.batch_size} images; train longer")
+    return steps
 
 
 class RunLogger:
@@ -1345,7 +1548,7 @@ def peak_memory_mb(device: torch.device) -> float:
 CHECKPOINT_FORMAT = "ganinv/1"
 BUILDABLE = (
     "StyleGAN2Generator", "StyleGAN2Discriminator", "DCGANGenerator", "DCGANDiscriminator", "ProGANGenerator",
-    "ProGANDiscriminator", "ResNetEncoder", "InvertibleMapping",
+    "ProGANDiscriminator", "ResNetEncoder", "InvertibleMapping", "RegressorCNN", "DCGANMappingGenerator",
 )  # fmt: skip
 
 

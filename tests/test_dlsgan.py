@@ -272,14 +272,8 @@ def test_copy_two_files_into_empty_dir(tmp_path):
     assert (tmp_path / "runs/copied/checkpoint.pt").exists()
 
 
-def test_bad_input_one_line_errors(tmp_path):
-    r = run([*TINY, "--dataset", "imagenet"], tmp_path, check=False)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()]
-    assert "unknown dataset 'imagenet'" in r.stderr
-    r = run([*TINY, "--resolution", "24"], tmp_path, check=False)
-    assert r.returncode != 0 and "power of two" in r.stderr and "Traceback" not in r.stderr
-    r = run([*TINY, "--resolution", "8"], tmp_path, check=False)  # too small for SSIM's window
-    assert r.returncode != 0 and "power of two >= 16" in r.stderr and "Traceback" not in r.stderr
+def test_resume_with_other_architecture_flags_or_over_a_run_is_refused(tmp_path):
+    """The generic one-line refusals are the table in test_bad_input.py; these need a real run first."""
     run([*TINY, "--images", "16", "--run-name", "a"], tmp_path)
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
     r = run([*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"], tmp_path, check=False)
@@ -288,8 +282,6 @@ def test_bad_input_one_line_errors(tmp_path):
     r = run([*TINY, "--images", "16", "--run-name", "a"], tmp_path, check=False)  # would overwrite run a
     assert r.returncode != 0 and "already holds files" in r.stderr
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before  # nothing written was lost
-    r = run([*TINY, "--resume", "runs/missing.pt"], tmp_path, check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr
 
 
 def test_resume_continues_in_the_checkpoints_directory_not_a_namesake(tmp_path):

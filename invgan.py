@@ -1,0 +1,655 @@
+"""InvGAN -- a GAN whose discriminator also infers the latent code, trained jointly so that real images invert.
+
+Paper: P. Ghosh, D. Zietlow, M. J. Black, L. S. Davis, X. Hu, "InvGAN: Invertible GANs" (2021), section 3, Eq. 3.
+z ~ N(0, I); w = M(z) (a mapping network: 2 layers for DCGAN, 8 for StyleGAN); x = G(w). The discriminator trunk
+has two heads, (c, w~) = D(x): the real/fake logit and the inferred code. Half of every generator batch is M(z),
+the other half is w_R = D(x_real), so G also renders codes of real images, and G's losses flow back into D through
+w_R: the self-supervised signal that teaches D to encode real images. Each term of Eq. 3 is a flag:
+
+    L_GAN   non-saturating GAN loss on x_real vs G([M(z); w_R]) (+ R1 with --r1)       D; G, M
+    L_lat   mean ||w - D_w(G(w))||^2 over G's batch [M(z); w_R]                          D; G, M (--latent-in-g)
+    L_fm    mean ||f(x_real) - f(G(w_R))||^2, f = D's trunk features (Eq. 2, no VGG)    G, and D through w_R
+    L_cyc   mean ||w~ - D_w(G(w~))||^2, w~ = D_w(G(w)): encode the reconstruction again G, M, and D through w_R
+    MMD     MMD{M(z), w_R}, multi-bandwidth RBF kernel (common.mmd_rbf)               M, and D through w_R
+
+"mean ||a - b||^2" is the mean over samples and dimensions. In G's step D is a fixed function of the generated
+images (its weights get no gradient from them); the only path from G's losses into D's weights is w_R, used only
+with --grad-through-wr, and then D's encoder takes its own Adam step on that gradient. The adversarial term's
+share of it is dropped unless --wr-adv-grad: D's encoder is taught to infer codes that help G *reproduce* the
+image (the paper's reading), not codes that help G fool D itself (with it, the CPU default diverged).
+
+The ablation of section 4.4 (Fig. 5), ``--variant``:
+    naive      L_GAN + L_lat on fakes only (G's batch is all M(z))
+    augmented  + w_R in G's batch (D sees G(w_R) as fakes, L_lat covers w_R too), no gradient into D through w_R
+    full       + gradient into D through w_R, + L_fm + L_cyc + MMD  (Eq. 3)
+Each ingredient also has its own flag (--real-codes, --grad-through-wr, --lambda-fm, --lambda-cycle, --lambda-mmd),
+which overrides the variant's value.
+
+Usage:
+    python invgan.py                                       # full model, MNIST 32x32, DCGAN, CPU default
+    python invgan.py --variant naive                       # one ablation variant
+    python invgan.py --ablation --jobs 2                   # naive / augmented / full at one budget: table + fig5.png
+    torchrun --nproc_per_node=2 invgan.py                  # DDP (gloo on CPU, nccl on CUDA); global batch
+    python invgan.py --resume runs/<run>/checkpoint.pt     # continue exactly where it stopped
+    python eval.py --ckpt runs/<run>/checkpoint.pt --n-fid 500 --fid-kinds sample randrec recon interp  # Table 1
+    # the paper's StyleGAN model, on a GPU
+    python invgan.py --arch stylegan2 --dataset celeba --resolution 128 --width 512 --latent-dim 512 --w-dim 512 \\
+        --n-mapping 8 --batch-size 16 --epochs 50 --eval-every 5000
+
+Everything of a run goes to runs/{run_name}/: metrics.jsonl, samples.png, reconstructions.png (test images,
+G(D_w(x)), |difference|), edit_inpaint.png, edit_merge.png, edit_interp.png, checkpoint.pt (rebuilt by eval.py
+without importing this file: the encoder is D's latent head and outputs w), summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+
+import torch
+
+import common
+
+METHOD = "invgan"
+# the ingredients each --variant switches on; a flag given on the command line overrides its variant's value
+VARIANTS = {
+    "naive": {"real_codes": False, "grad_through_wr": False, "lambda_fm": 0.0, "lambda_cycle": 0.0, "lambda_mmd": 0.0},
+    "augmented": {"real_codes": True, "grad_through_wr": False, "lambda_fm": 0.0, "lambda_cycle": 0.0,
+                  "lambda_mmd": 0.0},
+    "full": {"real_codes": True, "grad_through_wr": True, "lambda_fm": 1.0, "lambda_cycle": 1.0, "lambda_mmd": 1.0},
+}  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    # experiment
+    p.add_argument("--exp-name", default="invgan", help="experiment name, part of the run name")
+    p.add_argument("--run-name", default=None, help="run directory under runs/ (default: dataset__exp__seed__time)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    # model
+    p.add_argument("--arch", default="dcgan", choices=["dcgan", "stylegan2"],
+                   help="DCGAN with a mapping network (CPU default; the paper's MNIST model) or StyleGAN2-lite")  # fmt: skip
+    p.add_argument("--width", type=int, default=32, help="feature maps (DCGAN: of the last layer; StyleGAN2: max)")
+    p.add_argument("--latent-dim", type=int, default=64, help="dimension of z ~ N(0, I)")
+    p.add_argument("--w-dim", type=int, default=64, help="dimension of w = M(z), the space D's latent head infers")
+    p.add_argument("--n-mapping", type=int, default=2, help="mapping layers (paper: 2 for DCGAN, 8 for StyleGAN)")
+    p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="StyleGAN2 only: lr multiplier of the mapper")
+    p.add_argument("--d-head-hidden", type=int, default=0,
+                   help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))")  # fmt: skip
+    # the method
+    p.add_argument("--variant", default="full", choices=list(VARIANTS),
+                   help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)")  # fmt: skip
+    p.add_argument("--real-codes", action=argparse.BooleanOptionalAction, default=None,
+                   help="half of G's batch is w_R = D_w(x_real) (default: from --variant)")  # fmt: skip
+    p.add_argument("--grad-through-wr", action=argparse.BooleanOptionalAction, default=None,
+                   help="G's losses reach D's weights through w_R (default: from --variant)")  # fmt: skip
+    p.add_argument("--wr-adv-grad", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only the "
+                   "reconstruction terms L_lat, L_fm, L_cyc, MMD do; on, the CPU default diverged, see README)")  # fmt: skip
+    p.add_argument("--lambda-latent", type=float, default=1.0, help="weight of L_lat = ||w - D_w(G(w))||^2")
+    p.add_argument("--latent-in-g", action=argparse.BooleanOptionalAction, default=True,
+                   help="L_lat is minimized by G and M too, not only by D (Eq. 3)")  # fmt: skip
+    p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")
+    p.add_argument("--lambda-cycle", type=float, default=None, help="weight of L_cyc (default: from --variant)")
+    p.add_argument("--lambda-mmd", type=float, default=None, help="weight of MMD{w, w_R} (default: from --variant)")
+    # optimization
+    p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (G, M, D)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], help="Adam betas")
+    p.add_argument("--r1", type=float, default=10.0, help="R1 weight (0: off)")
+    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
+    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
+    p.add_argument(
+        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
+    )
+    p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
+    p.add_argument("--images", type=int, default=128_000, help="training budget in images when --epochs is 0")
+    # evaluation, figures and saving
+    p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
+    p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
+    p.add_argument(
+        "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
+    )
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    # ablation driver
+    p.add_argument("--ablation", action="store_true", help="train naive / augmented / full at these settings: table")
+    p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
+    args = p.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every flag checked before anything is read or created; the variant's values fill the ingredient flags."""
+    for key, value in VARIANTS[args.variant].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    common.check_args(
+        args,
+        positive=("latent_dim", "w_dim", "width", "batch_size", "lr", "mapping_lr_mul", "r1_interval", "ema_kimg",
+                  "eval_every", "eval_images", "edit_images", "save_every", "log_every", "jobs"),
+        nonnegative=("n_mapping", "lambda_latent", "lambda_fm", "lambda_cycle", "lambda_mmd", "r1", "epochs", "images",
+                     "workers", "ema_rampup", "d_head_hidden"),
+        fraction=("betas", "inpaint_size"),
+    )  # fmt: skip
+    common.check_resolution(args.resolution, minimum=16)  # SSIM's 11 x 11 window
+    if args.batch_size < 4 or args.batch_size % 2:
+        common.fail(f"--batch-size must be even and at least 4 (two halves of >= 2 for MMD), got {args.batch_size}")
+    if args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
+    if args.n_mapping == 0 and args.latent_dim != args.w_dim:
+        common.fail(f"--n-mapping 0 means w = z: pass --w-dim {args.latent_dim} (the --latent-dim)")
+    if not args.real_codes:
+        for flag, on in (("--grad-through-wr", args.grad_through_wr), ("--lambda-fm", args.lambda_fm > 0),
+                         ("--lambda-mmd", args.lambda_mmd > 0)):  # fmt: skip
+            if on:
+                common.fail(f"{flag} needs the real codes w_R in G's batch; add --real-codes or drop {flag}")
+    if args.inpaint_size <= 0:
+        common.fail(f"--inpaint-size must be in (0, 1) (got {args.inpaint_size})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks (from common.py): G = synthesis(mapping(z)); D(x) -> (logit c, inferred w~), D.features(x) for L_fm
+# ---------------------------------------------------------------------------------------------------------
+def model_specs(args, img_channels):
+    if args.arch == "stylegan2":
+        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width, n_mapping=args.n_mapping,
+                              mapping_lr_mul=args.mapping_lr_mul)  # fmt: skip
+        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.width, latent_dim=args.w_dim,
+                              head_hidden=args.d_head_hidden or max(args.width, args.w_dim))  # fmt: skip
+    else:
+        g = common.model_spec(common.DCGANMappingGenerator, z_dim=args.latent_dim, w_dim=args.w_dim,
+                              resolution=args.resolution, img_channels=img_channels, width=args.width,
+                              n_mapping=args.n_mapping)  # fmt: skip
+        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.width, latent_dim=args.w_dim, norm="none")  # fmt: skip
+    return {"G": g, "D": d}
+
+
+# Flags that define the networks and the data order: a resumed run must keep them.
+ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "batch_size", "d_head_hidden",
+              "real_codes", "grad_through_wr")  # fmt: skip
+
+
+def d_all(D, x):
+    """One pass of D: (adversarial logit c, inferred code w~, trunk features f)."""
+    f = D.features(x)
+    c, w = D.heads(f)
+    return c, w, f
+
+
+def latent_loss(w, w_tilde):
+    """mean ||w - w~||^2 over samples and dimensions."""
+    return (w.float() - w_tilde.float()).square().mean()
+
+
+def feature_matching_loss(f_real, f_rec):
+    """L_fm (Eq. 2) with the real image and its own reconstruction paired: mean ||f(x) - f(G(D_w(x)))||^2."""
+    return (f_real.float() - f_rec.float()).square().mean()
+
+
+def split_sizes(batch, args):
+    """(prior codes, real codes) in G's batch: halves with --real-codes, all prior codes without."""
+    return (batch - batch // 2, batch // 2) if args.real_codes else (batch, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One iteration: the D step (L_GAN + L_lat), lazy R1, the G step (everything else, and D's encoder through w_R)
+# ---------------------------------------------------------------------------------------------------------
+def d_step(G, D, opt_d, x_real, args, r1_weight=0.0, z=None):
+    """D: adversarial loss on x_real vs G([M(z); w_R]) + lambda_latent * L_lat on that batch (targets fixed)."""
+    device = x_real.device
+    n_prior, n_real = split_sizes(len(x_real), args)
+    D.requires_grad_(True)
+    z = torch.randn(n_prior, args.latent_dim, device=device) if z is None else z
+    with torch.no_grad(), common.autocast(device, args.amp):
+        w = G.mapping(z)
+        if n_real:
+            w = torch.cat([w, D(x_real[:n_real])[1].to(w.dtype)])
+        x_gen = G.synthesis(w)
+    x_real = x_real.detach().requires_grad_(r1_weight > 0)
+    with common.autocast(device, args.amp):
+        real_logit, _ = D(x_real)
+        gen_logit, w_tilde = D(x_gen)
+        l_lat = latent_loss(w, w_tilde)
+        adv = common.d_adv_loss(args.loss, real_logit.float(), gen_logit.float())
+        loss = adv + args.lambda_latent * l_lat
+    r1 = common.r1_penalty(real_logit.float(), x_real) if r1_weight > 0 else torch.zeros((), device=device)
+    opt_d.zero_grad(set_to_none=True)
+    (loss + r1_weight * r1).backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    out = {"losses/D": loss.item(), "losses/D_adv": adv.item(), "losses/L_lat_D": l_lat.item()}
+    return {**out, **({"losses/R1": r1.item()} if r1_weight else {})}
+
+
+def r1_step(D, opt_d, x_real, weight, amp=False):
+    """StyleGAN2's lazy regularization: R1 as its own D step every k iterations, weighted by k."""
+    D.requires_grad_(True)
+    x_real = x_real.detach().requires_grad_(True)
+    with common.autocast(x_real.device, amp):
+        real_logit, _ = D(x_real)
+    r1 = common.r1_penalty(real_logit.float(), x_real)
+    opt_d.zero_grad(set_to_none=True)
+    (weight * r1).backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    return {"losses/R1": r1.item()}
+
+
+def g_losses(G, D, x_real, args, z):
+    """G's side of Eq. 3 for one batch: returns (total, {term: value}). D's weights get a gradient only through
+    w_R = D_w(x_real[:n_real]), and only with --grad-through-wr; D's features of x_real are a fixed target."""
+    n_prior, n_real = len(z), split_sizes(len(x_real), args)[1]
+    D_fixed = copy.deepcopy(D).requires_grad_(False)  # D as a fixed function of the generated images
+    with common.autocast(x_real.device, args.amp):
+        w = G.mapping(z)
+        if n_real:
+            with torch.set_grad_enabled(bool(args.grad_through_wr) and torch.is_grad_enabled()):
+                _, w_r, f_real = d_all(D, x_real[:n_real])  # the only pass through D's own weights
+            w_r, f_real = (w_r if args.grad_through_wr else w_r.detach()), f_real.detach()
+            w_all = torch.cat([w, w_r.to(w.dtype)])
+        else:
+            w_all = w
+        x_gen = G.synthesis(w_all)
+        gen_logit, w_tilde, f_gen = d_all(D_fixed, x_gen)
+        terms = {"adv": common.g_adv_loss(args.loss, gen_logit.float()), "latent": latent_loss(w_all, w_tilde)}
+        total = terms["adv"] + (args.lambda_latent * terms["latent"] if args.latent_in_g else 0.0)
+        if args.lambda_cycle > 0:  # encode the reconstruction again: w~ -> G -> D_w -> w~~
+            terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])
+            total = total + args.lambda_cycle * terms["cycle"]
+        if args.lambda_fm > 0:
+            terms["fm"] = feature_matching_loss(f_real, f_gen[n_prior:])
+            total = total + args.lambda_fm * terms["fm"]
+        if args.lambda_mmd > 0:
+            terms["mmd"] = common.mmd_rbf(w.float(), w_r.float())
+            total = total + args.lambda_mmd * terms["mmd"]
+    return total, terms
+
+
+def g_step(G, D, opt_g, opt_dr, x_real, args, z=None):
+    """G and M minimize their losses; with --grad-through-wr, D's encoder path takes its own Adam step (opt_dr) on
+    the gradient the same losses send back through w_R (without the adversarial term's unless --wr-adv-grad)."""
+    n_prior, _ = split_sizes(len(x_real), args)
+    z = torch.randn(n_prior, args.latent_dim, device=x_real.device) if z is None else z
+    total, terms = g_losses(G, D, x_real, args, z)
+    opt_g.zero_grad(set_to_none=True)
+    opt_dr.zero_grad(set_to_none=True)
+    if args.grad_through_wr and not args.wr_adv_grad:
+        terms["adv"].backward(retain_graph=True)  # G and M get the adversarial gradient ...
+        for p in D.parameters():
+            p.grad = None  # ... D's encoder does not
+        (total - terms["adv"]).backward()
+    else:
+        total.backward()
+    common.sync_gradients(G, D)
+    opt_g.step()
+    if args.grad_through_wr:
+        opt_dr.step()
+    return {"losses/G": total.item(), **{f"losses/L_{k}_G": v.item() for k, v in terms.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inversion, evaluation and figures (G is the EMA generator, in eval mode)
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode(D, x, batch=250):
+    return torch.cat([D(chunk)[1].float() for chunk in x.split(batch)])
+
+
+@torch.no_grad()
+def decode(G, w, batch=250):
+    return torch.cat([G.synthesis(chunk).float().clamp(-1, 1) for chunk in w.split(batch)])
+
+
+@torch.no_grad()
+def reconstruct(G, D, x):
+    return decode(G, encode(D, x))
+
+
+@torch.no_grad()
+def evaluate(G, D, x_test, args, device):
+    """Real: x vs G(D_w(x)) on held-out test images (MAE / MSE per pixel per channel on [-1, 1], PSNR, SSIM);
+    fake: G(M(z)) vs G(D_w(G(M(z)))) on fixed z; the latent error and MMD of the inferred codes. Fixed seeds, so
+    evaluation never touches the training RNG streams."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    z = torch.randn(len(x_test), args.latent_dim, device=device, generator=gen)
+    w = torch.cat([G.mapping(c) for c in z.split(250)])
+    x_fake = decode(G, w)
+    w_fake = encode(D, x_fake)
+    x_fake_rec = decode(G, w_fake)
+    w_real = encode(D, x_test)
+    x_rec = decode(G, w_real)
+    n = min(len(w), 256)
+    return {
+        "eval/real_mae": common.mae(x_test, x_rec).item(),
+        "eval/real_mse": common.mse(x_test, x_rec).item(),
+        "eval/real_psnr": common.psnr(x_test, x_rec).item(),
+        "eval/real_ssim": common.ssim(x_test, x_rec).item(),
+        "eval/fake_mae": common.mae(x_fake, x_fake_rec).item(),
+        "eval/fake_psnr": common.psnr(x_fake, x_fake_rec).item(),
+        "eval/fake_latent_mse": latent_loss(w, w_fake).item(),
+        "eval/mmd_w_wR": common.mmd_rbf(w[:n], w_real[:n]).item() if n > 1 else float("nan"),
+    }, x_rec
+
+
+def triples(x, x_rec):
+    """Interleave (image, reconstruction, |difference|) as in the paper's Fig. 5; |d| is drawn black = 0."""
+    return torch.stack([x, x_rec, (x - x_rec).abs() - 1], 1).flatten(0, 1)
+
+
+def inpaint_squares(x, frac, generator):
+    """x with one randomly placed square (side frac * R) per image set to 0 (zeroed, on the [-1, 1] scale)."""
+    n, _, h, w = x.shape
+    side = max(1, round(frac * h))
+    top = torch.randint(0, h - side + 1, (n,), generator=generator)
+    left = torch.randint(0, w - side + 1, (n,), generator=generator)
+    out = x.clone()
+    for i in range(n):
+        out[i, :, top[i] : top[i] + side, left[i] : left[i] + side] = 0.0
+    return out
+
+
+@torch.no_grad()
+def save_figures(G, D, x_test, x_rec, args, run_dir, device):
+    """samples.png; reconstructions.png (triples: test image, G(D_w(x)), |difference|); the editing grids of
+    section 4.2 on held-out test images: inpainting a zeroed square, merging two halves, interpolating two codes."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 999)
+    z = torch.randn(64, args.latent_dim, device=device, generator=gen)
+    common.save_image_grid(decode(G, G.mapping(z)), os.path.join(run_dir, "samples.png"), nrow=8)
+    k = min(12, len(x_test))
+    common.save_image_grid(triples(x_test[:k], x_rec[:k]), os.path.join(run_dir, "reconstructions.png"), nrow=12)
+    n = min(args.edit_images, len(x_test) // 2)
+    if n < 1:
+        return
+    a, b = x_test[:n], x_test[n : 2 * n]
+    # inpainting: columns = original, zeroed square, reconstruction of the zeroed image
+    holed = inpaint_squares(a.cpu(), args.inpaint_size, torch.Generator().manual_seed(args.seed + 4)).to(device)
+    grid = torch.stack([a, holed, reconstruct(G, D, holed)], 1).flatten(0, 1)
+    common.save_image_grid(grid, os.path.join(run_dir, "edit_inpaint.png"), nrow=6)
+    # merging: columns = image A, image B, left half of A + right half of B, its reconstruction
+    half = a.shape[-1] // 2
+    merged = torch.cat([a[..., :half], b[..., half:]], -1)
+    grid = torch.stack([a, b, merged, reconstruct(G, D, merged)], 1).flatten(0, 1)
+    common.save_image_grid(grid, os.path.join(run_dir, "edit_merge.png"), nrow=8)
+    # interpolation: A, G((1 - t) w_A + t w_B) for t in [0, 1], B
+    wa, wb = encode(D, a), encode(D, b)
+    ts = torch.linspace(0, 1, 8, device=device)
+    strip = [a] + [decode(G, wa * (1 - t) + wb * t) for t in ts] + [b]
+    common.save_image_grid(torch.stack(strip, 1).flatten(0, 1), os.path.join(run_dir, "edit_interp.png"), nrow=10)
+
+
+def recalibrate(G_ema, args, device, n_batches=8, batch=256):
+    """G_ema's BatchNorm statistics re-estimated for its own weights on fixed z (DCGAN; no-op for StyleGAN2)."""
+
+    def make_input(i):
+        return torch.randn(
+            batch, args.latent_dim, device=device, generator=torch.Generator(device=device).manual_seed(777 + i)
+        )
+
+    common.recalibrate_batchnorm(G_ema, make_input, n_batches)
+
+
+def load_networks(path, device="cpu"):
+    """(G_ema, D, args) of an invgan checkpoint, rebuilt from the contract alone (as eval.py does)."""
+    ckpt = common.load_method_checkpoint(path, METHOD)
+    G = common.build_from_spec(ckpt["model_specs"]["G"])
+    common.load_state_strict(G, ckpt["state_dicts"]["G_ema"], "the EMA generator", path)
+    D = common.build_from_spec(ckpt["model_specs"]["D"])
+    common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", path)
+    return G.to(device).eval(), D.to(device).eval(), ckpt["args"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def train(args):
+    dist_info = common.init_distributed(args.cuda)
+    device = common.get_device(args.cuda, dist_info.local_rank)
+    if args.batch_size % (2 * dist_info.world_size):
+        common.fail(f"--batch-size {args.batch_size} is not divisible by 2 x {dist_info.world_size} processes "
+                    "(each rank splits its share into prior and real codes)")  # fmt: skip
+    batch = args.batch_size // dist_info.world_size
+    common.seed_everything(args.seed, args.deterministic)
+
+    ckpt = common.load_method_checkpoint(args.resume, METHOD) if args.resume else None
+    if ckpt is not None:
+        common.check_resume_flags(ckpt, args, ARCH_FLAGS)
+    if dist_info.is_main:
+        common.resolve_run_dir(args)  # refuse early, before the data is read
+    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
+    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
+    img_channels = train_set[0][0].shape[0]
+    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
+    steps_per_epoch = len(sampler) // batch
+    total_steps = common.training_steps(args, steps_per_epoch)
+    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+
+    specs = model_specs(args, img_channels)
+    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
+    common.broadcast_module(G), common.broadcast_module(D)
+    G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
+    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
+    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
+    opt_dr = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas)  # D's step on G's losses through w_R
+
+    step = 0
+    if ckpt is not None:
+        common.load_state_strict(G, ckpt["state_dicts"]["G"], "the generator", args.resume)
+        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.resume)
+        common.load_state_strict(G_ema.model, ckpt["state_dicts"]["G_ema"], "the EMA generator", args.resume)
+        for opt, name in ((opt_g, "G"), (opt_d, "D"), (opt_dr, "D_through_wR")):
+            opt.load_state_dict(ckpt["optimizers"][name])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+    else:
+        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
+
+    n_eval = min(args.eval_images, len(test_set))
+    x_test = torch.stack([test_set[i][0] for i in range(n_eval)]).to(device)
+    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
+    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        on = [k for k in ("real_codes", "grad_through_wr", "latent_in_g") if getattr(args, k)]
+        print(f"run: {run_dir} | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | z {args.latent_dim} "
+              f"w {args.w_dim} | variant {args.variant} ({', '.join(on) or 'no real codes'}; lambda lat "
+              f"{args.lambda_latent} fm {args.lambda_fm} cyc {args.lambda_cycle} mmd {args.lambda_mmd}) | "
+              f"{total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch) on {device} "
+              f"x{dist_info.world_size}", flush=True)  # fmt: skip
+
+    def save(step, rng_states):
+        common.save_checkpoint({
+            "format": common.CHECKPOINT_FORMAT, "method": METHOD, "args": common.args_to_dict(args), "step": step,
+            "model_specs": specs,
+            "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
+            "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict(), "D_through_wR": opt_dr.state_dict()},
+            "rng": rng_states,
+            "inversion": {"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
+                          "encoder_space": "w", "latent_scale": None, "latent_dist": "normal"},
+        }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
+
+    batches = common.infinite_batches(loader, sampler, start_step=step)
+    sums, t_start, images_seen, metrics = {}, time.time(), 0, {}
+    while step < total_steps:
+        _, x_real = next(batches)
+        x_real = x_real.to(device, non_blocking=True)
+        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
+        scalars = d_step(G, D, opt_d, x_real, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
+        if do_r1 and args.r1_interval > 1:
+            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
+        scalars.update(g_step(G, D, opt_g, opt_dr, x_real, args))
+        step += 1
+        images_seen += args.batch_size
+        G_ema.update(G, step * args.batch_size, args.batch_size)
+
+        common.check_finite(step, **scalars)
+        for k, val in scalars.items():
+            sums[k] = sums.get(k, 0.0) + val
+            sums["_n/" + k] = sums.get("_n/" + k, 0) + 1
+        if step % args.log_every == 0 or step == total_steps:
+            shown = {"D": scalars["losses/D"], "G": scalars["losses/G"], "L_lat": scalars["losses/L_lat_D"]}
+            shown.update({k[len("losses/L_") : -2]: v for k, v in scalars.items() if k.endswith(("fm_G", "cycle_G"))})
+            progress.report(step, shown)
+
+        do_eval = step % args.eval_every == 0 or step == total_steps
+        do_save = step % args.save_every == 0 or step == total_steps
+        if do_eval or do_save:
+            recalibrate(G_ema.model, args, device)
+        if do_eval:
+            D.eval()
+            metrics, x_rec = evaluate(G_ema.model, D, x_test, args, device)
+            row = {k: val / sums["_n/" + k] for k, val in sums.items() if not k.startswith("_n/")}
+            row.update(metrics)
+            row.update({"charts/epoch": step / steps_per_epoch, "charts/ema_decay": G_ema.decay(step * args.batch_size,
+                        args.batch_size), "charts/images_per_sec": images_seen / (time.time() - t_start),
+                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
+            if dist_info.is_main:
+                logger.log(step, row)
+                save_figures(G_ema.model, D, x_test, x_rec, args, run_dir, device)
+                print(f"  eval @ {step}: test MAE {metrics['eval/real_mae']:.4f} MSE {metrics['eval/real_mse']:.4f} "
+                      f"PSNR {metrics['eval/real_psnr']:.2f} SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR "
+                      f"{metrics['eval/fake_psnr']:.2f} | latent MSE {metrics['eval/fake_latent_mse']:.4f} | "
+                      f"MMD(w, w_R) {metrics['eval/mmd_w_wR']:.4f}", flush=True)  # fmt: skip
+            D.train()
+            sums = {}
+        if do_save:
+            checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
+                       for k, t in net.state_dict().items()}  # fmt: skip
+            common.assert_same_across_ranks(checked, step)  # parameters and BatchNorm buffers alike
+            rng_states = gather_rng_states(dist_info)
+            if dist_info.is_main:
+                save(step, rng_states)
+
+    if dist_info.is_main:
+        wall = time.time() - t_start
+        summary = {"steps": step, "wall_s": wall, "images_per_sec": images_seen / wall,
+                   "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir,
+                   **{k: v for k, v in metrics.items()}}  # fmt: skip
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"done: {json.dumps(summary)}", flush=True)
+        if dist_info.enabled:
+            print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
+        logger.close()
+    common.cleanup_distributed()
+    return run_dir
+
+
+def gather_rng_states(dist_info):
+    """Every rank's RNG state (each rank draws its own z), so a resumed DDP run continues every stream."""
+    state = common.rng_state()
+    if not dist_info.enabled:
+        return [state]
+    states = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ablation of section 4.4 / Fig. 5: naive, augmented, full at one budget
+# ---------------------------------------------------------------------------------------------------------
+INGREDIENT_FLAGS = ("--real-codes", "--no-real-codes", "--grad-through-wr", "--no-grad-through-wr")
+INGREDIENT_VALUED = ("--variant", "--lambda-fm", "--lambda-cycle", "--lambda-mmd")
+
+
+def run_ablation(args, argv):
+    """The three variants at the settings of ``argv`` (ingredient flags dropped: the variants set them); runs are
+    named by a digest of those settings, so an ablation with other settings never reuses these."""
+    base_argv = common.strip_flags(
+        argv, ("--ablation", *INGREDIENT_FLAGS), valued=("--jobs", "--run-name", "--resume", *INGREDIENT_VALUED)
+    )
+    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
+    ingredients = ("variant", *VARIANTS["full"])
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in config.items() if k not in ingredients}, sort_keys=True).encode()
+    ).hexdigest()[:8]
+    slug = args.dataset.replace(":", "_").replace("/", "_")
+    out_dir = os.path.join("runs", f"ablation__invgan__{slug}__{args.seed}__{digest}")
+    variants = {name: ["--variant", name] for name in VARIANTS}
+    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, variants, out_dir, args.jobs)
+    write_ablation_report(run_dirs, out_dir)
+
+
+@torch.no_grad()
+def write_ablation_report(run_dirs, out_dir, n_grid=12):
+    """table.md / table.json (test MAE, MSE, PSNR, SSIM, LPIPS of each final checkpoint on the same held-out images)
+    and fig5.png (per variant: test image, reconstruction, |difference| in groups of three)."""
+    from PIL import Image, ImageDraw
+
+    device = torch.device("cpu")
+    results, panels, recorded = {}, [], None
+    try:
+        lpips = common.LPIPS().eval()
+    except SystemExit as e:  # the LPIPS weights come with setup.sh; the rest of the table does not need them
+        print(f"[ablation] no LPIPS ({e})", flush=True)
+        lpips = None
+    for label, run_dir in run_dirs.items():
+        G, D, recorded = load_networks(os.path.join(run_dir, "checkpoint.pt"), device)
+        test_set = common.build_dataset(recorded["dataset"], recorded["resolution"], False, recorded["data_root"])
+        x = torch.stack([test_set[i][0] for i in range(min(recorded["eval_images"], len(test_set)))])
+        x_rec = reconstruct(G, D, x)
+        row = {"mae": common.mae(x, x_rec).item(), "mse": common.mse(x, x_rec).item(),
+               "psnr": common.psnr(x, x_rec).item(), "ssim": common.ssim(x, x_rec).item(), "n": len(x)}  # fmt: skip
+        if lpips is not None:
+            row["lpips"] = torch.cat([lpips(a, b) for a, b in zip(x.split(100), x_rec.split(100))]).mean().item()
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            row["wall_s"] = json.load(f)["wall_s"]
+        results[label] = row
+        grid = common.image_grid(triples(x[:n_grid], x_rec[:n_grid]), nrow=6)
+        panels.append((label, Image.fromarray(grid).convert("RGB")))
+    a = argparse.Namespace(**recorded)
+    budget = f"{a.epochs} epochs" if a.epochs else f"{a.images // a.batch_size} steps"
+    lines = [f"{a.dataset} {a.resolution}px, {a.arch} width {a.width}, z {a.latent_dim}, w {a.w_dim}, {budget} of "
+             f"{a.batch_size}; test reconstruction G(D_w(x)) of the first "
+             f"{results[label]['n']} test images (MAE / MSE per pixel per channel on [-1, 1], PSNR / SSIM with "
+             "data range 2, LPIPS-VGG v0.1)", "",
+             "| variant | MAE | MSE | PSNR | SSIM | LPIPS | wall s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, r in results.items():
+        lp = f"{r['lpips']:.4f}" if "lpips" in r else "--"
+        lines.append(f"| {label} | {r['mae']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | "
+                     f"{r['wall_s']:.0f} |")  # fmt: skip
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "table.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    w, h = panels[0][1].size
+    canvas = Image.new("RGB", (len(panels) * (w + 8), h + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, im) in enumerate(panels):
+        canvas.paste(im, (i * (w + 8), 16))
+        draw.text((i * (w + 8) + 4, 2), f"({'abc'[i] if i < 3 else i}) {label}", fill="black")
+    canvas.save(os.path.join(out_dir, "fig5.png"))
+    print(table)
+    print(f"[ablation] wrote {out_dir}/table.md, table.json and fig5.png")
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.ablation:
+        run_ablation(args, sys.argv[1:])
+    else:
+        train(args)

@@ -1,0 +1,653 @@
+"""Latent-space regressor inversion -- a regressor E(x * mask, mask) -> z on a frozen generator, trained with random
+masks on generated pairs only, so that G(E(.)) inpaints.
+
+Paper: M. Feng and G. G. Sampaio, "Latent Space Regression in GANs for Invertible Image Generation" (seed 004),
+after L. Chai et al., "Using latent space regression to analyze and leverage compositionality in GANs" (ICLR 2021).
+Eq. 2, on pairs (z, x = G(z)) with the generator frozen:
+
+    L = ||x - G(E(x * m, m))||^2 + L_p(x, G(E(x * m, m))) + L_z(z, E(x * m, m))
+
+m: uniform noise on a 6 x 6 grid, bilinearly upsampled, kept where below a cutoff drawn per batch as
+rand * 0.7 + 0.3 (Chai et al.'s code). L_p: VGG16 conv4_3 features (real ImageNet weights) or LPIPS-VGG;
+L_z: MSE, or 1 - cos for a normalised prior. ``--no-mask`` trains the plain regressor E(x) for the ablation.
+
+Two stages:
+    python regressor_inversion.py --stage gan                          # the paper's DCGAN on MNIST (z 64, BCE)
+    python regressor_inversion.py --generator runs/<gan run>/checkpoint.pt            # the regressor, with masks
+    python regressor_inversion.py --generator runs/<gan run>/checkpoint.pt --no-mask  # the plain regressor
+    python regressor_inversion.py --generator runs/<dlsgan run>/checkpoint.pt         # any ganinv/1 generator
+    torchrun --nproc_per_node=2 regressor_inversion.py --generator <ckpt>             # DDP; global batch
+    python regressor_inversion.py --resume runs/<run>/checkpoint.pt                   # continue exactly
+    python eval.py --ckpt runs/<reg>/checkpoint.pt --mask center --baselines opt-z-mean hybrid-z   # inpainting table
+
+The regressor stage ends with an evaluation on held-out real test images under three mask families (the training
+masks, a centred square of a quarter of the image, the lower half): PSNR / SSIM / LPIPS on the hole and on the kept
+pixels, grids (masked input / completion / original), plain reconstruction, and Chai et al.'s composition demo.
+Everything goes to runs/{run_name}/; checkpoint.pt is rebuilt by eval.py without importing this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+METHOD = "regressor_inversion"
+STAGE_DEFAULTS = {  # flag: (gan stage, regressor stage); None on the command line means "the stage's default"
+    "lr": (2e-4, 1e-4),
+    "batch_size": (128, 32),
+    "images": (102_400, 9_600),
+    "exp_name": ("regressor-gan", "regressor"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--stage", default="regressor", choices=["gan", "regressor"],
+                   help="gan: train the paper's generator; regressor: train E on a frozen --generator")  # fmt: skip
+    p.add_argument("--generator", default=None,
+                   help="regressor stage: any ganinv/1 checkpoint of this project; its inversion.generator is used")  # fmt: skip
+    # experiment
+    p.add_argument("--exp-name", default=None, help="experiment name, part of the run name (default: by stage)")
+    p.add_argument(
+        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default=None, help=f"one of {common.DATASETS} (default: mnist, or the generator's)")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size, power of two >= 16 (default: 32, or the generator's; MNIST 28 is padded to 32)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (gan stage)")
+    # generator (gan stage)
+    p.add_argument("--arch", default="dcgan", choices=["dcgan", "progan"],
+                   help="gan stage: DCGAN (the paper's baseline) or common.py's fixed-resolution ProGAN blocks")  # fmt: skip
+    p.add_argument("--latent-dim", type=int, default=64, help="gan stage: z dimension (paper: 64)")
+    p.add_argument("--width", type=int, default=32, help="gan stage: generator feature maps (paper's DCGAN: 64)")
+    p.add_argument("--d-width", type=int, default=16,
+                   help="gan stage: discriminator feature maps (paper: 16). Measured on MNIST, 300-800 steps: 32 maps: D "
+                        "wins within 25 steps (D loss < 0.01); 16 and 8 maps: G collapses to one mode (README)")  # fmt: skip
+    p.add_argument("--ema-kimg", type=float, default=10.0,
+                   help="gan stage: half-life of the evaluation generator G_ema in thousands of images (0: a copy)")  # fmt: skip
+    p.add_argument(
+        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
+    )
+    # regressor (regressor stage)
+    p.add_argument("--encoder", default="auto", choices=["auto", "cnn", "resnet"],
+                   help="cnn: the paper's 5-layer CNN (DCGAN-sized generators), resnet: common.ResNetEncoder; "
+                        "auto: cnn for a DCGAN generator, resnet otherwise")  # fmt: skip
+    p.add_argument("--encoder-width", type=int, default=32, help="CNN: maps of the first layer (paper: 32 .. 512)")
+    p.add_argument("--no-mask", action="store_true", help="ablation: the plain regressor E(x), trained unmasked")
+    p.add_argument("--mask-grid", type=int, default=6, help="mask noise grid (Chai et al.: 6 x 6)")
+    p.add_argument("--mask-low", type=float, default=0.3, help="cutoff = rand * mask-span + mask-low, per batch")
+    p.add_argument("--mask-span", type=float, default=0.7, help="see --mask-low")
+    p.add_argument("--perceptual", default="lpips", choices=["vgg", "lpips", "none"],
+                   help="L_p: LPIPS-VGG (Chai et al.; all weights 1), MSE of VGG16 conv4_3 features (real ImageNet weights), or none")  # fmt: skip
+    p.add_argument("--latent-loss", default="mse", choices=["mse", "cos"],
+                   help="L_z: mean squared error, or 1 - cos(z_hat, z) for a normalised prior (ProGAN)")  # fmt: skip
+    p.add_argument("--lambda-pix", type=float, default=1.0, help="weight of ||x - G(E(x))||^2")
+    p.add_argument("--lambda-p", type=float, default=1.0, help="weight of L_p")
+    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of L_z")
+    # optimization
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 128 (paper), regressor 32)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr (default: gan 2e-4, regressor 1e-4, the paper's)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas (paper: 0.5, 0.999)")
+    p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
+    p.add_argument("--images", type=int, default=None,
+                   help="budget in images (default: gan 102400 = 800 steps of 128; regressor 9600 = 300 steps of 32)")  # fmt: skip
+    # evaluation and saving
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate and log every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps")
+    args = p.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
+    i = 0 if args.stage == "gan" else 1
+    for flag, defaults in STAGE_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults[i])
+    common.check_args(
+        args,
+        positive=("latent_dim", "width", "d_width", "encoder_width", "mask_grid", "batch_size", "lr", "eval_every",
+                  "eval_images", "save_every", "log_every"),
+        nonnegative=("lambda_pix", "lambda_p", "lambda_z", "epochs", "images", "workers", "ema_kimg", "ema_rampup",
+                     "mask_low", "mask_span"),
+        fraction=("betas",),
+    )  # fmt: skip
+    if args.resolution is not None:
+        common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
+    if args.mask_low + args.mask_span > 1.0 + 1e-9 or args.mask_low + args.mask_span <= 0:
+        common.fail(f"--mask-low + --mask-span must be in (0, 1] (got {args.mask_low + args.mask_span}); "
+                    "the cutoff is compared with uniform noise")  # fmt: skip
+    if args.batch_size < 2:
+        common.fail("--batch-size must be at least 2")
+    if args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
+    if args.stage == "regressor" and args.epochs:
+        common.fail("--epochs counts passes over the data, which the regressor stage never reads; use --images")
+    if args.stage == "regressor" and not args.generator and not args.resume:
+        common.fail("the regressor stage needs --generator CKPT (a ganinv/1 checkpoint); train one with --stage gan")
+    if args.stage == "gan" and args.generator:
+        common.fail("--generator is for --stage regressor; the gan stage trains its own generator")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method: prior, masks, the regressor's input, Eq. 2
+# ---------------------------------------------------------------------------------------------------------
+def sample_z(n, d, dist, device, generator=None):
+    """The generator's prior, mean 0 variance 1: N(0, 1), or U(-sqrt 3, sqrt 3) (dlsgan's uniform)."""
+    if dist == "uniform":
+        return (torch.rand(n, d, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
+    return torch.randn(n, d, device=device, generator=generator)
+
+
+def training_masks(n, args, device, generator=None):
+    """A batch of training masks (1 = kept), Chai et al.'s recipe; all ones with --no-mask."""
+    if args.no_mask:
+        return torch.ones(n, 1, args.resolution, args.resolution, device=device)
+    return common.random_masks(n, args.resolution, generator, device, args.mask_grid, args.mask_low, args.mask_span)[0]
+
+
+def regressor_input(x, mask, with_mask_channel: bool):
+    """[x * mask, mask] for the mask-trained regressor; x * mask alone for the plain one (no mask channel)."""
+    return torch.cat([x * mask, mask], 1) if with_mask_channel else x * mask
+
+
+def latent_loss(z_hat, z, kind):
+    """L_z: mean squared error, or mean(1 - cos(z_hat, z)) (Chai et al.'s choice for ProGAN's normalised z)."""
+    if kind == "cos":
+        return (1 - F.cosine_similarity(z_hat, z, dim=1)).mean()
+    return (z_hat - z).square().mean()
+
+
+def regressor_loss(G, E, s, z, mask, perceptual, args):
+    """Eq. 2 on a generated batch: x = G(z * s) (no gradient), z_hat = E(x * m, m), x_hat = G(z_hat * s);
+    L = lambda_pix ||x - x_hat||^2 + lambda_p L_p(x_hat, x) + lambda_z L_z(z_hat, z). The whole image is the target:
+    E must infer the hidden pixels."""
+    with torch.no_grad():
+        x = G(z * s)
+    z_hat = E(regressor_input(x, mask, not args.no_mask))
+    x_hat = G(z_hat * s)
+    l_pix = (x_hat - x).square().mean()
+    l_p = perceptual(x_hat, x).mean() if perceptual is not None else torch.zeros((), device=x.device)
+    l_z = latent_loss(z_hat, z, args.latent_loss)
+    loss = args.lambda_pix * l_pix + args.lambda_p * l_p + args.lambda_z * l_z
+    return loss, {"losses/total": loss.item(), "losses/pixel": l_pix.item(), "losses/perceptual": l_p.item(),
+                  "losses/latent": l_z.item()}  # fmt: skip
+
+
+def regressor_step(G, E, opt, s, batch, perceptual, args, device):
+    """One Adam step of E on fresh (z, mask) drawn from the training RNG; G stays frozen (no optimizer holds it)."""
+    z = sample_z(batch, G.z_dim, args.latent_dist, device)
+    mask = training_masks(batch, args, device)
+    loss, scalars = regressor_loss(G, E, s, z, mask, perceptual, args)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    common.sync_gradients(E)
+    opt.step()
+    scalars["charts/kept_fraction"] = mask.mean().item()
+    return scalars
+
+
+def build_perceptual(kind, device):
+    if kind == "vgg":
+        return common.VGGPerceptualLoss().to(device)
+    if kind == "lpips":
+        return common.LPIPS().to(device)
+    return None
+
+
+def regressor_spec(args, gen, img_channels):
+    in_ch = img_channels + (0 if args.no_mask else 1)
+    kind = args.encoder if args.encoder != "auto" else ("cnn" if gen["spec"]["class"] == "DCGANGenerator" else "resnet")
+    if kind == "cnn":
+        return common.model_spec(common.RegressorCNN, resolution=args.resolution, in_channels=in_ch,
+                                 out_dim=gen["z_dim"], width=args.encoder_width)  # fmt: skip
+    return common.model_spec(common.ResNetEncoder, resolution=args.resolution, in_channels=in_ch,
+                             out_dim=gen["z_dim"], width=args.encoder_width * 2)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's generator: DCGAN (or ProGAN blocks), BCE loss, Adam(2e-4, (0.5, 0.999))
+# ---------------------------------------------------------------------------------------------------------
+def gan_specs(args, img_channels):
+    if args.arch == "progan":
+        g = common.model_spec(common.ProGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width)  # fmt: skip
+        d = common.model_spec(common.ProGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.d_width)  # fmt: skip
+    else:
+        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width)  # fmt: skip
+        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.d_width, norm="bn")  # fmt: skip  # the paper's D: conv-BN-LeakyReLU(0.2)
+    return {"G": g, "D": d}
+
+
+def gan_step(G, D, opt_g, opt_d, x_real, args, device):
+    """Binary cross-entropy GAN (the non-saturating form for G): D on real and fake batches, then G."""
+    z = sample_z(len(x_real), args.latent_dim, "normal", device)
+    x_fake = G(z)
+    d_loss = common.d_adv_loss("logistic", D(x_real)[0], D(x_fake.detach())[0])  # BCE with logits
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    D.requires_grad_(False)
+    g_loss = common.g_adv_loss("logistic", D(x_fake)[0])
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    common.sync_gradients(G)
+    opt_g.step()
+    D.requires_grad_(True)
+    return {"losses/D": d_loss.item(), "losses/G": g_loss.item()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation on held-out real images
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def complete(G, E, s, x, mask, with_mask_channel, batch=250):
+    """G(E(x * m, m) * s), clipped to [-1, 1]: the completion of every image."""
+    out = [
+        G(E(regressor_input(a, m, with_mask_channel)) * s).clamp(-1, 1)
+        for a, m in zip(x.split(batch), mask.split(batch))
+    ]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def quick_eval(G, E, s, x_test, args, device):
+    """Cheap metrics for every --eval-every: real test images unmasked and under the training-mask family, and
+    generated pairs (z recovery); fixed seeds, so the training RNG is never touched."""
+    gen = torch.Generator().manual_seed(args.seed + 12345)
+    z = sample_z(len(x_test), G.z_dim, args.latent_dist, "cpu", gen).to(device)
+    x_fake = torch.cat([G(c * s).clamp(-1, 1) for c in z.split(250)])
+    ones = torch.ones_like(x_test[:, :1])
+    masks = common.fixed_masks("train", len(x_test), args.resolution, args.seed, device)
+    mc = not args.no_mask
+    z_hat = torch.cat([E(regressor_input(c, torch.ones_like(c[:, :1]), mc)) for c in x_fake.split(250)])
+    rec = complete(G, E, s, x_test, ones, mc)
+    filled = complete(G, E, s, x_test, masks, mc)
+    return {
+        "eval/fake_z_mse": (z_hat - z).square().mean().item(),
+        "eval/fake_z_cos": F.cosine_similarity(z_hat, z, dim=1).mean().item(),
+        "eval/fake_psnr": common.psnr(x_fake, torch.cat([G(c * s).clamp(-1, 1) for c in z_hat.split(250)])).item(),
+        "eval/real_psnr": common.psnr(x_test, rec).item(),
+        "eval/real_train_mask_hole_psnr": common.region_psnr(x_test, filled, 1 - masks).item(),
+        "eval/real_train_mask_kept_psnr": common.region_psnr(x_test, filled, masks).item(),
+    }
+
+
+@torch.no_grad()
+def region_scores(x, out, mask, lpips, batch=100):
+    """PSNR / SSIM / LPIPS of the output on the hole (mask 0) and on the kept pixels (mask 1); the LPIPS distance maps
+    are computed once and averaged over each region."""
+    scores, per_region = {}, {"hole": [], "kept": []}
+    for a, b, m in zip(x.split(batch), out.split(batch), mask.split(batch)):
+        maps = lpips.distance_maps(a, b)
+        per_region["hole"].append(lpips.reduce(maps, 1 - m))
+        per_region["kept"].append(lpips.reduce(maps, m))
+    for name, region in (("hole", 1 - mask), ("kept", mask)):
+        scores[f"{name}_psnr"] = common.region_psnr(x, out, region).item()
+        scores[f"{name}_ssim"] = common.region_ssim(x, out, region).item()
+        scores[f"{name}_lpips"] = torch.nanmean(torch.cat(per_region[name])).item()
+    return scores
+
+
+@torch.no_grad()
+def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
+    """The inpainting table (three mask families), plain reconstruction, grids, and the composition demo."""
+    lpips = lpips if lpips is not None else common.LPIPS().to(device)
+    mc, n_show = not args.no_mask, min(8, len(x_test))
+    results = {"n_test_images": len(x_test), "dataset": args.dataset, "resolution": args.resolution}
+    for family in common.MASK_FAMILIES:
+        mask = common.fixed_masks(family, len(x_test), args.resolution, args.seed, device)
+        complete(G, E, s, x_test[:50], mask[:50], mc)  # warm-up
+        t0 = time.perf_counter()
+        out = complete(G, E, s, x_test, mask, mc)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row = {"seconds_per_image": (time.perf_counter() - t0) / len(x_test), "kept_fraction": mask.mean().item()}
+        row.update(region_scores(x_test, out, mask, lpips))
+        results[f"inpaint_{family}"] = row
+        rows = torch.stack(
+            [(x_test * mask)[:n_show], out[:n_show], x_test[:n_show]]
+        )  # masked input/completion/original
+        common.save_image_grid(rows.flatten(0, 1), os.path.join(run_dir, f"inpaint_{family}.png"), nrow=n_show)
+    ones = torch.ones_like(x_test[:, :1])
+    rec = complete(G, E, s, x_test, ones, mc)
+    d = torch.cat([lpips(a, b) for a, b in zip(x_test.split(100), rec.split(100))])
+    results["reconstruction"] = {"mae": common.mae(x_test, rec).item(), "mse": common.mse(x_test, rec).item(),
+                                 "psnr": common.psnr(x_test, rec).item(), "ssim": common.ssim(x_test, rec).item(),
+                                 "lpips": d.mean().item()}  # fmt: skip
+    common.save_image_grid(torch.stack([x_test[:n_show], rec[:n_show]]).flatten(0, 1),
+                           os.path.join(run_dir, "reconstructions.png"), nrow=n_show)  # fmt: skip
+    comp_in, comp_mask, comp_out = composition(G, E, s, x_test[: n_show + 1], mc)
+    a, b = x_test[:n_show], x_test[1 : n_show + 1]
+    common.save_image_grid(torch.stack([a, b, comp_in * comp_mask, comp_out]).flatten(0, 1),
+                           os.path.join(run_dir, "composition.png"), nrow=n_show)  # fmt: skip
+    gen = torch.Generator().manual_seed(args.seed + 999)
+    z = sample_z(64, G.z_dim, args.latent_dist, "cpu", gen).to(device)
+    common.save_image_grid(G(z * s).clamp(-1, 1), os.path.join(run_dir, "samples.png"), nrow=8)
+    return results
+
+
+@torch.no_grad()
+def composition(G, E, s, x, with_mask_channel):
+    """Chai et al.'s latent composition: the top third of image i and the bottom third of image i + 1 pasted into
+    one input, the middle third masked; the pair (E, G) has to make one coherent image of them."""
+    a, b = x[:-1], x[1:]
+    r = x.shape[-1]
+    pasted = a.clone()
+    pasted[:, :, 2 * r // 3 :] = b[:, :, 2 * r // 3 :]
+    mask = torch.ones_like(x[:-1, :1])
+    mask[:, :, r // 3 : 2 * r // 3] = 0
+    return pasted, mask, complete(G, E, s, pasted, mask, with_mask_channel)
+
+
+def load_test_images(args, device):
+    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
+    n = min(args.eval_images, len(test_set))
+    if isinstance(test_set, common.TensorImages):
+        return test_set.images[:n].float().div(127.5).sub(1).to(device)
+    return torch.stack([test_set[i][0] for i in range(n)]).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "batch_size")
+REGRESSOR_ARCH_FLAGS = ("stage", "dataset", "resolution", "encoder", "encoder_width", "no_mask", "perceptual",
+                        "latent_loss", "batch_size")  # fmt: skip
+
+
+def gather_rng_states(dist_info):
+    """Every rank's RNG state (each rank draws its own z and masks), so a resumed DDP run continues every stream."""
+    state = common.rng_state()
+    if not dist_info.enabled:
+        return [state]
+    states = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def setup(args):
+    dist_info = common.init_distributed(args.cuda)
+    device = common.get_device(args.cuda, dist_info.local_rank)
+    if args.batch_size % dist_info.world_size:
+        common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
+    common.seed_everything(args.seed, args.deterministic)
+    return dist_info, device, args.batch_size // dist_info.world_size
+
+
+def write_summary(run_dir, step, t_start, images_seen, device, extra=None):
+    summary = {"steps": step, "wall_s": time.time() - t_start, "images_per_sec": images_seen / (time.time() - t_start),
+               "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir, **(extra or {})}  # fmt: skip
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"done: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)})}", flush=True)
+
+
+def train_gan(args):
+    dist_info, device, batch = setup(args)
+    ckpt = load_resume(args)
+    args.dataset, args.resolution = args.dataset or "mnist", args.resolution or 32
+    if ckpt is not None:
+        common.check_resume_flags(ckpt, args, GAN_ARCH_FLAGS)
+    if dist_info.is_main:
+        common.resolve_run_dir(args)  # refuse early, before the data is read
+    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
+    img_channels = train_set[0][0].shape[0]
+    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
+    steps_per_epoch = len(sampler) // batch
+    total_steps = common.training_steps(args, steps_per_epoch)
+    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+
+    specs = gan_specs(args, img_channels)
+    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
+    common.broadcast_module(G), common.broadcast_module(D)
+    G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas)
+    step = 0
+    if ckpt is not None:
+        for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model)):
+            common.load_state_strict(net, ckpt["state_dicts"][name], name, args.resume)
+        opt_g.load_state_dict(ckpt["optimizers"]["G"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+    else:
+        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
+    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
+    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        print(f"run: {run_dir} | stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D "
+              f"{args.d_width} | z {args.latent_dim} | {total_steps} steps of {args.batch_size} ({steps_per_epoch} "
+              f"per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
+
+    def recalibrate():
+        def make_input(i):
+            return sample_z(256, args.latent_dim, "normal", "cpu", torch.Generator().manual_seed(args.seed + 777 + i))
+
+        common.recalibrate_batchnorm(G_ema.model, lambda i: make_input(i).to(device), 8)
+
+    batches = common.infinite_batches(loader, sampler, start_step=step)
+    sums, t_start, images_seen = {}, time.time(), 0
+    while step < total_steps:
+        _, x_real = next(batches)
+        scalars = gan_step(G, D, opt_g, opt_d, x_real.to(device), args, device)
+        step += 1
+        images_seen += args.batch_size
+        G_ema.update(G, step * args.batch_size, args.batch_size)
+        common.check_finite(step, **scalars)
+        for k, val in scalars.items():
+            sums[k] = sums.get(k, 0.0) + val
+        sums["_n"] = sums.get("_n", 0) + 1
+        if step % args.log_every == 0 or step == total_steps:
+            progress.report(step, {"D": scalars["losses/D"], "G": scalars["losses/G"]})
+        do_eval = step % args.eval_every == 0 or step == total_steps
+        do_save = step % args.save_every == 0 or step == total_steps
+        if do_eval or do_save:
+            recalibrate()
+        if do_eval and dist_info.is_main:
+            row = {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
+            row.update({"charts/epoch": step / steps_per_epoch, "charts/images_per_sec": images_seen / (time.time() - t_start),
+                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
+            logger.log(step, row)
+            gen = torch.Generator().manual_seed(args.seed + 999)
+            with torch.no_grad():
+                samples = G_ema.model(sample_z(64, args.latent_dim, "normal", "cpu", gen).to(device)).clamp(-1, 1)
+            common.save_image_grid(samples, os.path.join(run_dir, "samples.png"), nrow=8)
+            print(f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)",
+                  flush=True)  # fmt: skip
+        if do_eval:
+            sums = {}
+        if do_save:
+            checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
+                       for k, t in net.state_dict().items()}  # fmt: skip
+            common.assert_same_across_ranks(checked, step)
+            rng_states = gather_rng_states(dist_info)
+            if dist_info.is_main:
+                common.save_checkpoint({
+                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "gan",
+                    "args": common.args_to_dict(args), "step": step, "model_specs": specs,
+                    "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
+                    "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "rng": rng_states,
+                    "inversion": {"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
+                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
+    if dist_info.is_main:
+        write_summary(run_dir, step, t_start, images_seen, device)
+        if dist_info.enabled:
+            print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
+        logger.close()
+    common.cleanup_distributed()
+    return run_dir
+
+
+def resolve_generator(args, ckpt, device):
+    """The frozen generator (from --generator, or a resumed run's own copy), and the data settings it implies:
+    --dataset / --resolution default to the generator's; a resolution or channel count that does not match the
+    data is a one-line error. Sets args.dataset, args.resolution, args.latent_dist."""
+    source = args.resume if ckpt is not None else args.generator
+    gen = common.load_generator(source, device)
+    G = gen["G"]
+    g_res, g_ch = getattr(G, "resolution", None), getattr(G, "img_channels", None)
+    if g_res is None or g_ch is None or not hasattr(G, "z_dim"):
+        common.fail(f"the generator in '{source}' ({gen['spec']['class']}) does not say its resolution, channels and "
+                    "z size; pass a checkpoint of this project's generators")  # fmt: skip
+    args.latent_dist = gen["latent_dist"]
+    args.dataset = args.dataset or gen["args"].get("dataset") or "mnist"
+    args.resolution = args.resolution or g_res
+    if g_res != args.resolution:
+        common.fail(f"the generator in '{source}' makes {g_res}px images but --resolution is {args.resolution}; "
+                    f"drop --resolution or pass {g_res}")  # fmt: skip
+    data_ch = common.default_channels(args.dataset.split(":")[0])
+    if g_ch != data_ch:
+        common.fail(f"the generator in '{source}' makes {g_ch}-channel images but {args.dataset} has {data_ch}; "
+                    "pass a dataset of the generator's channel count")  # fmt: skip
+    return gen
+
+
+def load_resume(args):
+    """The checkpoint to resume (None without --resume): one of this script's, of the stage asked for."""
+    if not args.resume:
+        return None
+    ckpt = common.load_method_checkpoint(args.resume, METHOD)
+    if ckpt.get("stage") != args.stage:
+        hint = "pass it as --generator to train a regressor on it" if ckpt.get("stage") == "gan" else "drop --stage gan"
+        common.fail(f"'{args.resume}' is a {ckpt.get('stage')!r}-stage checkpoint, not a {args.stage!r}-stage one; "
+                    f"resume it with --stage {ckpt.get('stage')}, or {hint}")  # fmt: skip
+    return ckpt
+
+
+def train_regressor(args):
+    dist_info, device, batch = setup(args)
+    ckpt = load_resume(args)
+    gen = resolve_generator(args, ckpt, device)
+    G, s, g_ch = gen["G"], gen["latent_scale"], gen["G"].img_channels
+    if ckpt is not None:
+        common.check_resume_flags(ckpt, args, REGRESSOR_ARCH_FLAGS)
+    if dist_info.is_main:
+        common.resolve_run_dir(args)
+    x_test = load_test_images(args, device)
+    total_steps = args.images // args.batch_size
+    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+
+    specs = {"G": gen["spec"], "E": regressor_spec(args, gen, g_ch)}
+    E = common.build_from_spec(specs["E"]).to(device)
+    common.broadcast_module(E)
+    opt = torch.optim.Adam(E.parameters(), lr=args.lr, betas=args.betas)
+    perceptual = build_perceptual(args.perceptual, device) if args.lambda_p > 0 else None
+    step = 0
+    if ckpt is not None:
+        common.load_state_strict(E, ckpt["state_dicts"]["E"], "the regressor", args.resume)
+        opt.load_state_dict(ckpt["optimizers"]["E"])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
+        generator_source = ckpt["generator_source"]
+    else:
+        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z and masks
+        generator_source = {"path": os.path.abspath(args.generator), "method": gen["method"], "network": gen["name"]}
+    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
+    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
+    if dist_info.is_main:
+        print(f"run: {run_dir} | stage regressor | {specs['E']['class']} on the frozen {specs['G']['class']} of "
+              f"{generator_source['path']} (z {G.z_dim}, {args.latent_dist}) | {'masks' if not args.no_mask else 'no mask'}"
+              f" | L_p {args.perceptual}, L_z {args.latent_loss} | {total_steps} steps of {args.batch_size} on "
+              f"{device} x{dist_info.world_size}", flush=True)  # fmt: skip
+
+    sums, t_start, images_seen = {}, time.time(), 0
+    while step < total_steps:
+        E.train()
+        scalars = regressor_step(G, E, opt, s, batch, perceptual, args, device)
+        step += 1
+        images_seen += args.batch_size
+        common.check_finite(step, **scalars)
+        for k, val in scalars.items():
+            sums[k] = sums.get(k, 0.0) + val
+        sums["_n"] = sums.get("_n", 0) + 1
+        if step % args.log_every == 0 or step == total_steps:
+            progress.report(step, {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("losses/")})
+        do_eval = step % args.eval_every == 0 or step == total_steps
+        do_save = step % args.save_every == 0 or step == total_steps
+        if do_eval and dist_info.is_main:
+            E.eval()
+            row = {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
+            row.update(quick_eval(G, E, s, x_test, args, device))
+            row.update({"charts/images_per_sec": images_seen / (time.time() - t_start),
+                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
+            logger.log(step, row)
+            print(f"  eval @ {step}: loss {row['losses/total']:.4f} | real PSNR {row['eval/real_psnr']:.2f} | train-mask "
+                  f"hole PSNR {row['eval/real_train_mask_hole_psnr']:.2f} kept {row['eval/real_train_mask_kept_psnr']:.2f}"
+                  f" | fake z cos {row['eval/fake_z_cos']:.3f}", flush=True)  # fmt: skip
+        if do_eval:
+            sums = {}
+        if do_save:
+            checked = {f"E.{k}": t for k, t in E.state_dict().items()}
+            common.assert_same_across_ranks(checked, step)
+            rng_states = gather_rng_states(dist_info)
+            if dist_info.is_main:
+                common.save_checkpoint({
+                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "regressor",
+                    "args": common.args_to_dict(args), "step": step, "model_specs": specs,
+                    "state_dicts": {"G": gen["state_dict"], "E": E.state_dict()},
+                    "optimizers": {"E": opt.state_dict()}, "rng": rng_states, "generator_source": generator_source,
+                    "inversion": {"generator": "G", "encoder": "E", "encoder_output": "output", "latent_scale": s.cpu(),
+                                  "latent_dist": args.latent_dist,
+                                  "encoder_input": "image" if args.no_mask else "image_and_mask"},
+                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
+    if dist_info.is_main:
+        E.eval()
+        wall = time.time() - t_start
+        lpips = perceptual if isinstance(perceptual, common.LPIPS) else None
+        results = final_eval(G, E, s, x_test, args, run_dir, device, lpips)
+        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print_table(results, args)
+        write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": wall, "final": results})
+        if dist_info.enabled:
+            print(
+                f"regressor parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True
+            )
+        logger.close()
+    common.cleanup_distributed()
+    return run_dir
+
+
+def print_table(results, args):
+    print(
+        f"inpainting, {results['n_test_images']} {args.dataset} test images ({'mask-trained' if not args.no_mask else 'plain'} regressor):"
+    )
+    print("| mask | kept | hole PSNR | hole SSIM | hole LPIPS | kept PSNR | kept SSIM | kept LPIPS | s / img |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for family in common.MASK_FAMILIES:
+        r = results[f"inpaint_{family}"]
+        print(f"| {family} | {r['kept_fraction']:.2f} | {r['hole_psnr']:.2f} | {r['hole_ssim']:.3f} | {r['hole_lpips']:.3f} | "
+              f"{r['kept_psnr']:.2f} | {r['kept_ssim']:.3f} | {r['kept_lpips']:.3f} | {r['seconds_per_image']:.2e} |")  # fmt: skip
+    r = results["reconstruction"]
+    print(f"reconstruction (unmasked): MAE {r['mae']:.4f} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f} LPIPS {r['lpips']:.3f}",
+          flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    train_gan(args) if args.stage == "gan" else train_regressor(args)
