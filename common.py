@@ -973,28 +973,6 @@ def _gaussian_window(size=11, sigma=1.5, device=None):
     return g / g.sum()
 
 
-def ssim(x, y, data_range=2.0, reduction="mean"):
-    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region only.
-    Matches skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False)."""
-    c, dtype = x.shape[1], x.dtype
-    if min(x.shape[-2:]) < 11:
-        raise ValueError(f"SSIM's 11 x 11 window needs images of at least 11 x 11 pixels, got {tuple(x.shape[-2:])}")
-    x, y = x.double(), y.double()
-    g = _gaussian_window(device=x.device)
-    win_h, win_w = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-
-    def blur(t):
-        return F.conv2d(F.conv2d(t, win_h, groups=c), win_w, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    per_image = s.flatten(1).mean(1).to(dtype)
-    return per_image.mean() if reduction == "mean" else per_image
-
-
 def ssim_map(x, y, data_range=2.0):
     """Per-pixel SSIM (same window and constants as ``ssim``), averaged over channels: (N, H - 10, W - 10), the
     map of windows centred at pixels 5 .. H - 6 (the valid region)."""
@@ -1012,6 +990,13 @@ def ssim_map(x, y, data_range=2.0):
     var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return (((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))).mean(1)
+
+
+def ssim(x, y, data_range=2.0, reduction="mean"):
+    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid region only.
+    Matches skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False)."""
+    per_image = ssim_map(x, y, data_range).flatten(1).mean(1).to(x.dtype)
+    return per_image.mean() if reduction == "mean" else per_image
 
 
 def _region_mean(values, region):
