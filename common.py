@@ -1025,6 +1025,22 @@ def region_ssim(x, y, region, data_range=2.0):
 MASK_FAMILIES = ("train", "center", "lower")
 
 
+@torch.no_grad()
+def region_metrics(x, x_rec, mask, lpips, batch=50):
+    """Inpainting: PSNR / SSIM / LPIPS of the output on the hole (mask 0) and on the kept pixels (mask 1); each
+    batch's LPIPS distance maps are computed once, then averaged over each region."""
+    out, per_region = {}, {"hole": [], "kept": []}
+    for a, b, m in zip(x.split(batch), x_rec.split(batch), mask.split(batch)):
+        maps = lpips.distance_maps(a, b)
+        per_region["hole"].append(lpips.reduce(maps, 1 - m))
+        per_region["kept"].append(lpips.reduce(maps, m))
+    for name, region in (("hole", 1 - mask), ("kept", mask)):
+        out[f"{name}_psnr"] = region_psnr(x, x_rec, region).item()
+        out[f"{name}_ssim"] = region_ssim(x, x_rec, region).item()
+        out[f"{name}_lpips"] = torch.nanmean(torch.cat(per_region[name])).item()
+    return out
+
+
 def random_masks(n, resolution, generator=None, device="cpu", grid=6, low=0.3, span=0.7):
     """Chai et al.'s training masks: uniform noise on a ``grid`` x ``grid`` grid, bilinearly upsampled to the image,
     keep (1) where the noise is below a cutoff drawn once per call (per batch) as ``rand * span + low``.

@@ -465,21 +465,6 @@ def reconstruction_metrics(x, x_rec, lpips, batch=50):
 
 
 @torch.no_grad()
-def region_metrics(x, x_rec, mask, lpips, batch=50):
-    """Inpainting: PSNR / SSIM / LPIPS of the output on the hole (mask 0) and on the kept pixels (mask 1)."""
-    out, per_region = {}, {"hole": [], "kept": []}
-    for a, b, m in zip(x.split(batch), x_rec.split(batch), mask.split(batch)):
-        maps = lpips.distance_maps(a, b)  # once, then averaged over each region
-        per_region["hole"].append(lpips.reduce(maps, 1 - m))
-        per_region["kept"].append(lpips.reduce(maps, m))
-    for name, region in (("hole", 1 - mask), ("kept", mask)):
-        out[f"{name}_psnr"] = common.region_psnr(x, x_rec, region).item()
-        out[f"{name}_ssim"] = common.region_ssim(x, x_rec, region).item()
-        out[f"{name}_lpips"] = torch.nanmean(torch.cat(per_region[name])).item()
-    return out
-
-
-@torch.no_grad()
 def batched(fn, x, batch):
     return torch.cat([fn(chunk) for chunk in x.split(batch)])
 
@@ -511,7 +496,7 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
     }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
     if m_recon is not None:
-        row.update(region_metrics(x_recon, x_rec, m_recon, lpips))
+        row.update(common.region_metrics(x_recon, x_rec, m_recon, lpips))
     gen = torch.Generator().manual_seed(args.seed)
     n_samples = max(args.n_fid, 64) if ref is not None else 64
     samples = batched(lambda z: inv.synthesize("z", z), inv.sample_z(n_samples, gen), bs)
@@ -564,7 +549,7 @@ def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
            "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss}}  # fmt: skip
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
     if m_recon is not None:
-        row.update(region_metrics(x_recon, x_rec, m_recon, lpips))
+        row.update(common.region_metrics(x_recon, x_rec, m_recon, lpips))
     return row, x_rec
 
 

@@ -298,22 +298,6 @@ def quick_eval(G, E, s, x_test, args, device):
 
 
 @torch.no_grad()
-def region_scores(x, out, mask, lpips, batch=100):
-    """PSNR / SSIM / LPIPS of the output on the hole (mask 0) and on the kept pixels (mask 1); the LPIPS distance maps
-    are computed once and averaged over each region."""
-    scores, per_region = {}, {"hole": [], "kept": []}
-    for a, b, m in zip(x.split(batch), out.split(batch), mask.split(batch)):
-        maps = lpips.distance_maps(a, b)
-        per_region["hole"].append(lpips.reduce(maps, 1 - m))
-        per_region["kept"].append(lpips.reduce(maps, m))
-    for name, region in (("hole", 1 - mask), ("kept", mask)):
-        scores[f"{name}_psnr"] = common.region_psnr(x, out, region).item()
-        scores[f"{name}_ssim"] = common.region_ssim(x, out, region).item()
-        scores[f"{name}_lpips"] = torch.nanmean(torch.cat(per_region[name])).item()
-    return scores
-
-
-@torch.no_grad()
 def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
     """The inpainting table (three mask families), plain reconstruction, grids, and the composition demo."""
     lpips = lpips if lpips is not None else common.LPIPS().to(device)
@@ -327,7 +311,7 @@ def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         row = {"seconds_per_image": (time.perf_counter() - t0) / len(x_test), "kept_fraction": mask.mean().item()}
-        row.update(region_scores(x_test, out, mask, lpips))
+        row.update(common.region_metrics(x_test, out, mask, lpips, batch=100))
         results[f"inpaint_{family}"] = row
         rows = torch.stack(
             [(x_test * mask)[:n_show], out[:n_show], x_test[:n_show]]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import free_port
+from conftest import Recording, free_port
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,16 +94,6 @@ def test_dims_carrying():
 
 
 # ------------------------------------------------------------------------------------------------- the wiring
-class Recording(torch.nn.Module):
-    """Wraps a network and keeps every input it was called with."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.inputs = net, []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
 
 
 def tiny_nets(*flags):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import Recording, free_port
 
 import common
 import regressor_inversion as ri
@@ -151,16 +151,6 @@ def tiny(*flags, resolution=16):
            "z_dim": 8}  # fmt: skip
     E = common.build_from_spec(ri.regressor_spec(args, gen, 1))
     return args, G, E
-
-
-class Recording(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.inputs = net, []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        return self.net(x)
 
 
 def test_each_loss_term_against_a_hand_computation():
