@@ -481,17 +481,21 @@ class StyleGAN2Generator(nn.Module):
     """StyleGAN2-lite: mapping MLP, learned 4x4 constant, two modulated convs per resolution, skip ToRGB.
 
     ``forward(z)`` maps then synthesizes; ``synthesis(w)`` takes w of shape (N, w_dim) or W+ (N, num_ws, w_dim).
-    ``mapping`` is a plain attribute so a method can swap in another z -> w network (LIA's invertible one).
+    ``mapping="invertible"`` replaces the MLP by ``n_mapping`` coupling steps (LIA): then w (LIA's y) and z are
+    exact inverses of each other through ``mapping`` and ``mapping.inverse``.
     """
 
     def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=8, mapping_lr_mul=0.01,
-                 normalize_z=True):  # fmt: skip
+                 normalize_z=True, mapping="mlp", coupling="additive"):  # fmt: skip
         super().__init__()
         check_resolution(resolution)
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
-        self.mapping = (
-            MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul, normalize_z) if n_mapping else nn.Identity()
-        )
+        if mapping == "invertible":  # LIA: n_mapping coupling steps, mapping(z) = y and mapping.inverse(y) = z
+            self.mapping = invertible_z_to_w(z_dim, w_dim, n_mapping, coupling)
+        else:
+            self.mapping = (
+                MappingNetwork(z_dim, w_dim, n_mapping, mapping_lr_mul, normalize_z) if n_mapping else nn.Identity()
+            )
         ch = stylegan_channels(4, width)
         self.const = nn.Parameter(torch.randn(1, ch, 4, 4))
         self.conv4 = StyledConv(ch, ch, w_dim)
@@ -606,17 +610,22 @@ class DCGANMappingGenerator(nn.Module):
     """A DCGAN behind a small mapping network, as InvGAN adds to DCGAN (2 layers in the paper): z -> w by an MLP
     (leaky ReLU 0.2 between layers, none after the last, so w is unbounded and a linear encoder head can reach it),
     then ``DCGANGenerator`` as the synthesis network w -> x. ``mapping`` and ``synthesis`` are attributes, as in
-    ``StyleGAN2Generator``, so eval.py can invert into w and optimize in it. ``n_mapping=0``: w = z."""
+    ``StyleGAN2Generator``, so eval.py can invert into w and optimize in it. ``n_mapping=0``: w = z.
+    ``mapping="invertible"``: ``n_mapping`` coupling steps instead of the MLP (LIA), as in ``StyleGAN2Generator``."""
 
-    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=2):
+    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=2, mapping="mlp",
+                 coupling="additive"):  # fmt: skip
         super().__init__()
         if n_mapping == 0 and w_dim != z_dim:
             raise ValueError(f"without a mapping network w = z, so w_dim ({w_dim}) must equal z_dim ({z_dim})")
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
-        dims, layers = [z_dim] + [w_dim] * n_mapping, []
-        for i, (a, b) in enumerate(zip(dims, dims[1:])):
-            layers += [nn.Linear(a, b)] + ([nn.LeakyReLU(0.2)] if i < n_mapping - 1 else [])
-        self.mapping = nn.Sequential(*layers) if n_mapping else nn.Identity()
+        if mapping == "invertible":
+            self.mapping = invertible_z_to_w(z_dim, w_dim, n_mapping, coupling)
+        else:
+            dims, layers = [z_dim] + [w_dim] * n_mapping, []
+            for i, (a, b) in enumerate(zip(dims, dims[1:])):
+                layers += [nn.Linear(a, b)] + ([nn.LeakyReLU(0.2)] if i < n_mapping - 1 else [])
+            self.mapping = nn.Sequential(*layers) if n_mapping else nn.Identity()
         self.synthesis = DCGANGenerator(w_dim, resolution, img_channels, width)
 
     def forward(self, z):
@@ -822,6 +831,16 @@ class InvertibleMapping(nn.Module):
         return y
 
 
+def invertible_z_to_w(z_dim, w_dim, n_steps, coupling="additive"):
+    """A generator's z -> w network made of coupling steps (LIA replaces the mapping MLP by one). It is LIA's
+    phi^-1: ``mapping(z) = y`` and ``mapping.inverse(y) = z = phi(y)``. Hidden width = the latent width."""
+    if z_dim != w_dim:
+        raise ValueError(f"an invertible mapping needs w_dim = z_dim (got {w_dim} and {z_dim})")
+    if n_steps < 1:
+        raise ValueError("an invertible mapping needs at least one coupling step (n_mapping >= 1)")
+    return InvertibleMapping(z_dim, n_steps, hidden=z_dim, kind=coupling)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Losses and regularizers
 # ---------------------------------------------------------------------------------------------------------
@@ -906,10 +925,18 @@ VGG16_RELU_OUTPUTS = {"relu1_2": 4, "relu2_2": 9, "relu3_3": 16, "relu4_3": 23, 
 
 class VGG16Features(nn.Module):
     """torchvision's VGG16 conv trunk with the real ImageNet weights (converted by setup.sh), frozen.
-    Input: images in [-1, 1] (1 or 3 channels); returns the requested ReLU outputs in order."""
+    Input: images in [-1, 1] (1 or 3 channels); returns the requested ReLU outputs in order.
 
-    def __init__(self, layers=("relu4_3",), weights_path=None):
+    ``input_range="imagenet"`` feeds the weights what they were trained on, ImageNet-normalized [0, 1] images.
+    ``"0-255"`` feeds Caffe-style input, the image on the [0, 255] scale minus the ImageNet mean (no division by
+    the std), as the TensorFlow/Keras VGG16 of LIA's code sees it: features about 255 * 0.226 = 58x larger, so a
+    loss weight tuned there (LIA's beta1 = 5e-5) keeps its meaning."""
+
+    def __init__(self, layers=("relu4_3",), weights_path=None, input_range="imagenet"):
         super().__init__()
+        if input_range not in ("imagenet", "0-255"):
+            fail(f"unknown VGG input range '{input_range}'; use imagenet or 0-255")
+        self.input_range = input_range
         path = weights_path or os.path.join(WEIGHTS_DIR, "vgg16_features.pt")
         if not os.path.exists(path):
             fail(f"VGG16 ImageNet weights not found at {path}; run `bash setup.sh`")
@@ -929,7 +956,8 @@ class VGG16Features(nn.Module):
 
     def forward(self, x):
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        h = ((x + 1) / 2 - self.mean) / self.std
+        h = (x + 1) / 2 - self.mean
+        h = h / self.std if self.input_range == "imagenet" else h * 255
         outs, start = [], 0
         for cut in self.cut:
             h = self.features[start:cut](h)
@@ -939,14 +967,18 @@ class VGG16Features(nn.Module):
 
 
 class VGGPerceptualLoss(nn.Module):
-    """Mean squared distance between VGG16 conv4_3 (after ReLU) features of two image batches."""
+    """Mean squared distance between VGG16 conv4_3 (after ReLU) features of two image batches. ``y_features``
+    (``features(y)`` computed once) saves the second pass when the same target is compared many times."""
 
-    def __init__(self, layer="relu4_3"):
+    def __init__(self, layer="relu4_3", input_range="imagenet"):
         super().__init__()
-        self.vgg = VGG16Features((layer,))
+        self.vgg = VGG16Features((layer,), input_range=input_range)
 
-    def forward(self, x, y):
-        return F.mse_loss(self.vgg(x)[0], self.vgg(y)[0])
+    def features(self, x):
+        return self.vgg(x)[0]
+
+    def forward(self, x, y=None, y_features=None):
+        return F.mse_loss(self.features(x), self.features(y) if y_features is None else y_features)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -514,8 +514,11 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
             "randrec": lambda: batched(inv.decode, batched(inv.encode, samples[: args.n_fid], bs), bs),
         }
         for kind in args.fid_kinds:
-            feats = fid_net(to_uint8(image_sets[kind]()), bs)
+            images = image_sets[kind]()
+            feats = fid_net(to_uint8(images), bs)
             row[f"fid_{kind}"] = fid_from_features(feats, ref["feats"])
+            if kind == "recon":  # LIA's Table 3 reports SWD of the reconstructions beside FID
+                row["swd_recon"] = swd(to_uint8(images).cpu(), ref["images"], seed=args.seed)["mean"]
             if kind == "sample":
                 row["kid_sample"] = kid(feats, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed)
                 row["swd_sample"] = swd(to_uint8(samples[: args.n_fid]).cpu(), ref["images"], seed=args.seed)["mean"]
@@ -618,10 +621,10 @@ def fmt(value, digits=4):
 def markdown_table(rows, config) -> str:
     cols = [("method", "method"), ("space", "space"), ("fid_sample", "FID sample"), ("fid_recon", "FID rec"),
             ("fid_interp", "FID interp"), ("fid_randrec", "FID randrec"), ("kid_sample", "KID sample"),
-            ("swd_sample", "SWD x1e3"),
+            ("swd_sample", "SWD x1e3"), ("swd_recon", "SWD rec x1e3"),
             ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
             ("seconds_per_image", "s / img")]  # fmt: skip
-    cols = [c for c in cols if c[0] != "fid_randrec" or any("fid_randrec" in row for row in rows)]  # only if asked
+    cols = [c for c in cols if c[0] not in ("fid_randrec", "swd_recon") or any(c[0] in row for row in rows)]  # if asked
     if config.get("mask", "none") != "none":
         cols[-1:-1] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
                        for m in ("psnr", "ssim", "lpips")]  # fmt: skip
@@ -723,8 +726,12 @@ def compare(args):
             row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args, masks)
             if row is None:
                 print(f"  skipped: {x_rec}")
-            else:
-                add(row, x_rec)
+                continue
+            if ref is not None and "recon" in args.fid_kinds and args.n_recon == args.n_fid:
+                # the same n test images the encoders' recon FID uses: Table 3's FID / SWD for a baseline too
+                row["fid_recon"] = fid_from_features(fid_net(to_uint8(x_rec), args.batch_size), ref["feats"])
+                row["swd_recon"] = swd(to_uint8(x_rec).cpu(), ref["images"], seed=args.seed)["mean"]
+            add(row, x_rec)
     if masks is not None:  # the masked input each method saw, as its first row
         recs.insert(0, ("masked input", (x_recon * masks[: len(x_recon)])[: args.grid_images]))
     comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
