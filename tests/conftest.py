@@ -1,5 +1,9 @@
+import concurrent.futures
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -25,3 +29,70 @@ class Recording(torch.nn.Module):
     def forward(self, x):
         self.inputs.append(x.detach().clone())
         return self.net(x)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One child process runs a list of cases, each as ``python SCRIPT ARGS`` would (runpy as __main__, sys.argv set, in
+# the case's working directory): a table of refusals then costs one torch import, not one per case. For every case it
+# records the exit status, stdout, stderr and ``changed``: the paths under the working directory that the case
+# created, removed or modified (sha256 of every file before and after). Only for cases whose outcome cannot depend
+# on what an earlier case left in the interpreter: refusals, a run whose files are all that is checked, an ablation
+# driver (its training runs are processes of their own). Exact resume and training runs stay one process each.
+CASE_RUNNER = r"""
+import contextlib, hashlib, io, json, os, runpy, sys, traceback
+cases, out_path = json.load(open(sys.argv[1])), sys.argv[2]
+results = []
+def tree_digest(root):
+    out = {}
+    for dirpath, dirnames, names in os.walk(root):
+        for name in dirnames + names:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
+    return out
+for script, args, cwd in cases:
+    os.chdir(cwd)
+    before = tree_digest(".")
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        sys.argv = [script, *args]
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:  # what the interpreter would print and return for it
+            status = 0 if e.code in (None, 0) else e.code if isinstance(e.code, int) else 1
+            if e.code not in (None, 0) and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            status = 1
+            traceback.print_exc()
+    after = tree_digest(".")
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    results.append({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(), "changed": changed,
+                    "digest": after})
+json.dump(results, open(out_path, "w"))
+"""
+
+
+def run_cases(cases, cwd=None, timeout=600) -> list[dict]:
+    """cases: [(script, args)] (in ``cwd``) or [(script, args, cwd)], script relative to the repository root. All
+    of them run in one child process (CASE_RUNNER), in order, with one thread; returns one {status, stdout, stderr,
+    changed, digest} per case, ``digest`` being {path: sha256 or "dir"} of its working directory after it ran."""
+    full = [(os.path.join(ROOT, c[0]), [str(a) for a in c[1]], str(c[2] if len(c) > 2 else cwd)) for c in cases]
+    with tempfile.TemporaryDirectory() as work:  # outside every working directory: not in their digests
+        with open(os.path.join(work, "cases.json"), "w") as f:
+            json.dump(full, f)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        r = subprocess.run([sys.executable, "-c", CASE_RUNNER, os.path.join(work, "cases.json"),
+                            os.path.join(work, "results.json")], cwd=full[0][2], env=env, check=False,
+                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        with open(os.path.join(work, "results.json")) as f:
+            return json.load(f)
+
+
+def two_at_a_time(calls: list) -> list:
+    """Call the zero-argument ``calls`` (each running one single-threaded subprocess to the end) two at a time, for
+    the two CPU cores; returns their results in order and re-raises the first failure (an assertion of a call)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda call: call(), calls))

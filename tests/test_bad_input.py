@@ -3,7 +3,6 @@ non-zero with exactly one line on stderr naming the problem, and leave the worki
 (nothing created, nothing changed). A new method script adds itself to SCRIPTS with its tiny flags, and its own
 cases to EXTRA_CASES."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import common
+from conftest import run_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DLSGAN_TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "16", "--batch-size", "8", "--eval-images", "16",
@@ -73,67 +73,26 @@ def inputs(tmp_path_factory):
     return tmp
 
 
-def run(script, args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-
-
-# One child process per script runs all of its cases, each as ``python script.py ARGS`` would (runpy as __main__,
-# sys.argv set, cwd = the prepared directory): the table then costs one torch import per script, not per case.
-CASE_RUNNER = r"""
-import contextlib, hashlib, io, json, os, runpy, sys, traceback
-script, cases, out_path = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
-results = []
-def tree_digest(root):
-    out = {}
-    for dirpath, dirnames, names in os.walk(root):
-        for name in dirnames + names:
-            path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
-    return out
-for args in cases:
-    before = tree_digest(".")
-    err = io.StringIO()
-    status = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        sys.argv = [script, *args]
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:  # what the interpreter would print and return for it
-            status = 0 if e.code in (None, 0) else e.code if isinstance(e.code, int) else 1
-            if e.code not in (None, 0) and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            status = 1
-            traceback.print_exc()
-    after = tree_digest(".")
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    results.append({"status": status, "stderr": err.getvalue(), "changed": changed})
-json.dump(results, open(out_path, "w"))
-"""
-
-
 CASES = [(script, args, msg) for script in SCRIPTS for args, msg in COMMON_CASES + EXTRA_CASES.get(script, [])]
 
 
 @pytest.fixture(scope="module")
 def case_results(inputs, tmp_path_factory):
-    """{(script, args): {status, stderr, changed}}, every case of a script in one child process; ``changed`` lists
-    the paths of the prepared directory that the case created, removed or modified (sha256 before and after)."""
-    work = tmp_path_factory.mktemp("cases")
+    """{(script, args): {status, stderr, changed}}, every case of a script in one child process (conftest.run_cases:
+    runpy as __main__, cwd = the prepared directory); ``changed`` lists the paths of the prepared directory that the
+    case created, removed or modified (sha256 before and after). The same process then runs the script's tiny
+    flags in a directory whose ``runs`` is a file: {(script, "runs is a file"): (result, that directory)}."""
     out = {}
     for script in SCRIPTS:
         cases = [[a.replace("{tmp}", str(inputs)) for a in [*SCRIPTS[script], *args]] for s, args, _ in CASES
                  if s == script]  # fmt: skip
-        (work / "cases.json").write_text(json.dumps(cases))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-        r = subprocess.run([sys.executable, "-c", CASE_RUNNER, os.path.join(ROOT, script), str(work / "cases.json"),
-                            str(work / "results.json")], cwd=inputs, env=env, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-        for args, result in zip(cases, json.loads((work / "results.json").read_text())):
+        runs_file = tmp_path_factory.mktemp("runs_file")
+        (runs_file / "runs").write_text("not a directory")
+        *results, last = run_cases([*((script, args) for args in cases), (script, SCRIPTS[script], runs_file)],
+                                   cwd=inputs)  # fmt: skip
+        for args, result in zip(cases, results):
             out[(script, tuple(args))] = result
+        out[(script, "runs is a file")] = last, runs_file
     return out
 
 
@@ -149,11 +108,11 @@ def test_refused_in_one_line_and_nothing_written(script, args, message, inputs, 
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_runs_being_a_file_is_refused(script, tmp_path):
-    (tmp_path / "runs").write_text("not a directory")
-    r = run(script, SCRIPTS[script], tmp_path)
-    assert r.returncode != 0 and "'runs' exists and is not a directory" in r.stderr and "Traceback" not in r.stderr
-    assert sorted(os.listdir(tmp_path)) == ["runs"]
+def test_runs_being_a_file_is_refused(script, case_results):
+    r, cwd = case_results[(script, "runs is a file")]
+    assert r["status"] != 0 and "'runs' exists and is not a directory" in r["stderr"]
+    assert "Traceback" not in r["stderr"]
+    assert sorted(os.listdir(cwd)) == ["runs"] and r["changed"] == []
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from conftest import Recording, free_port
+from conftest import Recording, free_port, run_cases, two_at_a_time
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,19 +159,28 @@ def test_evaluation_reconstructs_through_the_scale():
 
 
 # ------------------------------------------------------------------------------------------------- smoke runs
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--dist", "normal"],
-        ["--dist", "uniform", "--dg"],
-        ["--dist", "uniform", "--no-dls"],
-        ["--dist", "normal", "--dg", "--no-dls", "--v-update", "ema", "--r1-interval", "1"],
-        ["--arch", "dcgan", "--dg", "--loss", "hinge", "--dataset", "fashion-mnist"],
-    ],
-    ids=["dls-d-normal", "dls-dg-uniform", "nodls-d-uniform", "nodls-dg-normal-ema", "dcgan-fashion"],
-)
-def test_smoke_flag_combinations(flags, tmp_path):
-    r = run([*TINY, *flags, "--images", "32", "--run-name", "smoke"], tmp_path)
+SMOKE = {
+    "dls-d-normal": ["--dist", "normal"],
+    "dls-dg-uniform": ["--dist", "uniform", "--dg"],
+    "nodls-d-uniform": ["--dist", "uniform", "--no-dls"],
+    "nodls-dg-normal-ema": ["--dist", "normal", "--dg", "--no-dls", "--v-update", "ema", "--r1-interval", "1"],
+    "dcgan-fashion": ["--arch", "dcgan", "--dg", "--loss", "hinge", "--dataset", "fashion-mnist"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """{name: (completed run, its directory)}: every SMOKE run, each in a directory of its own, two at a time."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in SMOKE}
+    calls = [lambda name=name: run([*TINY, *SMOKE[name], "--images", "32", "--run-name", "smoke"], dirs[name],
+                                   check=False) for name in SMOKE]  # fmt: skip
+    return {name: (r, dirs[name]) for name, r in zip(SMOKE, two_at_a_time(calls))}
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_smoke_flag_combinations(name, smoke_runs):
+    flags, (r, tmp_path) = SMOKE[name], smoke_runs[name]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert "eval @ 4" in r.stdout and "ETA" in r.stdout
     run_dir = tmp_path / "runs" / "smoke"
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -198,8 +207,8 @@ def test_smoke_flag_combinations(flags, tmp_path):
 
 @pytest.mark.parametrize("arch", ["stylegan2", "dcgan"])
 def test_resume_is_exact(arch, tmp_path):
-    run([*TINY, "--arch", arch, "--dg", "--images", "48", "--run-name", "full"], tmp_path)
-    run([*TINY, "--arch", arch, "--dg", "--images", "24", "--run-name", "part"], tmp_path)
+    two_at_a_time([lambda: run([*TINY, "--arch", arch, "--dg", "--images", "48", "--run-name", "full"], tmp_path),
+                   lambda: run([*TINY, "--arch", arch, "--dg", "--images", "24", "--run-name", "part"], tmp_path)])
     r = run([*TINY, "--arch", arch, "--dg", "--images", "48", "--resume", "runs/part/checkpoint.pt"], tmp_path)
     assert "step 6/6" in r.stdout
     full = common.load_checkpoint(str(tmp_path / "runs/full/checkpoint.pt"))
@@ -226,14 +235,15 @@ def test_ddp_two_ranks_identical(arch, tmp_path):
 
 
 def test_lazy_r1_takes_its_own_adam_step(tmp_path):
-    run([*TINY, "--images", "40", "--r1-interval", "4", "--run-name", "r1"], tmp_path)  # 5 steps: R1 at 0 and 4
+    two_at_a_time([lambda: run([*TINY, "--images", "40", "--r1-interval", "4", "--run-name", "r1"], tmp_path),
+                   lambda: run([*TINY, "--images", "40", "--r1-interval", "1", "--run-name", "r1_every"], tmp_path)])
+    # run r1: 5 steps, R1 at 0 and 4
     ckpt = common.load_checkpoint(str(tmp_path / "runs/r1/checkpoint.pt"))
     d_steps = {int(state["step"]) for state in ckpt["optimizers"]["D"]["state"].values()}
     g_steps = {int(state["step"]) for state in ckpt["optimizers"]["G"]["state"].values()}
     assert g_steps == {5} and d_steps == {5, 5 + 2}  # the latent head has no part in R1: it keeps 5
     assert ckpt["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 4 / 5)  # StyleGAN2's k/(k+1)
-    run([*TINY, "--images", "40", "--r1-interval", "1", "--run-name", "r1_every"], tmp_path)  # folded: no extra step
-    ckpt = common.load_checkpoint(str(tmp_path / "runs/r1_every/checkpoint.pt"))
+    ckpt = common.load_checkpoint(str(tmp_path / "runs/r1_every/checkpoint.pt"))  # R1 folded: no extra step
     assert {int(state["step"]) for state in ckpt["optimizers"]["D"]["state"].values()} == {5}
     assert ckpt["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
@@ -266,11 +276,14 @@ def test_resume_with_other_architecture_flags_or_over_a_run_is_refused(tmp_path)
     """The generic one-line refusals are the table in test_bad_input.py; these need a real run first."""
     run([*TINY, "--images", "16", "--run-name", "a"], tmp_path)
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
-    r = run([*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"], tmp_path, check=False)
-    assert r.returncode != 0 and "--latent-dim is 32 but the checkpoint was trained with 16" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = run([*TINY, "--images", "16", "--run-name", "a"], tmp_path, check=False)  # would overwrite run a
-    assert r.returncode != 0 and "already holds files" in r.stderr
+    other_flags, overwrite = run_cases([  # both refusals in one process (conftest.run_cases)
+        ("dlsgan.py", [*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"]),
+        ("dlsgan.py", [*TINY, "--images", "16", "--run-name", "a"]),  # would overwrite run a
+    ], cwd=tmp_path)  # fmt: skip
+    assert other_flags["status"] != 0 and "Traceback" not in other_flags["stderr"]
+    assert "--latent-dim is 32 but the checkpoint was trained with 16" in other_flags["stderr"]
+    assert overwrite["status"] != 0 and "already holds files" in overwrite["stderr"]
+    assert other_flags["changed"] == overwrite["changed"] == []
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before  # nothing written was lost
 
 
@@ -278,10 +291,11 @@ def test_resume_continues_in_the_checkpoints_directory_not_a_namesake(tmp_path):
     """A checkpoint copied to x/t0 and resumed from a directory whose runs/t0 holds another run: the resumed run
     writes to x/t0 (its own checkpoint is updated) and runs/t0 is left byte for byte."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    run([*TINY, "--images", "16", "--run-name", "t0"], tmp_path / "a")
+    two_at_a_time([lambda: run([*TINY, "--images", "16", "--run-name", "t0"], tmp_path / "a"),
+                   lambda: run([*TINY, "--images", "16", "--seed", "2", "--run-name", "t0"], tmp_path / "b")])
+    # b/runs/t0 is another run of the same name
     (tmp_path / "x/t0").mkdir(parents=True)
     shutil.copy(tmp_path / "a/runs/t0/checkpoint.pt", tmp_path / "x/t0/checkpoint.pt")
-    run([*TINY, "--images", "16", "--seed", "2", "--run-name", "t0"], tmp_path / "b")  # another run, same name
     other = {p.name: p.read_bytes() for p in (tmp_path / "b/runs/t0").iterdir()}
     run([*TINY, "--images", "32", "--resume", str(tmp_path / "x/t0/checkpoint.pt")], tmp_path / "b")
     assert {p.name: p.read_bytes() for p in (tmp_path / "b/runs/t0").iterdir()} == other
@@ -290,21 +304,27 @@ def test_resume_continues_in_the_checkpoints_directory_not_a_namesake(tmp_path):
 
 
 def test_ablation_reuses_only_runs_of_the_same_configuration(tmp_path):
+    """The drivers run in one process on each side of the checkpoint edit (conftest.run_cases); the training runs
+    they start are processes of their own, as always."""
     args = [*TINY, "--arch", "dcgan", "--images", "16", "--ablation", "--jobs", "2"]
-    r = run(args, tmp_path)
+    first, again = run_cases([("dlsgan.py", args), ("dlsgan.py", args)], cwd=tmp_path)
+    assert first["status"] == 0, first["stdout"][-1500:] + first["stderr"][-3000:]
     (out_dir,) = [p for p in (tmp_path / "runs").iterdir() if (p / "table.md").exists()]
+    table_md = os.path.relpath(out_dir / "table.md", tmp_path)
+    assert again["status"] == 0 and again["digest"][table_md] == first["digest"][table_md]  # the first run's table
     table = (out_dir / "table.md").read_text()
     assert "dcgan width 8" in table and "d = 16" in table and table.count("\n| ") == 5  # header + 4 variants
     assert (out_dir / "l_enc.png").stat().st_size > 1000
-    r = run(args, tmp_path)
-    assert r.stdout.count("reusing the finished run") == 4
+    assert again["stdout"].count("reusing the finished run") == 4
     # a run directory of this ablation holding a run of other settings is refused, not relabelled
     ckpt_path = next(p for p in (tmp_path / "runs").iterdir() if p.name.endswith("__DLS_D")) / "checkpoint.pt"
     ckpt = common.load_checkpoint(str(ckpt_path))
     ckpt["args"]["lambda_enc"] = 0.5
     common.save_checkpoint(ckpt, str(ckpt_path))
-    r = run(args, tmp_path, check=False)
-    assert r.returncode != 0 and "was run with --lambda-enc 0.5 but this ablation asks for 1.0" in r.stderr
     # other settings go to another ablation directory
-    run([*args, "--latent-dim", "8", "--images", "8"], tmp_path)
+    refused, other = run_cases([("dlsgan.py", args), ("dlsgan.py", [*args, "--latent-dim", "8", "--images", "8"])],
+                               cwd=tmp_path)  # fmt: skip
+    assert refused["status"] != 0
+    assert "was run with --lambda-enc 0.5 but this ablation asks for 1.0" in refused["stderr"]
+    assert other["status"] == 0, other["stdout"][-1500:] + other["stderr"][-3000:]
     assert len([p for p in (tmp_path / "runs").iterdir() if (p / "table.md").exists()]) == 2

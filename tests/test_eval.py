@@ -2,6 +2,7 @@
 second LPIPS built on torchvision's VGG16), optimization inversion on a tiny trained generator, and the
 comparison command end to end on tiny checkpoints, with its one-line errors."""
 
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import scipy.stats
 import torch
 
 import common
+from conftest import run_cases, two_at_a_time
 import eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +36,13 @@ def run(script, args, cwd, check=True):
 
 @pytest.fixture(scope="module")
 def tiny_ckpts(tmp_path_factory):
-    """Two tiny MNIST 16px checkpoints from dlsgan.py (StyleGAN2-lite and DCGAN), trained for 200 steps."""
+    """Two tiny MNIST 16px checkpoints from dlsgan.py (StyleGAN2-lite and DCGAN), trained for 200 and 100 steps, and
+    a 32px one (2 steps) for the resolution-mismatch error: two runs at a time, one thread each."""
     d = tmp_path_factory.mktemp("ckpts")
-    run("dlsgan.py", [*TINY, "--images", "1600", "--run-name", "sg"], d)
-    run("dlsgan.py", [*TINY, "--arch", "dcgan", "--images", "800", "--run-name", "dc"], d)
+    jobs = [[*TINY, "--images", "1600", "--run-name", "sg"],
+            [*TINY, "--arch", "dcgan", "--images", "800", "--run-name", "dc"],
+            [*TINY, "--resolution", "32", "--images", "16", "--run-name", "res32"]]  # fmt: skip
+    two_at_a_time([lambda args=args: run("dlsgan.py", args, d) for args in jobs])
     return d, str(d / "runs/sg/checkpoint.pt"), str(d / "runs/dc/checkpoint.pt")
 
 
@@ -294,8 +299,8 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
 # ------------------------------------------------------------------------------------------------ comparison
 def test_comparison_end_to_end(tiny_ckpts):
     d, sg, dc = tiny_ckpts
-    r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "8", "--n-fid", "8",
-                        "--kid-subset-size", "8", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
+    r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "4", "--n-fid", "4",
+                        "--kid-subset-size", "4", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
                         "--baselines", "opt-z-mean", "opt-wplus-mean", "hybrid-w", "indomain-z"], d)  # fmt: skip
     out = d / "runs/cmp"
     results = json.loads((out / "results.json").read_text())
@@ -305,13 +310,13 @@ def test_comparison_end_to_end(tiny_ckpts):
                      "dlsgan:dc opt-z-mean", "dlsgan:dc indomain-z"):  # fmt: skip
         assert expected in methods, methods
     assert "dlsgan:dc opt-wplus-mean" not in methods and "skipped" in r.stdout  # DCGAN has no W+
-    assert results["config"]["n_fid"] == 8 and results["config"]["fid_ref"] == "train"
+    assert results["config"]["n_fid"] == 4 and results["config"]["fid_ref"] == "train"
     for row in results["rows"][1:]:
         assert math.isfinite(row["psnr"]) and 0 <= row["lpips"] and row["seconds_per_image"] > 0
         if row["method"].endswith("encoder"):
             assert all(math.isfinite(row[k]) for k in ("fid_sample", "fid_recon", "fid_interp", "kid_sample"))
     table = (out / "table.md").read_text()
-    assert "FID sample" in table and "n = 8" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
+    assert "FID sample" in table and "n = 4" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
     from PIL import Image
 
     grid = Image.open(out / "comparison.png")
@@ -321,7 +326,6 @@ def test_comparison_end_to_end(tiny_ckpts):
 
 def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
     d, sg, _ = tiny_ckpts
-    run("dlsgan.py", [*TINY, "--resolution", "32", "--images", "16", "--run-name", "res32"], d)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage")
     plain = tmp_path / "plain.pt"
@@ -340,13 +344,19 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
         (["--ckpt", sg, "--n-fid", "20000"], "asked for 20000 test images but mnist has 10000"),
         (["--ckpt", sg, "--baselines", "opt-q-mean"], "unknown baseline"),
     ]
-    for args, message in cases:
-        r = run("eval.py", args, tmp_path, check=False)
-        assert r.returncode != 0 and message in r.stderr, (args, r.stderr[-500:])
-        assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
+    # every case, then a run and the same run name again, as ``python eval.py ARGS`` in tmp_path, in one process
+    keep = ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--baselines", "--run-name", "keep"]
+    again = ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--run-name", "keep"]
+    *results, kept, refused = run_cases([("eval.py", args) for args in [*(a for a, _ in cases), keep, again]],
+                                        cwd=tmp_path)  # fmt: skip
+    for (args, message), r in zip(cases, results):
+        assert r["status"] != 0 and message in r["stderr"], (args, r["stderr"][-500:])
+        assert r["stderr"].strip().count("\n") == 0, r["stderr"]  # one line, no traceback
+        assert r["changed"] == [], (args, r["changed"])  # nothing created, nothing changed
     # an existing run directory is never overwritten
-    run("eval.py", ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--baselines", "--run-name", "keep"], tmp_path)
-    before = (tmp_path / "runs/keep/results.json").read_bytes()
-    r = run("eval.py", ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--run-name", "keep"], tmp_path, check=False)
-    assert r.returncode != 0 and "already holds files" in r.stderr and "--resume" not in r.stderr  # eval has none
-    assert (tmp_path / "runs/keep/results.json").read_bytes() == before
+    assert kept["status"] == 0, kept["stdout"][-2000:] + kept["stderr"][-3000:]
+    before = kept["digest"]["runs/keep/results.json"]  # sha256 of the bytes the first run wrote
+    assert refused["status"] != 0 and "already holds files" in refused["stderr"]
+    assert "--resume" not in refused["stderr"]  # eval has none
+    assert refused["changed"] == [] and refused["digest"]["runs/keep/results.json"] == before
+    assert hashlib.sha256((tmp_path / "runs/keep/results.json").read_bytes()).hexdigest() == before

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import free_port
+from conftest import free_port, two_at_a_time
 import invgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,18 +195,21 @@ def test_adversarial_gradient_reaches_D_through_w_R_only_with_wr_adv_grad():
 # ------------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
-    """The ablation driver run from a copy of invgan.py + common.py in an empty directory: three smoke runs."""
-    tmp = tmp_path_factory.mktemp("copied")
+    """The ablation driver run from a copy of invgan.py + common.py in an empty directory: three smoke runs. Beside
+    it, in a directory of its own, the full variant stopped after 2 of its 4 steps (``part``, for test_resume_is_exact)
+    runs at the same time, filling the core the driver leaves idle."""
+    tmp, half = tmp_path_factory.mktemp("copied"), tmp_path_factory.mktemp("half")
     for f in ("invgan.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), tmp / f)
     args = [*TINY, "--images", "32", "--ablation", "--jobs", "2"]
-    r = run(args, tmp, script=str(tmp / "invgan.py"))
+    r, _ = two_at_a_time([lambda: run(args, tmp, script=str(tmp / "invgan.py")),
+                          lambda: run([*TINY, "--variant", "full", "--images", "16", "--run-name", "part"], half)])
     (out_dir,) = [p for p in (tmp / "runs").iterdir() if (p / "table.md").exists()]
-    return tmp, out_dir, r, args
+    return tmp, out_dir, r, args, half
 
 
 def test_ablation_table_and_figure_from_a_copy_in_an_empty_dir(ablation):
-    tmp, out_dir, r, args = ablation
+    tmp, out_dir, r, args, _ = ablation
     table = (out_dir / "table.md").read_text()
     assert "| naive |" in table and "| augmented |" in table and "| full |" in table and "LPIPS" in table
     results = json.loads((out_dir / "table.json").read_text())
@@ -244,16 +247,16 @@ def test_smoke_run_per_variant(variant, ablation):
     assert torch.allclose(G.synthesis(D(x)[1]).clamp(-1, 1), invgan.reconstruct(G, D, x))
 
 
-def test_resume_is_exact(ablation, tmp_path):
+def test_resume_is_exact(ablation):
     """Stopped after 2 of 4 steps and resumed: the same weights, EMA, optimizers (all three) as the full run."""
-    tmp, out_dir, _, args = ablation
+    tmp, out_dir, _, args, half = ablation
     (full_dir,) = [p for p in (tmp / "runs").iterdir() if p.name.endswith("__full")]
     base = [*TINY, "--variant", "full"]
-    run([*base, "--images", "16", "--run-name", "part"], tmp_path)
-    r = run([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"], tmp_path)
+    assert common.load_checkpoint(str(half / "runs/part/checkpoint.pt"))["step"] == 2  # run by the fixture
+    r = run([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"], half)
     assert "step 4/4" in r.stdout
     full = common.load_checkpoint(str(full_dir / "checkpoint.pt"))
-    resumed = common.load_checkpoint(str(tmp_path / "runs/part/checkpoint.pt"))
+    resumed = common.load_checkpoint(str(half / "runs/part/checkpoint.pt"))
     assert resumed["step"] == full["step"] == 4
     for net in ("G", "D", "G_ema"):
         for k, t in full["state_dicts"][net].items():

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -35,16 +37,33 @@ def command(args, script=None, nproc=1):
 
 
 def run_all(jobs, jobs_at_once=2, timeout=300):
-    """jobs: {name: (cmd, cwd)}; run them ``jobs_at_once`` at a time; returns {name: CompletedProcess-like dict}."""
+    """jobs: {name: (cmd, cwd)} or {name: (cmd, cwd, after)}; runs them ``jobs_at_once`` at a time, in order, the
+    next one as soon as any finishes; a job with ``after`` waits until the job of that name has finished. Returns
+    {name: CompletedProcess-like dict}. Output goes to files (a pipe that fills up would stall a polled child)."""
+    assert all(len(job) < 3 or job[2] in jobs for job in jobs.values())
     pending, running, done = list(jobs.items()), [], {}
-    while pending or running:
-        while pending and len(running) < jobs_at_once:
-            name, (cmd, cwd) = pending.pop(0)
-            running.append((name, subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                                   stderr=subprocess.PIPE, text=True)))  # fmt: skip
-        name, proc = running.pop(0)
-        out, err = proc.communicate(timeout=timeout)
-        done[name] = {"returncode": proc.returncode, "stdout": out, "stderr": err}
+    with tempfile.TemporaryDirectory() as logs:
+        while pending or running:
+            for name, job in [(n, j) for n, j in pending if len(j) < 3 or j[2] in done]:
+                if len(running) == jobs_at_once:
+                    break
+                pending.remove((name, job))
+                out, err = (open(os.path.join(logs, f"{name}.{kind}"), "w+") for kind in ("out", "err"))
+                proc = subprocess.Popen(job[0], cwd=job[1], env=ENV, stdout=out, stderr=err, text=True)
+                running.append((name, proc, out, err, time.monotonic()))
+            time.sleep(0.05)
+            for item in list(running):
+                name, proc, out, err, started = item
+                if proc.poll() is None:
+                    if time.monotonic() - started > timeout:
+                        for other in running:
+                            other[1].kill()
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                    continue
+                running.remove(item)
+                out.seek(0), err.seek(0)
+                done[name] = {"returncode": proc.returncode, "stdout": out.read(), "stderr": err.read()}
+                out.close(), err.close()
     return done
 
 
@@ -66,16 +85,14 @@ def runs(tmp_path_factory):
     for f in ("regressor_inversion.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), copy / f)
     base = [*REG_TINY, "--generator", gen]
-    results = run_all({
-        "full": (command([*base, "--images", "32", "--run-name", "full"], str(copy / "regressor_inversion.py")), copy),
+    results = run_all({  # the longest (two ranks) first; resumed as soon as part has finished
+        "ddp": (command([*base, "--images", "32", "--run-name", "ddp"], nproc=2), d),
         "part": (command([*base, "--images", "16", "--run-name", "part"]), d),
+        "resumed": (command([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"]), d, "part"),
+        "full": (command([*base, "--images", "32", "--run-name", "full"], str(copy / "regressor_inversion.py")), copy),
         "variant": (command([*base, "--images", "16", "--no-mask", "--encoder", "resnet", "--latent-loss", "cos",
                              "--perceptual", "vgg", "--run-name", "variant"]), d),
     })  # fmt: skip
-    results.update(run_all({
-        "resumed": (command([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"]), d),
-        "ddp": (command([*base, "--images", "32", "--run-name", "ddp"], nproc=2), d),
-    }))  # fmt: skip
     results["gan"] = gan
     return d, gen, copy, results
 
