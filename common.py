@@ -1194,6 +1194,8 @@ def init_distributed(cuda: bool) -> DistInfo:
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if dist.is_initialized():  # a script running several stages in one process keeps its group
+        return info
     use_nccl = cuda and torch.cuda.is_available()
     if use_nccl:
         torch.cuda.set_device(info.local_rank)

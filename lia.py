@@ -15,13 +15,13 @@ What it reproduces (README, "LIA"): Fig. 11 (the encoder's init converges faster
 optimization baseline), exactness of phi, real-image interpolation in y and style mixing (``--arch stylegan2``).
 
 Usage:
-    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g), ~15 min on 2 CPU cores
+    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g), ~12 min on 2 CPU cores
     python lia.py --mapping mlp --stage all         # the comparison arm: a GAN with an MLP mapping, encoder to z
     python lia.py --stage gan                       # one stage at a time ...
     python lia.py --stage encoder --gan runs/<gan run>/checkpoint.pt
     python lia.py --stage refine --ckpt runs/<encoder run>/checkpoint.pt
     python lia.py --resume runs/<run>/checkpoint.pt # continue any stage exactly where it stopped
-    torchrun --nproc_per_node=2 lia.py --stage gan  # DDP (gloo on CPU, nccl on CUDA), every stage
+    torchrun --nproc_per_node=2 lia.py --run-name x # DDP (gloo on CPU, nccl on CUDA), every stage
     python eval.py --ckpt runs/<lia encoder run>/checkpoint.pt --ckpt runs/<mlp encoder run>/checkpoint.pt \\
         --baselines opt-w-mean                      # Table 3: FID / SWD / MSE of the reconstructions
     # paper scale (GPU): FFHQ-like data at 128px, StyleGAN2, d = 512, 8 coupling steps
@@ -54,7 +54,7 @@ STAGE_DEFAULTS = {  # flag: (gan, encoder, refine); None on the command line mea
     "lr": (1e-3, 1e-4, 0.05),
     "betas": ((0.0, 0.99), (0.9, 0.99), (0.9, 0.999)),
     "batch_size": (64, 32, 32),
-    "images": (192_000, 48_000, 0),
+    "images": (96_000, 16_000, 0),
 }
 
 
@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator (thousands of images)")
     p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images")
     p.add_argument(
-        "--ppl-samples", type=int, default=2000, help="gan stage: samples per path-length estimate (Table 2)"
+        "--ppl-samples", type=int, default=1000, help="gan stage: samples per path-length estimate (Table 2; 0: skip)"
     )
     # encoder (encoder stage)
     p.add_argument("--encoder-width", type=int, default=64, help="feature maps of the encoder f")
@@ -113,8 +113,8 @@ def parse_args(argv=None):
                    help="VGG16 input: 0-255 as LIA's TF code feeds it (what beta1 = 5e-5 was tuned for), or "
                         "ImageNet-normalized (features ~58x smaller)")  # fmt: skip
     # refinement (refine stage)
-    p.add_argument("--refine-images", type=int, default=32, help="held-out test images refined (paper: a few faces)")
-    p.add_argument("--refine-steps", type=int, default=200, help="Adam steps per image, space and init")
+    p.add_argument("--refine-images", type=int, default=16, help="held-out test images refined (paper: a few faces)")
+    p.add_argument("--refine-steps", type=int, default=100, help="Adam steps per image, space and init")
     p.add_argument("--refine-inits", nargs="+", default=["encoder", "mean", "random"],
                    choices=["encoder", "mean", "random"], help="initial codes compared (Fig. 11)")  # fmt: skip
     p.add_argument("--refine-spaces", nargs="+", default=["y", "z"], choices=["y", "z"],
@@ -128,7 +128,7 @@ def parse_args(argv=None):
                         "(0.9, 0.999))")  # fmt: skip
     p.add_argument("--epochs", type=float, default=0.0, help="gan / encoder: budget in epochs (0: use --images)")
     p.add_argument("--images", type=int, default=None,
-                   help="budget in images (default: gan 192000 = 3000 steps of 64, encoder 48000 = 1500 steps of 32)")  # fmt: skip
+                   help="budget in images (default: gan 96000 = 1500 steps of 64, encoder 16000 = 500 steps of 32)")  # fmt: skip
     # evaluation and saving
     p.add_argument("--eval-every", type=int, default=500, help="evaluate and log every N steps")
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
@@ -149,9 +149,9 @@ def validate_args(args):
     common.check_args(
         args,
         positive=("latent_dim", "width", "n_mapping", "mapping_lr_mul", "encoder_width", "r1_interval", "ema_kimg", "batch_size", "lr",
-                  "ppl_samples", "refine_images", "refine_steps", "eval_every", "eval_images", "save_every",
+                  "refine_images", "refine_steps", "eval_every", "eval_images", "save_every",
                   "log_every"),
-        nonnegative=("r1", "beta1", "beta2", "ema_rampup", "epochs", "images", "workers"),
+        nonnegative=("ppl_samples", "r1", "beta1", "beta2", "ema_rampup", "epochs", "images", "workers"),
         fraction=("betas",),
     )  # fmt: skip
     common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
@@ -242,8 +242,18 @@ REFINE_ARCH_FLAGS = ("stage", "refine_images", "refine_steps", "refine_inits", "
 # ---------------------------------------------------------------------------------------------------------
 # Shared plumbing of the stages
 # ---------------------------------------------------------------------------------------------------------
+KEEP_PROCESS_GROUP = False  # --stage all: the three stages share one process group (re-creating it can hang)
+
+
+def finish_distributed():
+    if not KEEP_PROCESS_GROUP:
+        common.cleanup_distributed()
+
+
 def setup(args):
     dist_info = common.init_distributed(args.cuda)
+    if dist_info.enabled:  # under --stage all, no rank reads the previous stage's checkpoint before rank 0 wrote it
+        torch.distributed.barrier()
     device = common.get_device(args.cuda, dist_info.local_rank)
     if args.batch_size % dist_info.world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
@@ -359,6 +369,16 @@ def randomize_phi(G):
         step.net[-1].reset_parameters()
 
 
+def variance_preserving_mlp(G):
+    """He init (leaky ReLU 0.2) for the DCGAN generator's MLP, as StyleGAN's equalized layers have it. nn.Linear's
+    default init shrinks the signal about 3x per layer: through 8 layers w varied by 1e-3 across z, below
+    BatchNorm's epsilon, and the generator collapsed to one image (measured; README)."""
+    for layer in G.mapping:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.kaiming_normal_(layer.weight, a=0.2, nonlinearity="leaky_relu")
+            torch.nn.init.zeros_(layer.bias)
+
+
 def generator_param_groups(G, args):
     """phi (or the MLP) at lr * --mapping-lr-mul, the synthesis at lr. StyleGAN2-lite's MLP carries its 0.01 inside
     its equalized layers already, so it gets the plain lr here."""
@@ -419,8 +439,7 @@ def path_length(G, lpips, space, sampling, n, seed, device, epsilon=1e-4, batch=
     return {"mean": float(kept.mean()), "median": float(d.median()), "n": n, "kept": len(kept)}
 
 
-def path_length_table(G, args, device):
-    lpips = common.LPIPS().to(device)
+def path_length_table(G, args, lpips, device):
     space_y = "y" if args.mapping == "invertible" else "w (MLP output)"
     table = {
         "epsilon": 1e-4,
@@ -447,12 +466,16 @@ def train_gan(args):
     loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
     steps_per_epoch = len(sampler) // batch
     total_steps = common.training_steps(args, steps_per_epoch)
+    # the path-length network is loaded now, so missing weights stop the run before it trains, not after
+    lpips = common.LPIPS().to(device) if dist_info.is_main and args.ppl_samples else None
     run_dir = common.make_run_dir(args) if dist_info.is_main else None
 
     specs = gan_specs(args, img_channels)
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     if args.mapping == "invertible":
         randomize_phi(G)
+    elif args.arch == "dcgan":
+        variance_preserving_mlp(G)
     common.broadcast_module(G), common.broadcast_module(D)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(generator_param_groups(G, args), lr=args.lr, betas=args.betas)
@@ -537,19 +560,22 @@ def train_gan(args):
                 }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
     if dist_info.is_main:
         train_wall = time.time() - t_start
-        t_ppl = time.time()
-        ppl = path_length_table(G_ema.model, args, device)
-        ppl["seconds"] = time.time() - t_ppl
-        with open(os.path.join(run_dir, "ppl.json"), "w") as f:
-            json.dump(ppl, f, indent=1)
-        print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full {ppl['z_full']['mean']:.1f} "
-              f"end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end {ppl['y_end']['mean']:.1f} "
-              f"({ppl['seconds']:.0f} s)", flush=True)  # fmt: skip
+        ppl = {}
+        if lpips is not None:
+            t_ppl = time.time()
+            ppl = path_length_table(G_ema.model, args, lpips, device)
+            ppl["seconds"] = time.time() - t_ppl
+            with open(os.path.join(run_dir, "ppl.json"), "w") as f:
+                json.dump(ppl, f, indent=1)
+        if ppl:
+            print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full {ppl['z_full']['mean']:.1f} "
+                  f"end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end {ppl['y_end']['mean']:.1f} "
+                  f"({ppl['seconds']:.0f} s)", flush=True)  # fmt: skip
         write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "ppl": ppl})
         if dist_info.enabled:
             print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
-    common.cleanup_distributed()
+    finish_distributed()
     return run_dir
 
 
@@ -763,7 +789,7 @@ def train_encoder(args):
         if dist_info.enabled:
             print(f"encoder and discriminator identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
-    common.cleanup_distributed()
+    finish_distributed()
     return run_dir
 
 
@@ -898,7 +924,7 @@ def train_refine(args):
         write_summary(
             run_dir, len(done), t_start, 0, device, {"results": {k: v["total_final_mean"] for k, v in done.items()}}
         )
-    common.cleanup_distributed()
+    finish_distributed()
     return run_dir
 
 
@@ -968,6 +994,8 @@ def run_all(argv):
     stage gets its own defaults for the flags a stage sets (lr, betas, batch size, budget) unless given."""
     base = parse_args(argv)
     slug = base.dataset.replace(":", "_").replace("/", "_")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not base.run_name:
+        common.fail("--stage all under torchrun needs --run-name (every rank must name the same three directories)")
     name = base.run_name or f"{slug}__{base.exp_name}__{base.seed}__{int(time.time())}"
     for flag in ("--lr", "--betas"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
@@ -976,16 +1004,21 @@ def run_all(argv):
     for d in (f"runs/{name}__{stage}" for stage in STAGES):
         if os.path.isdir(d) and os.listdir(d):
             common.fail(f"run directory '{d}' already holds files; pick another --run-name")
+    global KEEP_PROCESS_GROUP
+    KEEP_PROCESS_GROUP = True
     # --images / --epochs / --batch-size, when given, apply to the gan and the encoder stage alike
     stage_argv = common.strip_flags(argv, (), valued=("--stage", "--run-name"))
-    gan_dir = train_gan(parse_args([*stage_argv, "--stage", "gan", "--run-name", f"{name}__gan"]))
-    enc_dir = train_encoder(parse_args([*stage_argv, "--stage", "encoder", "--gan", os.path.join(gan_dir, "checkpoint.pt"),
+    gan_dir, enc_dir = (os.path.join("runs", f"{name}__{stage}") for stage in ("gan", "encoder"))  # on every rank
+    train_gan(parse_args([*stage_argv, "--stage", "gan", "--run-name", f"{name}__gan"]))
+    train_encoder(parse_args([*stage_argv, "--stage", "encoder", "--gan", os.path.join(gan_dir, "checkpoint.pt"),
                                         "--run-name", f"{name}__encoder"]))  # fmt: skip
     if base.mapping == "invertible":
         train_refine(parse_args([*stage_argv, "--stage", "refine", "--ckpt", os.path.join(enc_dir, "checkpoint.pt"),
                                  "--run-name", f"{name}__refine"]))  # fmt: skip
     else:
         print("[all] --mapping mlp: no refine stage (refinement in z needs phi)", flush=True)
+    KEEP_PROCESS_GROUP = False
+    common.cleanup_distributed()
 
 
 if __name__ == "__main__":
