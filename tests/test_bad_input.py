@@ -20,7 +20,10 @@ INVGAN_TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-d
                "--eval-images", "16", "--no-track", "--images", "16"]  # fmt: skip
 REGRESSOR_TINY = ["--stage", "gan", "--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "16",
                   "--batch-size", "8", "--eval-images", "16", "--no-track", "--images", "16"]  # fmt: skip
-SCRIPTS = {"dlsgan.py": DLSGAN_TINY, "invgan.py": INVGAN_TINY, "regressor_inversion.py": REGRESSOR_TINY}
+LIA_TINY = ["--stage", "gan", "--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2",
+            "--batch-size", "8", "--eval-images", "16", "--ppl-samples", "0", "--no-track", "--images", "16"]  # fmt: skip
+SCRIPTS = {"dlsgan.py": DLSGAN_TINY, "invgan.py": INVGAN_TINY, "regressor_inversion.py": REGRESSOR_TINY,
+           "lia.py": LIA_TINY}  # fmt: skip
 
 # (arguments, message); {tmp} is the prepared directory holding the inputs below
 COMMON_CASES = [
@@ -55,6 +58,16 @@ EXTRA_CASES = {
         (["--batch-size", "5"], "--batch-size must be even and at least 4"),
         (["--n-mapping", "0", "--w-dim", "4"], "--n-mapping 0 means w = z"),
         (["--inpaint-size", "0"], "--inpaint-size must be in (0, 1)"),
+    ],
+    "lia.py": [
+        (["--latent-dim", "7"], "--latent-dim must be even for coupling layers"),
+        (["--stage", "encoder"], "the encoder stage needs --gan CKPT"),
+        (["--stage", "refine"], "the refine stage needs --ckpt CKPT"),
+        (["--stage", "encoder", "--gan", "{tmp}/other_method.pt"], "is a 'other-method' checkpoint, not a 'lia' one"),
+        (["--stage", "all", "--lr", "0.1"], "--lr differs per stage"),
+        (["--stage", "all", "--resume", "{tmp}/missing.pt"], "--stage all does not resume"),
+        (["--gan", "{tmp}/missing.pt"], "--gan is for --stage encoder"),
+        (["--mapping-lr-mul", "0"], "--mapping-lr-mul must be > 0"),
     ],
 }
 
