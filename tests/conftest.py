@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -96,3 +97,51 @@ def two_at_a_time(calls: list) -> list:
     the two CPU cores; returns their results in order and re-raises the first failure (an assertion of a call)."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda call: call(), calls))
+
+
+# ------------------------------------------------------------------ training scripts run by subprocess, two at a time
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+
+
+def script_command(script, args, nproc=1):
+    """``python script args``, or under torchrun with ``nproc`` processes on a free port."""
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            script, *args]  # fmt: skip
+
+
+def run_jobs(jobs, jobs_at_once=2, timeout=300):
+    """jobs: {name: (cmd, cwd)} or {name: (cmd, cwd, after)}; runs them ``jobs_at_once`` at a time, in order, the
+    next one as soon as any finishes; a job with ``after`` waits until the job of that name has finished. Returns
+    {name: CompletedProcess-like dict}. Output goes to files (a pipe that fills up would stall a polled child)."""
+    assert all(len(job) < 3 or job[2] in jobs for job in jobs.values())
+    pending, running, done = list(jobs.items()), [], {}
+    with tempfile.TemporaryDirectory() as logs:
+        while pending or running:
+            for name, job in [(n, j) for n, j in pending if len(j) < 3 or j[2] in done]:
+                if len(running) == jobs_at_once:
+                    break
+                pending.remove((name, job))
+                out, err = (open(os.path.join(logs, f"{name}.{kind}"), "w+") for kind in ("out", "err"))
+                proc = subprocess.Popen(job[0], cwd=job[1], env=SUBPROCESS_ENV, stdout=out, stderr=err, text=True)
+                running.append((name, proc, out, err, time.monotonic()))
+            time.sleep(0.05)
+            for item in list(running):
+                name, proc, out, err, started = item
+                if proc.poll() is None:
+                    if time.monotonic() - started > timeout:
+                        for other in running:
+                            other[1].kill()
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                    continue
+                running.remove(item)
+                out.seek(0), err.seek(0)
+                done[name] = {"returncode": proc.returncode, "stdout": out.read(), "stderr": err.read()}
+                out.close(), err.close()
+    return done
+
+
+def ok(r):
+    assert r["returncode"] == 0, r["stdout"][-1500:] + r["stderr"][-3000:]
+    return r

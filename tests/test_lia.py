@@ -9,12 +9,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import Recording, free_port
+from conftest import Recording, ok, run_jobs, script_command
 
 import common
 import lia
@@ -23,34 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2", "--encoder-width", "8",
         "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--eval-images", "16",
         "--ppl-samples", "20", "--refine-images", "4", "--refine-steps", "3", "--no-track"]  # fmt: skip
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
 
 
 def command(args, script=None, nproc=1):
-    script = script or os.path.join(ROOT, "lia.py")
-    if nproc == 1:
-        return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            script, *args]  # fmt: skip
+    return script_command(script or os.path.join(ROOT, "lia.py"), args, nproc)
 
 
-def run_all(jobs, jobs_at_once=2, timeout=300):
-    """jobs: {name: (cmd, cwd)}, run ``jobs_at_once`` at a time -> {name: {returncode, stdout, stderr}}."""
-    pending, running, done = list(jobs.items()), [], {}
-    while pending or running:
-        while pending and len(running) < jobs_at_once:
-            name, (cmd, cwd) = pending.pop(0)
-            running.append((name, subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                                   stderr=subprocess.PIPE, text=True)))  # fmt: skip
-        name, proc = running.pop(0)
-        out, err = proc.communicate(timeout=timeout)
-        done[name] = {"returncode": proc.returncode, "stdout": out, "stderr": err}
-    return done
-
-
-def ok(r):
-    assert r["returncode"] == 0, r["stdout"][-1500:] + r["stderr"][-3000:]
-    return r
+run_all = run_jobs
 
 
 def state_digest(state_dict):
