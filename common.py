@@ -1380,6 +1380,17 @@ def load_generator(path: str, device="cpu") -> dict:
             "method": ckpt.get("method"), "name": name, "args": ckpt.get("args") or {}}  # fmt: skip
 
 
+def gather_rng_states(dist_info) -> list[dict]:
+    """Every rank's RNG state (each rank draws its own latents and masks), so a resumed DDP run continues every
+    stream; one process: a list of one."""
+    state = rng_state()
+    if not dist_info.enabled:
+        return [state]
+    states = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
 def rng_state() -> dict:
     """All RNG states as weights_only-loadable values."""
     np_state = np.random.get_state()

@@ -500,7 +500,7 @@ def train(args):
             checked = {"s": s, **{f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
                                   for k, t in net.state_dict().items()}}  # fmt: skip
             common.assert_same_across_ranks(checked, step)  # parameters and BatchNorm buffers alike
-            rng_states = gather_rng_states(dist_info)
+            rng_states = common.gather_rng_states(dist_info)
             if dist_info.is_main:
                 save(step, rng_states)
 
@@ -518,16 +518,6 @@ def train(args):
         logger.close()
     common.cleanup_distributed()
     return run_dir
-
-
-def gather_rng_states(dist_info):
-    """Every rank's RNG state (each rank draws its own z), so a resumed DDP run continues every stream."""
-    state = common.rng_state()
-    if not dist_info.enabled:
-        return [state]
-    states = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -280,16 +280,6 @@ def load_resume(args):
     return ckpt
 
 
-def gather_rng_states(dist_info):
-    """Every rank's RNG state (each rank draws its own z), so a resumed DDP run continues every stream."""
-    state = common.rng_state()
-    if not dist_info.enabled:
-        return [state]
-    states = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
 def frozen_generator(spec, state_dict, path, device):
     """A generator frozen for stages 2 and 3: no gradients to its weights, eval mode (BatchNorm uses the statistics
     recalibrated at the end of stage 1 and never updates them)."""
@@ -549,7 +539,7 @@ def train_gan(args):
             checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
                        for k, t in net.state_dict().items()}  # fmt: skip
             common.assert_same_across_ranks(checked, step)
-            rng_states = gather_rng_states(dist_info)
+            rng_states = common.gather_rng_states(dist_info)
             if dist_info.is_main:
                 common.save_checkpoint({
                     "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "gan",
@@ -763,7 +753,7 @@ def train_encoder(args):
         if do_save:
             checked = {f"{name}.{k}": t for name, net in (("E", E), ("D", D)) for k, t in net.state_dict().items()}
             common.assert_same_across_ranks(checked, step)
-            rng_states = gather_rng_states(dist_info)
+            rng_states = common.gather_rng_states(dist_info)
             if dist_info.is_main:
                 common.save_checkpoint({
                     "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "encoder",

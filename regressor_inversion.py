@@ -364,16 +364,6 @@ REGRESSOR_ARCH_FLAGS = ("stage", "dataset", "resolution", "encoder", "encoder_wi
                         "latent_loss", "batch_size")  # fmt: skip
 
 
-def gather_rng_states(dist_info):
-    """Every rank's RNG state (each rank draws its own z and masks), so a resumed DDP run continues every stream."""
-    state = common.rng_state()
-    if not dist_info.enabled:
-        return [state]
-    states = [None] * dist_info.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
 def setup(args):
     dist_info = common.init_distributed(args.cuda)
     device = common.get_device(args.cuda, dist_info.local_rank)
@@ -469,7 +459,7 @@ def train_gan(args):
             checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
                        for k, t in net.state_dict().items()}  # fmt: skip
             common.assert_same_across_ranks(checked, step)
-            rng_states = gather_rng_states(dist_info)
+            rng_states = common.gather_rng_states(dist_info)
             if dist_info.is_main:
                 common.save_checkpoint({
                     "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "gan",
@@ -588,7 +578,7 @@ def train_regressor(args):
         if do_save:
             checked = {f"E.{k}": t for k, t in E.state_dict().items()}
             common.assert_same_across_ranks(checked, step)
-            rng_states = gather_rng_states(dist_info)
+            rng_states = common.gather_rng_states(dist_info)
             if dist_info.is_main:
                 common.save_checkpoint({
                     "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "regressor",
