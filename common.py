@@ -1380,6 +1380,17 @@ def load_generator(path: str, device="cpu") -> dict:
             "method": ckpt.get("method"), "name": name, "args": ckpt.get("args") or {}}  # fmt: skip
 
 
+def write_summary(run_dir, step, t_start, images_seen, device, extra=None):
+    """runs/{run}/summary.json: steps, wall time, images/s (None when no image was trained on, e.g. a run resumed
+    at its last step), peak memory, plus ``extra``; its scalars printed on one line."""
+    wall = time.time() - t_start
+    summary = {"steps": step, "wall_s": wall, "images_per_sec": images_seen / wall if images_seen else None,
+               "peak_memory_mb": peak_memory_mb(device), "run_dir": run_dir, **(extra or {})}  # fmt: skip
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"done: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})}", flush=True)
+
+
 def gather_rng_states(dist_info) -> list[dict]:
     """Every rank's RNG state (each rank draws its own latents and masks), so a resumed DDP run continues every
     stream; one process: a list of one."""

@@ -296,15 +296,6 @@ def load_test_images(args, n, device):
     return torch.stack([test_set[i][0] for i in range(n)]).to(device)
 
 
-def write_summary(run_dir, step, t_start, images_seen, device, extra=None):
-    wall = time.time() - t_start
-    summary = {"steps": step, "wall_s": wall, "images_per_sec": images_seen / wall if images_seen else None,
-               "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir, **(extra or {})}  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"done: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})}", flush=True)
-
-
 def accumulate(sums, scalars):
     for k, val in scalars.items():
         sums[k] = sums.get(k, 0.0) + val
@@ -561,7 +552,7 @@ def train_gan(args):
             print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full {ppl['z_full']['mean']:.1f} "
                   f"end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end {ppl['y_end']['mean']:.1f} "
                   f"({ppl['seconds']:.0f} s)", flush=True)  # fmt: skip
-        write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "ppl": ppl})
+        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "ppl": ppl})
         if dist_info.enabled:
             print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
@@ -775,7 +766,7 @@ def train_encoder(args):
         final["eval/encoder_seconds_per_image"] = (time.perf_counter() - t0) / len(x_test)
         print("final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()),
               flush=True)  # fmt: skip
-        write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "final": final})
+        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "final": final})
         if dist_info.enabled:
             print(f"encoder and discriminator identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
@@ -911,7 +902,7 @@ def train_refine(args):
             json.dump(report, f, indent=1)
         save_refine_figures(report, finals, G, E, x_all, args, run_dir)
         print_refine_table(report)
-        write_summary(
+        common.write_summary(
             run_dir, len(done), t_start, 0, device, {"results": {k: v["total_final_mean"] for k, v in done.items()}}
         )
     finish_distributed()

@@ -373,14 +373,6 @@ def setup(args):
     return dist_info, device, args.batch_size // dist_info.world_size
 
 
-def write_summary(run_dir, step, t_start, images_seen, device, extra=None):
-    summary = {"steps": step, "wall_s": time.time() - t_start, "images_per_sec": images_seen / (time.time() - t_start),
-               "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir, **(extra or {})}  # fmt: skip
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"done: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)})}", flush=True)
-
-
 def train_gan(args):
     dist_info, device, batch = setup(args)
     ckpt = load_resume(args)
@@ -469,7 +461,7 @@ def train_gan(args):
                     "inversion": {"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
                 }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
     if dist_info.is_main:
-        write_summary(run_dir, step, t_start, images_seen, device)
+        common.write_summary(run_dir, step, t_start, images_seen, device)
         if dist_info.enabled:
             print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
         logger.close()
@@ -597,7 +589,7 @@ def train_regressor(args):
         with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         print_table(results, args)
-        write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": wall, "final": results})
+        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": wall, "final": results})
         if dist_info.enabled:
             print(
                 f"regressor parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True
