@@ -62,6 +62,12 @@ def test_frechet_distance_matches_closed_form_and_scipy():
     scipy_fd = np.square(m1 - m2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
     assert ev.frechet_distance(m1, s1, m2, s2) == pytest.approx(scipy_fd, rel=1e-8)
     assert abs(ev.fid_from_features(x, x)) < 1e-8
+    # fewer samples than dimensions (the small-n shortcut, either side) = the full 2048-style formula
+    few, many = rng.randn(20, 64) @ rng.randn(64, 64), rng.randn(300, 64) + 0.2
+    full = ev.frechet_distance(*ev.feature_stats(few), *ev.feature_stats(many))
+    assert ev.fid_from_features(few, many) == pytest.approx(full, rel=1e-7)
+    assert ev.fid_from_features(many, few) == pytest.approx(full, rel=1e-7)
+    assert ev.fid_from_features(few, few[::-1].copy()) == pytest.approx(0, abs=1e-6 * full)
 
 
 def test_fid_features_from_gaussian_samples_converge_to_closed_form():
