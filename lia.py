@@ -396,8 +396,8 @@ def slerp_directions(a, b, t):
 @torch.no_grad()
 def path_length(G, lpips, space, sampling, n, seed, device, epsilon=1e-4, batch=100):
     """Perceptual path length (Karras et al. 2019, the definition the paper's Table 2 uses): the LPIPS distance
-    between images at t and t + epsilon along a path, divided by epsilon^2, with t ~ U(0, 1) ('full') or t in {0, 1}
-    ('end'); the path is a slerp in z, or a lerp in y between y = phi^-1(z1) and phi^-1(z2). Values outside the
+    between images at t and t + epsilon along a path, divided by epsilon^2, with t ~ U(0, 1) ('full') or t = 0
+    ('end', StyleGAN's U(0, 0)); the path is a slerp in z, or a lerp in y between y = phi^-1(z1) and phi^-1(z2). Values outside the
     1st..99th percentile are dropped before the mean, as StyleGAN does."""
     gen = torch.Generator().manual_seed(seed)
     distances = []
@@ -406,7 +406,7 @@ def path_length(G, lpips, space, sampling, n, seed, device, epsilon=1e-4, batch=
         z1, z2 = (sample_z(m, G.z_dim, "cpu", gen).to(device) for _ in range(2))
         t = torch.rand(m, 1, generator=gen).to(device)
         if sampling == "end":
-            t = torch.round(t)
+            t = torch.zeros_like(t)
         if space == "z":
             z_t, z_e = slerp_directions(z1, z2, t), slerp_directions(z1, z2, t + epsilon)
             x_t, x_e = G(z_t), G(z_e)
@@ -658,8 +658,8 @@ def train_encoder(args):
     ckpt = load_resume(args)
     source = load_stage_checkpoint(args.gan, "gan", "--gan") if ckpt is None else None
     gan_args = source["args"] if ckpt is None else ckpt["gan_args"]
-    for flag in ("dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width"):
-        setattr(args, flag, gan_args[flag])  # the data and networks are the generator's
+    for flag in ("dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width", "loss"):
+        setattr(args, flag, gan_args[flag])  # the data and networks are the generator's; c keeps its loss
     if ckpt is not None:
         common.check_resume_flags(ckpt, args, ENCODER_ARCH_FLAGS)
     if dist_info.is_main:

@@ -57,10 +57,19 @@ def test_phi_is_exact_and_is_the_generators_mapping(arch, coupling):
     z = torch.randn(512, 32)
     y = lia.phi_inverse(G, z)
     assert (y - z.flip(1) if len(G.mapping.steps) % 2 else y - z).abs().max() > 0.5  # really non-linear
+    # and in every coordinate: steps alternate halves, so no half of z passes through as itself (or reversed)
+    assert (y - z).abs().amax(0).min() > 0.05 and (y - z.flip(1)).abs().amax(0).min() > 0.05
     assert (lia.phi(G, y) - z).abs().max() < 1e-5  # phi(phi^-1(z)) = z in float32
     assert (lia.phi_inverse(G, lia.phi(G, y)) - y).abs().max() < 1e-5
     with torch.no_grad():  # g(phi^-1(z)) is what G(z) computes: the mapping is phi^-1, synthesis takes y
         assert torch.equal(G(z[:4]), G.synthesis(y[:4]))
+
+
+def test_defaults_are_the_papers():
+    a = lia.parse_args([])
+    assert (a.stage, a.mapping, a.coupling, a.n_mapping, a.loss) == ("all", "invertible", "additive", 8, "logistic")
+    assert (a.beta1, a.beta2, a.vgg_input, a.r1) == (5e-5, 0.1, "0-255", 5.0)  # Eq. 12; R1 gamma 10 = 2 x 5
+    assert a.mapping_lr_mul == 0.01 and a.arch == "dcgan" and a.dataset == "mnist"
 
 
 def test_the_mlp_arm_keeps_an_mlp_and_has_no_inverse():
@@ -144,8 +153,38 @@ def test_encoder_loss_term_by_term(mapping):
     assert scalars["losses/adv"] == pytest.approx(float(adv), rel=1e-5)
     total = float(pixel.mean() + 5e-5 * perceptual.mean() + 0.1 * adv)
     assert scalars["losses/total"] == pytest.approx(total, rel=1e-5)
+    with torch.no_grad():  # c: softplus(c(x~)) + softplus(-c(x)), fake first -- a swap would change the value
+        d_loss = torch.nn.functional.softplus(D.net(x_rec)[0]).mean() + torch.nn.functional.softplus(-D.net(x)[0]).mean()
+    assert scalars["losses/D"] == pytest.approx(float(d_loss), rel=1e-5)
     assert torch.allclose(D.inputs[0], x_rec, atol=1e-6)  # adversarial term on x~
     assert torch.equal(D.inputs[1], x) and torch.allclose(D.inputs[2], x_rec, atol=1e-6)  # then c: real vs x~
+
+
+def test_gan_step_term_by_term():
+    """Stage 1's losses as the step computes them: D on softplus(c(g(z1))) + softplus(-c(x)) + R1, G on
+    softplus(-c(g(z2))) with fresh z2 (the non-saturating logistic loss); R1 = E ||grad_x c(x)||^2 by autograd."""
+    args = lia.parse_args(["--stage", "gan", "--latent-dim", "8", "--n-mapping", "2", "--resolution", "16",
+                           "--width", "8"])  # fmt: skip
+    specs = lia.gan_specs(args, 1)
+    torch.manual_seed(0)
+    G, D = trained_shaped(common.build_from_spec(specs["G"])).eval(), Recording(common.build_from_spec(specs["D"]))
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), 0.0), torch.optim.SGD(D.parameters(), 0.0)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    torch.manual_seed(11)
+    scalars = lia.gan_step(G, D, opt_g, opt_d, x, args, r1_weight=5.0)
+    torch.manual_seed(11)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    softplus = torch.nn.functional.softplus
+    x_real = x.clone().requires_grad_(True)
+    real_logit = D.net(x_real)[0]
+    (grad,) = torch.autograd.grad(real_logit.sum(), x_real)
+    with torch.no_grad():
+        d_loss = softplus(D.net(G(z1))[0]).mean() + softplus(-real_logit).mean()
+        g_loss = softplus(-D.net(G(z2))[0]).mean()
+    assert scalars["losses/D"] == pytest.approx(float(d_loss), rel=1e-5)
+    assert scalars["losses/G"] == pytest.approx(float(g_loss), rel=1e-5)
+    assert scalars["losses/R1"] == pytest.approx(float(grad.square().flatten(1).sum(1).mean()), rel=1e-4)
+    assert torch.equal(D.inputs[0], x)  # R1 on the real batch
 
 
 # ------------------------------------------------------------------------------------------------- refinement
@@ -163,6 +202,9 @@ def test_refine_starts_y_and_z_from_the_same_reconstruction_and_optimizes_each_i
     assert not torch.allclose(py[-1], pz[-1])  # two parametrizations, two paths
     total_y, total_z = py + 5e-5 * qy, pz + 5e-5 * qz  # Eq. 13's loss falls for every image
     assert (total_y[-1] < total_y[0]).all() and (total_z[-1] < total_z[0]).all()
+    args.beta1 = 0.0  # Eq. 13's perceptual term steers the path: without it, another path
+    assert not torch.allclose(lia.refine(G, x, y0, "y", loss_fn, args)[0], py, rtol=1e-4)
+    args.beta1 = 5e-5
     alone, _, _ = lia.refine(G, x[1:2], y0[1:2], "y", loss_fn, args)  # a batch is per-image optimization
     assert torch.allclose(alone[:, 0], py[:, 1], rtol=1e-4)
     # the three inits: f(x), the mean y (one code for all), phi^-1 of a random z
@@ -173,7 +215,7 @@ def test_refine_starts_y_and_z_from_the_same_reconstruction_and_optimizes_each_i
 
 # ------------------------------------------------------------------------------------------------- path length
 class LinearGenerator(torch.nn.Module):
-    """x = A y with y = phi^-1(z) = 2 z: path lengths have a closed form."""
+    """x = A y with y = phi^-1(z) = z^3: path lengths in y have a closed form."""
 
     def __init__(self, d=6):
         super().__init__()
@@ -181,7 +223,7 @@ class LinearGenerator(torch.nn.Module):
         self.A = torch.randn(16, d, dtype=torch.float64)
 
     def mapping(self, z):
-        return 2 * z
+        return z**3  # non-linear: a lerp in y is not a lerp in z
 
     def synthesis(self, y):
         return (y.double() @ self.A.t()).view(-1, 1, 4, 4)
@@ -202,7 +244,7 @@ def test_path_length_matches_the_closed_form():
     for start in range(0, n, 100):
         z1, z2 = torch.randn(100, 6, generator=gen), torch.randn(100, 6, generator=gen)
         torch.rand(100, 1, generator=gen)
-        values.append(((2 * (z2 - z1)).double() @ G.A.t()).square().sum(1))
+        values.append(((z2**3 - z1**3).double() @ G.A.t()).square().sum(1))
     d = torch.cat(values)
     d = d[(d >= torch.quantile(d, 0.01)) & (d <= torch.quantile(d, 0.99))]
     assert r["mean"] == pytest.approx(float(d.mean()), rel=1e-3)
@@ -215,6 +257,14 @@ def test_path_length_matches_the_closed_form():
         lia.slerp_directions(a, b, torch.zeros(5, 1)), a / a.norm(dim=1, keepdim=True) * math.sqrt(6), atol=1e-5
     )
     assert lia.path_length(G, sq_l2, "z", "end", 50, seed, "cpu")["mean"] > 0
+    # 'end' sampling is StyleGAN's t = 0: with x = y^2 the length is ||2 y1 (y2 - y1)||^2 there, not at t = 1
+    G.synthesis = lambda y: y.double().square().view(-1, 1, 2, 3)
+    r = lia.path_length(G, sq_l2, "y", "end", 100, seed, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    y1, y2 = torch.randn(100, 6, generator=gen) ** 3, torch.randn(100, 6, generator=gen) ** 3
+    d = (2 * y1 * (y2 - y1)).double().square().sum(1)
+    d = d[(d >= torch.quantile(d, 0.01)) & (d <= torch.quantile(d, 0.99))]
+    assert r["mean"] == pytest.approx(float(d.mean()), rel=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------- smoke runs
