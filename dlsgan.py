@@ -244,7 +244,7 @@ def model_specs(args, img_channels):
 
 # Flags that define the networks and the latent: a resumed run must keep them.
 ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "dist", "no_dls",
-              "v_update", "v_window", "batch_size", "d_head_hidden", "d_lr_mode")  # fmt: skip
+              "v_update", "v_window", "batch_size", "d_head_hidden", "d_lr_mode", "lr", "betas", "r1_interval")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def model_specs(args, img_channels):
 
 # Flags that define the networks and the data order: a resumed run must keep them.
 ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "batch_size", "d_head_hidden",
-              "real_codes", "grad_through_wr")  # fmt: skip
+              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval")  # fmt: skip
 
 
 def d_all(D, x):

@@ -231,10 +231,12 @@ def gan_specs(args, img_channels):
     return {"G": g, "D": d}
 
 
-# Flags that define the networks: a resumed run must keep them.
+# Flags that define the networks and the optimizers: a resumed run must keep them (Adam's restored state would
+# otherwise silently keep the checkpoint's lr and betas).
 GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width",
-                  "loss", "batch_size", "mapping_lr_mul")  # fmt: skip
-ENCODER_ARCH_FLAGS = ("stage", "encoder_width", "beta1", "beta2", "vgg_input", "loss", "batch_size")
+                  "loss", "batch_size", "mapping_lr_mul", "lr", "betas", "r1_interval")  # fmt: skip
+ENCODER_ARCH_FLAGS = ("stage", "encoder_width", "beta1", "beta2", "vgg_input", "loss", "batch_size", "lr", "betas",
+                      "r1_interval")  # fmt: skip
 REFINE_ARCH_FLAGS = ("stage", "refine_images", "refine_steps", "refine_inits", "refine_spaces", "lr", "betas", "beta1",
                      "vgg_input", "seed")  # fmt: skip
 

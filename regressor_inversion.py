@@ -359,9 +359,10 @@ def load_test_images(args, device):
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "batch_size")
+GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "batch_size", "lr",
+                  "betas")  # fmt: skip
 REGRESSOR_ARCH_FLAGS = ("stage", "dataset", "resolution", "encoder", "encoder_width", "no_mask", "perceptual",
-                        "latent_loss", "batch_size")  # fmt: skip
+                        "latent_loss", "batch_size", "lr", "betas")  # fmt: skip
 
 
 def setup(args):

@@ -276,14 +276,17 @@ def test_resume_with_other_architecture_flags_or_over_a_run_is_refused(tmp_path)
     """The generic one-line refusals are the table in test_bad_input.py; these need a real run first."""
     run([*TINY, "--images", "16", "--run-name", "a"], tmp_path)
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
-    other_flags, overwrite = run_cases([  # both refusals in one process (conftest.run_cases)
+    other_flags, other_lr, overwrite = run_cases([  # the refusals in one process (conftest.run_cases)
         ("dlsgan.py", [*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"]),
+        ("dlsgan.py", [*TINY, "--images", "32", "--lr", "0.5", "--resume", "runs/a/checkpoint.pt"]),
         ("dlsgan.py", [*TINY, "--images", "16", "--run-name", "a"]),  # would overwrite run a
     ], cwd=tmp_path)  # fmt: skip
     assert other_flags["status"] != 0 and "Traceback" not in other_flags["stderr"]
     assert "--latent-dim is 32 but the checkpoint was trained with 16" in other_flags["stderr"]
+    # Adam's restored state would silently keep the old lr and betas: a changed one is refused
+    assert other_lr["status"] != 0 and "--lr is 0.5 but the checkpoint was trained with 0.001" in other_lr["stderr"]
     assert overwrite["status"] != 0 and "already holds files" in overwrite["stderr"]
-    assert other_flags["changed"] == overwrite["changed"] == []
+    assert other_flags["changed"] == other_lr["changed"] == overwrite["changed"] == []
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before  # nothing written was lost
 
 

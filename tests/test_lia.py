@@ -154,7 +154,9 @@ def test_encoder_loss_term_by_term(mapping):
     total = float(pixel.mean() + 5e-5 * perceptual.mean() + 0.1 * adv)
     assert scalars["losses/total"] == pytest.approx(total, rel=1e-5)
     with torch.no_grad():  # c: softplus(c(x~)) + softplus(-c(x)), fake first -- a swap would change the value
-        d_loss = torch.nn.functional.softplus(D.net(x_rec)[0]).mean() + torch.nn.functional.softplus(-D.net(x)[0]).mean()
+        d_loss = (
+            torch.nn.functional.softplus(D.net(x_rec)[0]).mean() + torch.nn.functional.softplus(-D.net(x)[0]).mean()
+        )
     assert scalars["losses/D"] == pytest.approx(float(d_loss), rel=1e-5)
     assert torch.allclose(D.inputs[0], x_rec, atol=1e-6)  # adversarial term on x~
     assert torch.equal(D.inputs[1], x) and torch.allclose(D.inputs[2], x_rec, atol=1e-6)  # then c: real vs x~
