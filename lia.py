@@ -97,7 +97,8 @@ def parse_args(argv=None):
                         "shifts grew until y had std 76 after 500 steps (README), since g is invariant to y's scale")  # fmt: skip
     p.add_argument("--width", type=int, default=32, help="feature maps of g and c (paper-sized StyleGAN2: 512)")
     p.add_argument("--loss", default="logistic", choices=["logistic", "wgan"],
-                   help="adversarial loss: non-saturating logistic (the code's) or the paper's Wasserstein form (Eq. 8)")  # fmt: skip
+                   help="adversarial loss: non-saturating logistic (the code's) or the paper's Wasserstein form (Eq. 8); "
+                        "the encoder stage keeps its gan checkpoint's")  # fmt: skip
     p.add_argument("--r1", type=float, default=5.0, help="R1 weight: gamma / 2 with the paper's gamma = 10 (Eq. 8)")
     p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
     p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator (thousands of images)")

@@ -302,11 +302,23 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
     assert gap[20.0] < 0.5 * gap[0.0], gap
 
 
+# ------------------------------------------------------------------------------------------------ class oracle
+def test_class_oracle_learns_the_digits_and_scores_against_the_true_labels():
+    assert ev.labels_of("mnist", 32, None, 10).tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # MNIST's first test digits
+    net, test_accuracy = ev.train_classifier("mnist", 32, None, torch.device("cpu"), epochs=1, n_train=2000)
+    assert test_accuracy > 0.85  # on all 10,000 test images, after 2,000 training images
+    x, labels = mnist_uint8(300).float().div(127.5).sub(1), ev.labels_of("mnist", 32, None, 300)
+    assert ev.class_accuracy(net, x, labels) > 0.85
+    assert ev.class_accuracy(net, x, labels.roll(1)) < 0.3  # wrong labels: chance level
+    assert ev.class_accuracy(net, torch.full_like(x, -1.0), labels) < 0.3  # a blank image keeps no digit
+
+
 # ------------------------------------------------------------------------------------------------ comparison
 def test_comparison_end_to_end(tiny_ckpts):
     d, sg, dc = tiny_ckpts
     r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "4", "--n-fid", "4",
                         "--kid-subset-size", "4", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
+                        "--classifier-images", "2000",
                         "--baselines", "opt-z-mean", "opt-wplus-mean", "hybrid-w", "indomain-z"], d)  # fmt: skip
     out = d / "runs/cmp"
     results = json.loads((out / "results.json").read_text())
@@ -321,8 +333,10 @@ def test_comparison_end_to_end(tiny_ckpts):
         assert math.isfinite(row["psnr"]) and 0 <= row["lpips"] and row["seconds_per_image"] > 0
         if row["method"].endswith("encoder"):
             assert all(math.isfinite(row[k]) for k in ("fid_sample", "fid_recon", "fid_interp", "kid_sample"))
+    assert all(0 <= row["semantic"] <= 1 for row in results["rows"][1:])  # class oracle on every reconstruction
+    assert results["config"]["classifier_real_accuracy"] > 0.5 and results["config"]["classifier_test_accuracy"] > 0.8
     table = (out / "table.md").read_text()
-    assert "FID sample" in table and "n = 4" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
+    assert "class acc" in table and "FID sample" in table and "n = 4" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
     from PIL import Image
 
     grid = Image.open(out / "comparison.png")
