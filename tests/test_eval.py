@@ -305,8 +305,8 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
 # ------------------------------------------------------------------------------------------------ class oracle
 def test_class_oracle_learns_the_digits_and_scores_against_the_true_labels():
     assert ev.labels_of("mnist", 32, None, 10).tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # MNIST's first test digits
-    net, test_accuracy = ev.train_classifier("mnist", 32, None, torch.device("cpu"), epochs=1, n_train=2000)
-    assert test_accuracy > 0.85  # on all 10,000 test images, after 2,000 training images
+    net, test_accuracy = ev.train_classifier("mnist", 32, None, torch.device("cpu"), epochs=3, n_train=2000)
+    assert test_accuracy > 0.9  # on all 10,000 test images, after 3 epochs of 2,000 training images (measured 0.938)
     x, labels = mnist_uint8(300).float().div(127.5).sub(1), ev.labels_of("mnist", 32, None, 300)
     assert ev.class_accuracy(net, x, labels) > 0.85
     assert ev.class_accuracy(net, x, labels.roll(1)) < 0.3  # wrong labels: chance level
