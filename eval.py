@@ -731,7 +731,7 @@ def markdown_table(rows, config) -> str:
             ("swd_sample", "SWD x1e3"), ("swd_recon", "SWD rec x1e3"),
             ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
             ("semantic", "class acc"), ("seconds_per_image", "s / img")]  # fmt: skip
-    cols = [c for c in cols if c[0] not in ("fid_randrec", "swd_recon", "semantic") or any(c[0] in row for row in rows)]
+    cols = [c for c in cols if c[0] in ("method", "space") or any(c[0] in row for row in rows)]  # measured ones only
     if config.get("mask", "none") != "none":
         cols[-1:-1] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
                        for m in ("psnr", "ssim", "lpips")]  # fmt: skip
