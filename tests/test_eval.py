@@ -336,7 +336,8 @@ def test_comparison_end_to_end(tiny_ckpts):
     assert all(0 <= row["semantic"] <= 1 for row in results["rows"][1:])  # class oracle on every reconstruction
     assert results["config"]["classifier_real_accuracy"] > 0.5 and results["config"]["classifier_test_accuracy"] > 0.8
     table = (out / "table.md").read_text()
-    assert "class acc" in table and "FID sample" in table and "n = 4" in table and table.count("\n|") == len(methods) + 2  # header, rule, rows
+    assert "class acc" in table and "FID sample" in table and "n = 4" in table
+    assert table.count("\n|") == len(methods) + 2  # header, rule, rows
     from PIL import Image
 
     grid = Image.open(out / "comparison.png")
