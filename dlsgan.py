@@ -122,8 +122,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--images",
         type=int,
-        default=51_200,
-        help="training budget in images when --epochs is 0 (default: 800 steps of 64)",
+        default=128_000,
+        help="training budget in images when --epochs is 0 (default: 2000 steps of 64, about 4.5 min on 2 CPU cores)",
     )
     # evaluation and saving
     p.add_argument("--eval-every", type=int, default=200, help="evaluate and log every N steps")

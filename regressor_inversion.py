@@ -41,9 +41,10 @@ import common
 
 METHOD = "regressor_inversion"
 STAGE_DEFAULTS = {  # flag: (gan stage, regressor stage); None on the command line means "the stage's default"
-    "lr": (2e-4, 1e-4),
+    "lr": (1e-3, 1e-4),
+    "betas": ([0.0, 0.99], [0.5, 0.999]),
     "batch_size": (128, 32),
-    "images": (102_400, 9_600),
+    "images": (76_800, 6_400),  # 600 + 200 steps: the two stages take under 5 minutes on 2 CPU cores
     "exp_name": ("regressor-gan", "regressor"),
 }
 
@@ -77,9 +78,12 @@ def parse_args(argv=None):
                    help="gan stage: DCGAN (the paper's baseline) or common.py's fixed-resolution ProGAN blocks")  # fmt: skip
     p.add_argument("--latent-dim", type=int, default=64, help="gan stage: z dimension (paper: 64)")
     p.add_argument("--width", type=int, default=32, help="gan stage: generator feature maps (paper's DCGAN: 64)")
-    p.add_argument("--d-width", type=int, default=16,
-                   help="gan stage: discriminator feature maps (paper: 16). Measured on MNIST, 300-800 steps: 32 maps: D "
-                        "wins within 25 steps (D loss < 0.01); 16 and 8 maps: G collapses to one mode (README)")  # fmt: skip
+    p.add_argument("--d-width", type=int, default=16, help="gan stage: discriminator feature maps (paper: 16)")
+    p.add_argument("--d-norm", default="none", choices=["none", "bn"],
+                   help="gan stage: D's normalization (paper: bn). The paper's recipe (--d-norm bn --r1 0 --lr 2e-4 "
+                        "--betas 0.5 0.999) collapsed to one mode on MNIST at every D width tried (README)")  # fmt: skip
+    p.add_argument("--r1", type=float, default=10.0, help="gan stage: R1 weight (gamma / 2; paper: 0, none)")
+    p.add_argument("--r1-interval", type=int, default=4, help="gan stage: lazy R1 every k steps (1 = every step)")
     p.add_argument("--ema-kimg", type=float, default=10.0,
                    help="gan stage: half-life of the evaluation generator G_ema in thousands of images (0: a copy)")  # fmt: skip
     p.add_argument(
@@ -103,11 +107,13 @@ def parse_args(argv=None):
     p.add_argument("--lambda-z", type=float, default=1.0, help="weight of L_z")
     # optimization
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 128 (paper), regressor 32)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr (default: gan 2e-4, regressor 1e-4, the paper's)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas (paper: 0.5, 0.999)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam lr (default: gan 1e-3 (paper: 2e-4), regressor 1e-4 (the paper's))")  # fmt: skip
+    p.add_argument("--betas", type=float, nargs=2, default=None,
+                   help="Adam betas (default: gan 0 0.99 (paper: 0.5 0.999), regressor 0.5 0.999 (the paper's))")  # fmt: skip
     p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
     p.add_argument("--images", type=int, default=None,
-                   help="budget in images (default: gan 102400 = 800 steps of 128; regressor 9600 = 300 steps of 32)")  # fmt: skip
+                   help="budget in images (default: gan 76800 = 600 steps of 128; regressor 6400 = 200 steps of 32)")  # fmt: skip
     # evaluation and saving
     p.add_argument("--eval-every", type=int, default=100, help="evaluate and log every N steps")
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
@@ -127,8 +133,8 @@ def validate_args(args):
     common.check_args(
         args,
         positive=("latent_dim", "width", "d_width", "encoder_width", "mask_grid", "batch_size", "lr", "eval_every",
-                  "eval_images", "save_every", "log_every"),
-        nonnegative=("lambda_pix", "lambda_p", "lambda_z", "epochs", "images", "workers", "ema_kimg", "ema_rampup",
+                  "eval_images", "save_every", "log_every", "r1_interval"),
+        nonnegative=("r1", "lambda_pix", "lambda_p", "lambda_z", "epochs", "images", "workers", "ema_kimg", "ema_rampup",
                      "mask_low", "mask_span"),
         fraction=("betas",),
     )  # fmt: skip
@@ -226,7 +232,9 @@ def regressor_spec(args, gen, img_channels):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The paper's generator: DCGAN (or ProGAN blocks), BCE loss, Adam(2e-4, (0.5, 0.999))
+# The paper's generator: DCGAN (or ProGAN blocks), BCE loss. Its recipe -- D with BatchNorm, Adam(2e-4, (0.5, 0.999)),
+# no regularizer -- collapsed here (README), so the defaults are this project's: D without normalization, lazy R1,
+# Adam(1e-3, (0, 0.99)); the paper's recipe is --d-norm bn --r1 0 --lr 2e-4 --betas 0.5 0.999
 # ---------------------------------------------------------------------------------------------------------
 def gan_specs(args, img_channels):
     if args.arch == "progan":
@@ -238,17 +246,21 @@ def gan_specs(args, img_channels):
         g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
                               img_channels=img_channels, width=args.width)  # fmt: skip
         d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.d_width, norm="bn")  # fmt: skip  # the paper's D: conv-BN-LeakyReLU(0.2)
+                              width=args.d_width, norm=args.d_norm)  # fmt: skip  # paper: conv-BN-LeakyReLU(0.2)
     return {"G": g, "D": d}
 
 
-def gan_step(G, D, opt_g, opt_d, x_real, args, device):
-    """Binary cross-entropy GAN (the non-saturating form for G): D on real and fake batches, then G."""
+def gan_step(G, D, opt_g, opt_d, x_real, args, device, r1_weight=0.0):
+    """Binary cross-entropy GAN (the non-saturating form for G): D on real and fake batches (+ R1 on the real ones
+    when ``r1_weight`` > 0: the lazy steps pass r1 * interval), then G."""
     z = sample_z(len(x_real), args.latent_dim, "normal", device)
     x_fake = G(z)
-    d_loss = common.d_adv_loss("logistic", D(x_real)[0], D(x_fake.detach())[0])  # BCE with logits
+    x_real = x_real.detach().requires_grad_(r1_weight > 0)
+    real_logit = D(x_real)[0]
+    d_loss = common.d_adv_loss("logistic", real_logit, D(x_fake.detach())[0])  # BCE with logits
+    r1 = common.r1_penalty(real_logit, x_real) if r1_weight > 0 else torch.zeros((), device=device)
     opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    (d_loss + r1_weight * r1).backward()
     common.sync_gradients(D)
     opt_d.step()
     D.requires_grad_(False)
@@ -359,8 +371,8 @@ def load_test_images(args, device):
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "batch_size", "lr",
-                  "betas")  # fmt: skip
+GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "d_norm", "batch_size",
+                  "lr", "betas", "r1", "r1_interval")  # fmt: skip
 REGRESSOR_ARCH_FLAGS = ("stage", "dataset", "resolution", "encoder", "encoder_width", "no_mask", "perceptual",
                         "latent_loss", "batch_size", "lr", "betas")  # fmt: skip
 
@@ -394,7 +406,8 @@ def train_gan(args):
     common.broadcast_module(G), common.broadcast_module(D)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas)
+    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
+    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     step = 0
     if ckpt is not None:
         for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model)):
@@ -408,7 +421,7 @@ def train_gan(args):
     progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
     if dist_info.is_main:
         print(f"run: {run_dir} | stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D "
-              f"{args.d_width} | z {args.latent_dim} | {total_steps} steps of {args.batch_size} ({steps_per_epoch} "
+              f"{args.d_width} ({args.d_norm}, R1 {args.r1}) | z {args.latent_dim} | {total_steps} steps of {args.batch_size} ({steps_per_epoch} "
               f"per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
 
     def recalibrate():
@@ -421,7 +434,8 @@ def train_gan(args):
     sums, t_start, images_seen = {}, time.time(), 0
     while step < total_steps:
         _, x_real = next(batches)
-        scalars = gan_step(G, D, opt_g, opt_d, x_real.to(device), args, device)
+        lazy_r1 = args.r1 > 0 and step % args.r1_interval == 0
+        scalars = gan_step(G, D, opt_g, opt_d, x_real.to(device), args, device, args.r1 * args.r1_interval * lazy_r1)
         step += 1
         images_seen += args.batch_size
         G_ema.update(G, step * args.batch_size, args.batch_size)

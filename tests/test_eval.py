@@ -381,3 +381,44 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
     assert "--resume" not in refused["stderr"]  # eval has none
     assert refused["changed"] == [] and refused["digest"]["runs/keep/results.json"] == before
     assert hashlib.sha256((tmp_path / "runs/keep/results.json").read_bytes()).hexdigest() == before
+
+
+def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
+    """--defaults runs every method's training command(s) by subprocess, writes one table with their training time,
+    the speed / quality plot and the baselines on the chosen generator; a second call trains nothing."""
+    tiny = {
+        "dlsgan": [*TINY, "--arch", "dcgan", "--images", "16"],
+        "invgan": ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "8",
+                   "--eval-images", "16", "--eval-every", "2", "--edit-images", "2", "--images", "16", "--no-track"],
+        "lia": ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2", "--encoder-width", "8",
+                "--batch-size", "8", "--eval-images", "16", "--eval-every", "2", "--ppl-samples", "20",
+                "--refine-images", "4", "--refine-steps", "2", "--images", "16", "--no-track"],
+        "regressor_inversion": ["--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "8",
+                                "--encoder-width", "4", "--batch-size", "8", "--eval-images", "16", "--eval-every", "2",
+                                "--images", "16", "--no-track"],
+    }  # fmt: skip
+    args = ["--defaults", "--dataset", "mnist", "--n-recon", "8", "--n-fid", "8", "--kid-subset-size", "8",
+            "--kid-subsets", "2", "--opt-steps", "2", "--classifier-images", "2000", "--baselines", "opt-w-mean",
+            "hybrid-w"] + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]  # fmt: skip
+    first = run("eval.py", [*args, "--run-name", "first"], tmp_path)
+    assert first.stdout.count("training: ") == 5 and "reusing" not in first.stdout  # regressor: gan, then regressor
+    results = json.loads((tmp_path / "runs/first/results.json").read_text())
+    methods = [row["method"] for row in results["rows"]]
+    for expected in ("dlsgan:default__dlsgan__mnist encoder", "invgan:default__invgan__mnist encoder",
+                     "lia:default__lia__mnist__encoder encoder", "lia:default__lia__mnist__encoder opt-w-mean",
+                     "lia:default__lia__mnist__encoder hybrid-w",
+                     "regressor_inversion:default__regressor_inversion__mnist encoder"):  # fmt: skip
+        assert expected in methods, methods
+    assert not any(m.startswith(("dlsgan", "invgan", "regressor")) and "opt-" in m for m in methods)  # lia's only
+    encoders = [row for row in results["rows"] if row["method"].endswith(" encoder")]
+    assert len(encoders) == 4 and all(row["train_seconds"] > 0 for row in encoders)
+    assert all(math.isfinite(row[k]) for row in encoders for k in ("fid_sample", "fid_recon", "fid_interp", "semantic"))
+    walls = json.loads((tmp_path / "runs/default__train_wall_seconds__mnist.json").read_text())
+    assert sorted(walls) == sorted(tiny) and all(row["train_seconds"] in walls.values() for row in encoders)
+    assert (tmp_path / "runs/first/speed_quality.png").stat().st_size > 1000 and "train s" in (
+        tmp_path / "runs/first/table.md"
+    ).read_text()
+    second = run("eval.py", [*args, "--run-name", "second", "--n-fid", "0"], tmp_path)
+    assert "training: " not in second.stdout and second.stdout.count("reusing") == 5
+    again = json.loads((tmp_path / "runs/second/results.json").read_text())
+    assert [r["train_seconds"] for r in again["rows"] if "train_seconds" in r] == [r["train_seconds"] for r in encoders]

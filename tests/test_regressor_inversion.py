@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import Recording, ok, run_jobs, script_command
 
 import common
@@ -211,13 +212,48 @@ def test_regressor_cnn_is_the_papers_and_progan_gan_step_runs():
     assert math.isfinite(out["losses/D"]) and math.isfinite(out["losses/G"])
 
 
+def test_gan_step_d_gradient_is_bce_plus_r1_and_the_papers_recipe_is_reachable():
+    """D's gradient after one step is that of BCE(real, fake) + r1_weight * E||grad_x D(x_real)||^2, by hand."""
+    args = ri.parse_args(GAN_TINY)
+    args.dataset, args.resolution = "mnist", 16
+    specs = ri.gan_specs(args, 1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in common.build_from_spec(specs["D"]).modules())
+    torch.manual_seed(0)
+    G, D = common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
+    x_real = torch.rand(4, 1, 16, 16) * 2 - 1
+    for r1_weight in (0.0, 40.0):
+        G_ref, D_ref = common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
+        G_ref.load_state_dict(G.state_dict()), D_ref.load_state_dict(D.state_dict())
+        torch.manual_seed(1)
+        z = torch.randn(4, args.latent_dim)
+        xr = x_real.clone().requires_grad_(True)
+        real_logit = D_ref(xr)[0]
+        (grad,) = torch.autograd.grad(real_logit.sum(), xr, create_graph=True)
+        loss = (F.softplus(-real_logit).mean() + F.softplus(D_ref(G_ref(z).detach())[0]).mean()
+                + r1_weight * grad.square().sum((1, 2, 3)).mean())  # fmt: skip
+        expected = torch.autograd.grad(loss, list(D_ref.parameters()))
+        G_run, D_run = common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
+        G_run.load_state_dict(G.state_dict()), D_run.load_state_dict(D.state_dict())
+        opt_g, opt_d = torch.optim.Adam(G_run.parameters(), 0.0), torch.optim.Adam(D_run.parameters(), 0.0)
+        torch.manual_seed(1)
+        ri.gan_step(G_run, D_run, opt_g, opt_d, x_real, args, torch.device("cpu"), r1_weight)
+        for p, e in zip(D_run.parameters(), expected):
+            torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+    paper = ri.parse_args([*GAN_TINY, "--d-norm", "bn", "--r1", "0", "--lr", "2e-4", "--betas", "0.5", "0.999"])
+    paper.dataset, paper.resolution = "mnist", 16
+    assert any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in common.build_from_spec(ri.gan_specs(paper, 1)["D"]).modules()
+    )
+
+
 # ------------------------------------------------------------------------------------------------- smoke runs
 def test_gan_stage_smoke(runs):
     d, gen, _, results = runs
     assert "eval @ 4" in results["gan"]["stdout"] and "ETA" in results["gan"]["stdout"]
     ckpt = common.load_checkpoint(gen)
     assert ckpt["method"] == "regressor_inversion" and ckpt["stage"] == "gan" and ckpt["step"] == 4
-    assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["lr"] == 2e-4  # the paper's lr as the stage default
+    assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["lr"] == 1e-3 and ckpt["args"]["betas"] == [0.0, 0.99]
+    assert ckpt["args"]["r1"] == 10.0 and ckpt["args"]["d_norm"] == "none"  # the recipe that did not collapse
     assert (d / "runs/gan/samples.png").stat().st_size > 100 and (d / "runs/gan/summary.json").exists()
 
 
