@@ -962,7 +962,8 @@ def read_json(path):
 
 
 def default_stages(method, run_name, dataset):
-    """(run directory, command arguments) of each stage of a method's default, and the checkpoint to evaluate."""
+    """(run directory, command arguments) of each stage of a method's default, and the checkpoint to evaluate.
+    dlsgan's is its main job, ``--dist uniform --dg``; the others' are their scripts with no flags."""
     if method == "lia":  # one command, three run directories
         return [(f"{run_name}__refine", ["--run-name", run_name])], f"runs/{run_name}__encoder/checkpoint.pt"
     if method == "regressor_inversion":  # the gan stage, then the regressor on its frozen generator
@@ -970,6 +971,8 @@ def default_stages(method, run_name, dataset):
         return [(gan, ["--stage", "gan", "--run-name", gan]),
                 (run_name, ["--generator", f"runs/{gan}/checkpoint.pt", "--run-name", run_name])], \
             f"runs/{run_name}/checkpoint.pt"  # fmt: skip
+    if method == "dlsgan":  # the main job: the paper's uniform prior, L_enc in D's and G's losses
+        return [(run_name, ["--dist", "uniform", "--dg", "--run-name", run_name])], f"runs/{run_name}/checkpoint.pt"
     return [(run_name, ["--run-name", run_name])], f"runs/{run_name}/checkpoint.pt"
 
 
