@@ -14,7 +14,7 @@ paper's StyleGAN2 (``--arch stylegan2``) learns to encode far more slowly on CPU
 downsampling; README): with ``--d-lr-mode plain`` its L_enc was 0.93 with DLS against 1.00 without after 1000 steps.
 
 Usage:
-    python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, ~2 min on 2 CPU cores
+    python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, 4 min 36 s on 2 CPU cores
     python dlsgan.py --dist normal --dg --no-dls            # the plain-MSE ablation
     python dlsgan.py --ablation --dist normal               # {DLS, no DLS} x {D, DG}: table + L_enc plot
     torchrun --nproc_per_node=2 dlsgan.py --dist uniform --dg   # DDP (gloo on CPU, nccl on CUDA)
@@ -123,7 +123,7 @@ def parse_args(argv=None):
         "--images",
         type=int,
         default=128_000,
-        help="training budget in images when --epochs is 0 (default: 2000 steps of 64, about 4.5 min on 2 CPU cores)",
+        help="training budget in images when --epochs is 0 (default: 2000 steps of 64, 4.6 min on 2 CPU cores)",
     )
     # evaluation and saving
     p.add_argument("--eval-every", type=int, default=200, help="evaluate and log every N steps")

@@ -62,9 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     # how many images, from where
     p.add_argument("--n-recon", type=int, default=None,
-                   help="held-out test images for the reconstruction metrics (default: 64; --defaults: 2000)")  # fmt: skip
+                   help="held-out test images for the reconstruction metrics (default: 64; --defaults: 2000, --quick 200)")  # fmt: skip
     p.add_argument("--n-fid", type=int, default=None,
-                   help="images per FID / KID / SWD set, 0: skip them (default: 1000; --defaults: 2000)")  # fmt: skip
+                   help="images per FID / KID / SWD set, 0: skip them (default: 1000; --defaults: 2000, --quick 100)")  # fmt: skip
     p.add_argument("--fid-ref", choices=("train", "test"), default="train", help="split of the FID reference set")
     p.add_argument(
         "--fid-kinds",
@@ -87,7 +87,7 @@ def parse_args(argv=None):
                    help="run the baselines only on checkpoints whose name contains this (default: all; --defaults: "
                         "lia, whose invertible mapping gives both z and w)")  # fmt: skip
     p.add_argument("--opt-steps", type=int, default=None,
-                   help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300)")  # fmt: skip
+                   help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300, --quick 50)")  # fmt: skip
     p.add_argument("--opt-lr", type=float, default=0.1, help="peak learning rate of the cosine ramp")
     p.add_argument("--opt-lpips", action="store_true", help="optimize MSE + LPIPS instead of MSE alone")
     p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in the optimization loss")
@@ -103,11 +103,14 @@ def parse_args(argv=None):
     p.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True,
                    help="semantic consistency: a CNN class oracle (trained once on the real training set, cached) "
                         "scores each method's reconstructions against the true labels (labelled sets only)")  # fmt: skip
+    p.add_argument("--semantic-table", action="store_true",
+                   help="InvGAN's Table 2 per encoder: a second classifier, trained on the method's reconstructions of "
+                        "the training set, beside the oracle, each tested on real and on reconstructed test images")  # fmt: skip
     p.add_argument("--classifier-images", type=int, default=0,
                    help="training images of the class oracle (0: the whole training set)")  # fmt: skip
     p.add_argument("--defaults", action="store_true",
-                   help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET), "
-                        "then compare them with the baselines: the project's comparison table")  # fmt: skip
+                   help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET),"
+                        " then compare them with the baselines: the project's comparison table")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
     p.add_argument("--quick", action="store_true",
                    help="--defaults: one-minute budgets per method (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
@@ -120,12 +123,11 @@ def parse_args(argv=None):
         p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
     if not args.ckpt and not (args.benchmark or args.defaults):
         p.error("give at least one --ckpt (or --defaults)")
-    wide = args.defaults
-    for flag, usual, table in (("n_recon", 64, 2000), ("n_fid", 1000, 2000), ("opt_steps", 1000, 300),
-                               ("baselines", ["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
-                                ["opt-w-mean", "hybrid-w", "indomain-w"]), ("baselines_on", None, "lia")):  # fmt: skip
+    if args.quick and not args.defaults:
+        p.error("--quick is a budget for --defaults; add --defaults")
+    for flag, (usual, table, quick) in MODE_DEFAULTS.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, table if wide else usual)
+            setattr(args, flag, quick if args.quick else table if args.defaults else usual)
     if args.defaults and not args.dataset:
         args.dataset = "mnist"
     try:
@@ -139,6 +141,14 @@ def parse_args(argv=None):
 
 
 METHODS = ("dlsgan", "invgan", "lia", "regressor_inversion")
+MODE_DEFAULTS = {  # flag: (comparing --ckpt files, --defaults, --defaults --quick)
+    "n_recon": (64, 2000, 200),
+    "n_fid": (1000, 2000, 100),
+    "opt_steps": (1000, 300, 50),
+    "baselines": (["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
+                  ["opt-w-mean", "hybrid-w", "indomain-w"], ["opt-w-mean", "hybrid-w", "indomain-w"]),
+    "baselines_on": (None, "lia", "lia"),
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -651,6 +661,28 @@ def class_accuracy(net, x, labels, batch=500) -> float:
     return float((preds == labels.cpu()).double().mean())
 
 
+def fit_classifier(images, labels, device, epochs=3, seed=0):
+    """The class oracle's recipe on any uint8 images (N, C, R, R) and labels: Adam 1e-3 with a cosine decay, batch
+    128, each image shifted by up to 2 px (MNIST / Fashion-MNIST have a 2 px empty border at 32 px)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = ClassNet(images.shape[1], images.shape[-1], int(labels.max()) + 1).to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    steps = epochs * math.ceil(len(images) / 128)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    for epoch in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(images), generator=gen).split(128):
+            shifts = torch.randint(-2, 3, (len(idx), 2), generator=gen).tolist()
+            x = torch.stack([img.roll(tuple(sh), (1, 2)) for img, sh in zip(images[idx], shifts)])
+            loss = F.cross_entropy(net(x.float().div(127.5).sub(1).to(device)), labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
 def train_classifier(dataset, resolution, data_root, device, epochs=3, n_train=0, seed=0):
     """Trained on the real training set (the first n_train images, 0 = all), scored on the whole test set."""
     train, test = (split_of(dataset, resolution, data_root, split) for split in ("train", "test"))
@@ -659,25 +691,28 @@ def train_classifier(dataset, resolution, data_root, device, epochs=3, n_train=0
     images, labels = train.images, torch.as_tensor(train.labels).long()
     if n_train:
         images, labels = images[:n_train], labels[:n_train]
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = ClassNet(images.shape[1], resolution, int(labels.max()) + 1).to(device)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    steps = epochs * math.ceil(len(images) / 128)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    for epoch in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(images), generator=gen).split(128):
-            # each image shifted by up to 2 px (MNIST / Fashion-MNIST have a 2 px empty border at 32 px)
-            shifts = torch.randint(-2, 3, (len(idx), 2), generator=gen).tolist()
-            x = torch.stack([img.roll(tuple(sh), (1, 2)) for img, sh in zip(images[idx], shifts)])
-            loss = F.cross_entropy(net(x.float().div(127.5).sub(1).to(device)), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    net = fit_classifier(images, labels, device, epochs, seed)
     x_test = test.images.float().div(127.5).sub(1).to(device)
-    return net.eval(), class_accuracy(net, x_test, torch.as_tensor(test.labels).long())
+    return net, class_accuracy(net, x_test, torch.as_tensor(test.labels).long())
+
+
+def semantic_table(inv, dataset, resolution, data_root, n_train, x_test, x_test_rec, labels, oracle, batch):
+    """InvGAN's Table 2 at this scale: a classifier trained on the real training set (the oracle) and one trained
+    the same way on the method's reconstructions G(E(x)) of the training set, each scored on real test images and
+    on their reconstructions. A method that keeps the class loses little in any cell."""
+    train = split_of(dataset, resolution, data_root, "train")
+    images = train.images[:n_train] if n_train else train.images
+    train_labels = torch.as_tensor(train.labels[: len(images)]).long()
+    x_rec = [to_uint8(batched(inv.decode, encode_batched(inv, chunk.float().div(127.5).sub(1).to(inv.device), None,
+                                                         batch), batch)).cpu() for chunk in images.split(5000)]  # fmt: skip
+    on_recs = fit_classifier(torch.cat(x_rec), train_labels, inv.device)
+    return {
+        "real_on_real": class_accuracy(oracle, x_test, labels),
+        "real_on_rec": class_accuracy(oracle, x_test_rec, labels),
+        "rec_on_real": class_accuracy(on_recs, x_test, labels),
+        "rec_on_rec": class_accuracy(on_recs, x_test_rec, labels),
+        "train_images": len(images),
+    }
 
 
 def semantic_classifier(dataset, resolution, data_root, device, n_train=0):
@@ -808,6 +843,27 @@ def markdown_table(rows, config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def semantic_markdown(rows, config) -> str:
+    """InvGAN's Table 2 layout, one block of rows per encoder (empty without --semantic-table)."""
+    rows = [r for r in rows if "semantic_table" in r]
+    if not rows:
+        return ""
+    n_train = rows[0]["semantic_table"]["train_images"]
+    note = (f"Semantic consistency, InvGAN's Table 2: accuracy on the first {config['n_recon']} {config['dataset']} "
+            "test images (real) and on their reconstructions (rec), of a classifier trained on the real training set "
+            f"and of one trained the same way on the method's reconstructions of it ({n_train} images).")  # fmt: skip
+    lines = ["", note, "", "| method | classifier trained on | test on real | test on rec |", "|---|---|---|---|"]
+    for r in rows:
+        t = r["semantic_table"]
+        lines.append(
+            f"| {r['method']} | real images | {100 * t['real_on_real']:.2f} % | {100 * t['real_on_rec']:.2f} % |"
+        )
+        lines.append(
+            f"| {r['method']} | reconstructions | {100 * t['rec_on_real']:.2f} % | {100 * t['rec_on_rec']:.2f} % |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The comparison
 # ---------------------------------------------------------------------------------------------------------
@@ -890,6 +946,10 @@ def compare(args, train_seconds=None):
             if inv.path in train_seconds:
                 row["train_seconds"] = train_seconds[inv.path]
             add(row, x_rec)
+            if args.semantic_table and oracle is not None:
+                print(f"[{inv.name}] Table 2: a classifier on the reconstructed training set", flush=True)
+                row["semantic_table"] = semantic_table(inv, dataset, resolution, args.data_root, args.classifier_images,
+                                                       x_recon, x_rec, labels, oracle, args.batch_size)  # fmt: skip
         for name in args.baselines if args.baselines_on is None or args.baselines_on in inv.name else ():
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
             row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args, masks)
@@ -905,7 +965,7 @@ def compare(args, train_seconds=None):
         recs.insert(0, ("masked input", (x_recon * masks[: len(x_recon)])[: args.grid_images]))
     comparison_grid(x_recon[: args.grid_images], recs, os.path.join(out_dir, "comparison.png"))
     speed_quality_plot(rows, config, os.path.join(out_dir, "speed_quality.png"))
-    table = markdown_table(rows, config)
+    table = markdown_table(rows, config) + semantic_markdown(rows, config)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

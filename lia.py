@@ -15,7 +15,7 @@ What it reproduces (README, "LIA"): Fig. 11 (the encoder's init converges faster
 optimization baseline), exactness of phi, real-image interpolation in y and style mixing (``--arch stylegan2``).
 
 Usage:
-    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g), ~12 min on 2 CPU cores
+    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g), ~4 min on 2 CPU cores
     python lia.py --mapping mlp --stage all         # the comparison arm: a GAN with an MLP mapping, encoder to z
     python lia.py --stage gan                       # one stage at a time ...
     python lia.py --stage encoder --gan runs/<gan run>/checkpoint.pt
@@ -54,7 +54,7 @@ STAGE_DEFAULTS = {  # flag: (gan, encoder, refine); None on the command line mea
     "lr": (1e-3, 1e-4, 0.05),
     "betas": ((0.0, 0.99), (0.9, 0.99), (0.9, 0.999)),
     "batch_size": (64, 16, 32),
-    "images": (44_800, 4_800, 0),  # with the defaults below, the three stages take about 5 minutes on 2 CPU cores
+    "images": (44_800, 4_800, 0),  # with the defaults below, the three stages take 3 min 48 s on 2 CPU cores
 }
 
 

@@ -314,11 +314,39 @@ def test_class_oracle_learns_the_digits_and_scores_against_the_true_labels():
 
 
 # ------------------------------------------------------------------------------------------------ comparison
+def test_semantic_table_is_invgans_2x2_protocol():
+    """Table 2's cells: an inverter that returns the image itself gives a reconstruction classifier identical to the
+    oracle (same recipe, same images, same seed); one that returns blank images gives chance on real test images."""
+
+    class Identity:
+        device = torch.device("cpu")
+
+        def encode(self, x, mask=None):
+            return x.flatten(1)
+
+        def decode(self, code):
+            return code.view(-1, 1, 32, 32)
+
+    class Blank(Identity):
+        def decode(self, code):
+            return -torch.ones(len(code), 1, 32, 32)
+
+    n = 2000
+    oracle = ev.fit_classifier(mnist_uint8(n, train=True), ev.labels_of("mnist", 32, None, n, "train"), "cpu")
+    x_test = mnist_uint8(500).float().div(127.5).sub(1)
+    labels = ev.labels_of("mnist", 32, None, 500)
+    same = ev.semantic_table(Identity(), "mnist", 32, None, n, x_test, x_test, labels, oracle, 250)
+    assert same["train_images"] == n and same["real_on_real"] > 0.85
+    assert same["rec_on_real"] == same["real_on_real"] == same["real_on_rec"] == same["rec_on_rec"]
+    blank = ev.semantic_table(Blank(), "mnist", 32, None, n, x_test, -torch.ones_like(x_test), labels, oracle, 250)
+    assert blank["real_on_real"] == same["real_on_real"] and blank["rec_on_real"] < 0.25 and blank["real_on_rec"] < 0.25
+
+
 def test_comparison_end_to_end(tiny_ckpts):
     d, sg, dc = tiny_ckpts
     r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "4", "--n-fid", "4",
                         "--kid-subset-size", "4", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
-                        "--classifier-images", "2000",
+                        "--classifier-images", "2000", "--semantic-table",
                         "--baselines", "opt-z-mean", "opt-wplus-mean", "hybrid-w", "indomain-z"], d)  # fmt: skip
     out = d / "runs/cmp"
     results = json.loads((out / "results.json").read_text())
@@ -334,10 +362,16 @@ def test_comparison_end_to_end(tiny_ckpts):
         if row["method"].endswith("encoder"):
             assert all(math.isfinite(row[k]) for k in ("fid_sample", "fid_recon", "fid_interp", "kid_sample"))
     assert all(0 <= row["semantic"] <= 1 for row in results["rows"][1:])  # class oracle on every reconstruction
+    for row in results["rows"][1:]:  # Table 2 for each encoder: the oracle's cells are the columns above
+        if row["method"].endswith("encoder"):
+            t = row["semantic_table"]
+            assert t["real_on_rec"] == row["semantic"] and t["train_images"] == 2000
+            assert t["real_on_real"] == results["config"]["classifier_real_accuracy"] and 0 <= t["rec_on_real"] <= 1
     assert results["config"]["classifier_real_accuracy"] > 0.5 and results["config"]["classifier_test_accuracy"] > 0.8
     table = (out / "table.md").read_text()
     assert "class acc" in table and "FID sample" in table and "n = 4" in table
-    assert table.count("\n|") == len(methods) + 2  # header, rule, rows
+    assert table.count("\n|") == len(methods) + 2 + 2 + 2 * 2  # header, rule, rows; Table 2: header, rule, 2 x 2
+    assert "InvGAN's Table 2" in table
     from PIL import Image
 
     grid = Image.open(out / "comparison.png")

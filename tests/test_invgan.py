@@ -173,8 +173,9 @@ def test_gradient_into_D_flows_only_through_w_R_and_only_in_full(variant):
         assert "heads.adv.weight" not in seen  # the logit of generated images trains G only
         assert not torch.equal(before["heads.latent.weight"], after["heads.latent.weight"])
         assert torch.equal(before["heads.adv.weight"], after["heads.adv.weight"])
-    else:
-        assert not seen and all(torch.equal(before[k], after[k]) for k in before)  # cut: D untouched by G's step
+    else:  # cut: no gradient reaches D at all (opt_dr never steps here, so its hook alone would prove nothing)
+        assert all(p.grad is None for p in D.parameters()), [n for n, p in D.named_parameters() if p.grad is not None]
+        assert not seen and all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is not None for p in G.parameters())  # G and M always learn
     assert all(p.requires_grad for p in D.parameters())  # restored for the next D step
 
@@ -192,6 +193,30 @@ def test_adversarial_gradient_reaches_D_through_w_R_only_with_wr_adv_grad():
     assert grads["--wr-adv-grad"] is not None and grads["--wr-adv-grad"].abs().sum() > 0
 
 
+def test_deblur_extrapolates_away_from_the_blurred_code():
+    """Section 3.3: x_up = bicubic(bicubic(x, R/2), R); w_up = D_w(x_up), w_blur = D_w(blur(x_up)); outputs
+    G(w_up + alpha (w_up - w_blur)). Checked against a by-hand Gaussian blur (separable 5-tap kernel, reflect pad)."""
+    args, G, D = tiny()
+    G.eval(), D.eval()
+    x, _ = batch(4)
+    x_up, x_up_rec, sharper = invgan.deblur_codes(G, D, x, strengths=(1.0, 2.5))
+    small = torch.nn.functional.interpolate(x, size=8, mode="bicubic", align_corners=False)
+    expected_up = torch.nn.functional.interpolate(small, size=16, mode="bicubic", align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(x_up, expected_up)
+    k = torch.exp(-(torch.arange(-2.0, 3.0) ** 2) / 2)
+    k = k / k.sum()
+    padded = torch.nn.functional.pad(x_up, (2, 2, 2, 2), mode="reflect")
+    blurred = torch.nn.functional.conv2d(padded, (k[:, None] * k[None, :]).view(1, 1, 5, 5))
+    with torch.no_grad():
+        w_up, w_blur = D(x_up)[1], D(blurred)[1]
+        assert (w_up - w_blur).abs().max() > 1e-4  # the blur changed the code
+        torch.testing.assert_close(x_up_rec, G.synthesis(w_up).clamp(-1, 1))
+        for alpha, out in zip((1.0, 2.5), sharper):
+            torch.testing.assert_close(
+                out, G.synthesis(w_up + alpha * (w_up - w_blur)).clamp(-1, 1), atol=1e-5, rtol=1e-4
+            )
+
+
 # ------------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
@@ -202,8 +227,12 @@ def ablation(tmp_path_factory):
     for f in ("invgan.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), tmp / f)
     args = [*TINY, "--images", "32", "--ablation", "--jobs", "2"]
-    r, _ = two_at_a_time([lambda: run(args, tmp, script=str(tmp / "invgan.py")),
-                          lambda: run([*TINY, "--variant", "full", "--images", "16", "--run-name", "part"], half)])
+    r, _ = two_at_a_time(
+        [
+            lambda: run(args, tmp, script=str(tmp / "invgan.py")),
+            lambda: run([*TINY, "--variant", "full", "--images", "16", "--run-name", "part"], half),
+        ]
+    )
     (out_dir,) = [p for p in (tmp / "runs").iterdir() if (p / "table.md").exists()]
     return tmp, out_dir, r, args, half
 
@@ -231,7 +260,14 @@ def test_smoke_run_per_variant(variant, ablation):
     keys += ["losses/L_fm_G", "losses/L_cycle_G", "losses/L_mmd_G"] if variant == "full" else []
     assert all(math.isfinite(rows[-1][k]) for k in keys)
     assert (variant == "full") == ("losses/L_fm_G" in rows[-1])
-    for png in ("samples.png", "reconstructions.png", "edit_inpaint.png", "edit_merge.png", "edit_interp.png"):
+    for png in (
+        "samples.png",
+        "reconstructions.png",
+        "edit_inpaint.png",
+        "edit_merge.png",
+        "edit_interp.png",
+        "edit_deblur.png",
+    ):
         assert (run_dir / png).stat().st_size > 100, png
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["images_per_sec"] > 0 and summary["peak_memory_mb"] > 0
