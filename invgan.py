@@ -130,6 +130,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
     p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
+    p.add_argument("--crop", type=int, default=0,
+                   help="tiling (section 3.3): train G and D on random M x M crops of the images (0: whole images); "
+                        "every real image is then inverted as (R / M)^2 independently inverted tiles")  # fmt: skip
     p.add_argument(
         "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
     )
@@ -157,6 +160,11 @@ def validate_args(args):
         fraction=("betas", "inpaint_size"),
     )  # fmt: skip
     common.check_resolution(args.resolution, minimum=16)  # SSIM's 11 x 11 window
+    if args.crop and (args.crop >= args.resolution or args.resolution % args.crop or args.crop < 8):
+        common.fail(f"--crop {args.crop} must be a power of two >= 8 dividing --resolution {args.resolution} and "
+                    "smaller than it (e.g. --crop 16 for 32 x 32 images), or 0 for whole images")  # fmt: skip
+    if args.crop:
+        common.check_resolution(args.crop, minimum=8)
     if args.batch_size < 4 or args.batch_size % 2:
         common.fail(f"--batch-size must be even and at least 4 (two halves of >= 2 for MMD), got {args.batch_size}")
     if args.epochs == 0 and args.images < args.batch_size:
@@ -176,25 +184,26 @@ def validate_args(args):
 # Networks (from common.py): G = synthesis(mapping(z)); D(x) -> (logit c, inferred w~), D.features(x) for L_fm
 # ---------------------------------------------------------------------------------------------------------
 def model_specs(args, img_channels):
+    resolution = args.crop or args.resolution  # the networks see tiles when tiling
     if args.arch == "stylegan2":
-        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim, resolution=args.resolution,
+        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim, resolution=resolution,
                               img_channels=img_channels, width=args.width, n_mapping=args.n_mapping,
                               mapping_lr_mul=args.mapping_lr_mul)  # fmt: skip
-        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution, img_channels=img_channels,
+        d = common.model_spec(common.StyleGAN2Discriminator, resolution=resolution, img_channels=img_channels,
                               width=args.width, latent_dim=args.w_dim,
                               head_hidden=args.d_head_hidden or max(args.width, args.w_dim))  # fmt: skip
     else:
         g = common.model_spec(common.DCGANMappingGenerator, z_dim=args.latent_dim, w_dim=args.w_dim,
-                              resolution=args.resolution, img_channels=img_channels, width=args.width,
+                              resolution=resolution, img_channels=img_channels, width=args.width,
                               n_mapping=args.n_mapping)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+        d = common.model_spec(common.DCGANDiscriminator, resolution=resolution, img_channels=img_channels,
                               width=args.width, latent_dim=args.w_dim, norm="none")  # fmt: skip
     return {"G": g, "D": d}
 
 
 # Flags that define the networks and the data order: a resumed run must keep them.
 ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "batch_size", "d_head_hidden",
-              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval")  # fmt: skip
+              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval", "crop")  # fmt: skip
 
 
 def d_all(D, x):
@@ -318,19 +327,46 @@ def g_step(G, D, opt_g, opt_dr, x_real, args, z=None):
 # ---------------------------------------------------------------------------------------------------------
 # Inversion, evaluation and figures (G is the EMA generator, in eval mode)
 # ---------------------------------------------------------------------------------------------------------
+def random_crops(x, size):
+    """One random size x size crop per image (offsets from the global RNG, so seeded and resumable)."""
+    top, left = (torch.randint(0, x.shape[-1] - size + 1, (len(x),)).tolist() for _ in range(2))
+    return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(x, top, left)])
+
+
+def to_tiles(x, tile):
+    """(n, C, k t, k t) -> (n k^2, C, t, t): each image's tiles in row-major order."""
+    n, c, r, _ = x.shape
+    k = r // tile
+    return x.reshape(n, c, k, tile, k, tile).permute(0, 2, 4, 1, 3, 5).reshape(n * k * k, c, tile, tile)
+
+
+def from_tiles(tiles, k):
+    """The inverse of ``to_tiles``: (n k^2, C, t, t) -> (n, C, k t, k t)."""
+    n, c, t = len(tiles) // (k * k), tiles.shape[1], tiles.shape[-1]
+    return tiles.reshape(n, k, k, c, t, t).permute(0, 3, 1, 4, 2, 5).reshape(n, c, k * t, k * t)
+
+
 @torch.no_grad()
-def encode(D, x, batch=250):
+def encode(D, x, tile=0, batch=250):
+    """D's inferred w of each image, (n, w_dim); with ``tile`` (--crop) and images larger than it, the w of each
+    tile, inverted independently: (n, tiles, w_dim)."""
+    if tile and x.shape[-1] > tile:
+        codes = encode(D, to_tiles(x, tile), batch=batch)
+        return codes.view(len(x), -1, codes.shape[-1])
     return torch.cat([D(chunk)[1].float() for chunk in x.split(batch)])
 
 
 @torch.no_grad()
 def decode(G, w, batch=250):
+    """G.synthesis(w) in [-1, 1]; codes of tiles, (n, tiles, w_dim), are synthesized tile by tile and stitched."""
+    if w.dim() == 3:
+        return from_tiles(decode(G, w.flatten(0, 1), batch), math.isqrt(w.shape[1]))
     return torch.cat([G.synthesis(chunk).float().clamp(-1, 1) for chunk in w.split(batch)])
 
 
 @torch.no_grad()
-def reconstruct(G, D, x):
-    return decode(G, encode(D, x))
+def reconstruct(G, D, x, tile=0):
+    return decode(G, encode(D, x, tile))
 
 
 @torch.no_grad()
@@ -344,7 +380,7 @@ def evaluate(G, D, x_test, args, device):
     x_fake = decode(G, w)
     w_fake = encode(D, x_fake)
     x_fake_rec = decode(G, w_fake)
-    w_real = encode(D, x_test)
+    w_real = encode(D, x_test, args.crop)
     x_rec = decode(G, w_real)
     n = min(len(w), 256)
     return {
@@ -355,7 +391,7 @@ def evaluate(G, D, x_test, args, device):
         "eval/fake_mae": common.mae(x_fake, x_fake_rec).item(),
         "eval/fake_psnr": common.psnr(x_fake, x_fake_rec).item(),
         "eval/fake_latent_mse": latent_loss(w, w_fake).item(),
-        "eval/mmd_w_wR": common.mmd_rbf(w[:n], w_real[:n]).item() if n > 1 else float("nan"),
+        "eval/mmd_w_wR": common.mmd_rbf(w[:n], w_real.reshape(-1, w.shape[-1])[:n]).item() if n > 1 else float("nan"),
     }, x_rec
 
 
@@ -376,15 +412,16 @@ def inpaint_squares(x, frac, generator):
     return out
 
 
-def deblur_codes(G, D, x, strengths=(1.0, 2.0, 3.0), sigma=1.0):
-    """Section 3.3's de-blurring (Fig. 3), on whole images: x is shrunk to half size and scaled back up (bicubic), x_up;
-    x_up is inverted (w_up), blurred with a Gaussian and inverted again (w_blur); the codes are extrapolated away from
-    the blur, w_up + alpha (w_up - w_blur), one per strength alpha. Returns x_low (x_up), G(w_up) and the extrapolations."""
+def deblur_codes(G, D, x, strengths=(1.0, 2.0, 3.0), sigma=1.0, tile=0):
+    """Section 3.3's de-blurring (Fig. 3): x is shrunk to half size and scaled back up (bicubic), x_up; x_up is
+    inverted (w_up), blurred with a Gaussian and inverted again (w_blur); the codes are extrapolated away from the
+    blur, w_up + alpha (w_up - w_blur), one per strength alpha. Whole images, or tile by tile with ``tile`` (the
+    paper's tiled latent space). Returns x_up, G(w_up) and the extrapolated images."""
     r = x.shape[-1]
     x_up = F.interpolate(F.interpolate(x, size=r // 2, mode="bicubic", align_corners=False), size=r, mode="bicubic",
                          align_corners=False).clamp(-1, 1)  # fmt: skip
     x_blur = TF.gaussian_blur(x_up, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
-    w_up, w_blur = encode(D, x_up), encode(D, x_blur)
+    w_up, w_blur = encode(D, x_up, tile), encode(D, x_blur, tile)
     return x_up, decode(G, w_up), [decode(G, w_up + alpha * (w_up - w_blur)) for alpha in strengths]
 
 
@@ -404,20 +441,20 @@ def save_figures(G, D, x_test, x_rec, args, run_dir, device):
     a, b = x_test[:n], x_test[n : 2 * n]
     # inpainting: columns = original, zeroed square, reconstruction of the zeroed image
     holed = inpaint_squares(a.cpu(), args.inpaint_size, torch.Generator().manual_seed(args.seed + 4)).to(device)
-    grid = torch.stack([a, holed, reconstruct(G, D, holed)], 1).flatten(0, 1)
+    grid = torch.stack([a, holed, reconstruct(G, D, holed, args.crop)], 1).flatten(0, 1)
     common.save_image_grid(grid, os.path.join(run_dir, "edit_inpaint.png"), nrow=6)
     # merging: columns = image A, image B, left half of A + right half of B, its reconstruction
     half = a.shape[-1] // 2
     merged = torch.cat([a[..., :half], b[..., half:]], -1)
-    grid = torch.stack([a, b, merged, reconstruct(G, D, merged)], 1).flatten(0, 1)
+    grid = torch.stack([a, b, merged, reconstruct(G, D, merged, args.crop)], 1).flatten(0, 1)
     common.save_image_grid(grid, os.path.join(run_dir, "edit_merge.png"), nrow=8)
     # interpolation: A, G((1 - t) w_A + t w_B) for t in [0, 1], B
-    wa, wb = encode(D, a), encode(D, b)
+    wa, wb = encode(D, a, args.crop), encode(D, b, args.crop)
     ts = torch.linspace(0, 1, 8, device=device)
     strip = [a] + [decode(G, wa * (1 - t) + wb * t) for t in ts] + [b]
     common.save_image_grid(torch.stack(strip, 1).flatten(0, 1), os.path.join(run_dir, "edit_interp.png"), nrow=10)
     # de-blurring: original, its low-resolution version, that version's reconstruction, three extrapolation strengths
-    x_low, x_low_rec, sharper = deblur_codes(G, D, a)
+    x_low, x_low_rec, sharper = deblur_codes(G, D, a, tile=args.crop)
     grid = torch.stack([a, x_low, x_low_rec, *sharper], 1).flatten(0, 1)
     common.save_image_grid(grid, os.path.join(run_dir, "edit_deblur.png"), nrow=6)
 
@@ -517,6 +554,8 @@ def train(args):
     while step < total_steps:
         _, x_real = next(batches)
         x_real = x_real.to(device, non_blocking=True)
+        if args.crop:  # tiling: one random crop per image; the networks never see a whole image
+            x_real = random_crops(x_real, args.crop)
         do_r1 = args.r1 > 0 and step % args.r1_interval == 0
         scalars = d_step(G, D, opt_d, x_real, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
         if do_r1 and args.r1_interval > 1:
@@ -621,7 +660,7 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
         G, D, recorded = load_networks(os.path.join(run_dir, "checkpoint.pt"), device)
         test_set = common.build_dataset(recorded["dataset"], recorded["resolution"], False, recorded["data_root"])
         x = torch.stack([test_set[i][0] for i in range(min(recorded["eval_images"], len(test_set)))])
-        x_rec = reconstruct(G, D, x)
+        x_rec = reconstruct(G, D, x, recorded.get("crop", 0))
         row = {"mae": common.mae(x, x_rec).item(), "mse": common.mse(x, x_rec).item(),
                "psnr": common.psnr(x, x_rec).item(), "ssim": common.ssim(x, x_rec).item(), "n": len(x)}  # fmt: skip
         if lpips is not None:
