@@ -933,11 +933,16 @@ def compare(args, train_seconds=None):
                      "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
                      "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"]})  # fmt: skip
 
+    def write_results(complete):
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump({"config": config, "rows": rows, "complete": complete}, f, indent=1)
+
     def add(row, x_rec):
         if oracle is not None:  # does the reconstruction keep the digit / garment class of its test image?
             row["semantic"] = class_accuracy(oracle, x_rec, labels)
         rows.append(row)
         recs.append((row["method"], x_rec[: args.grid_images]))
+        write_results(complete=False)  # an interrupted comparison (an hour at n = 2000 on CPU) keeps its finished rows
         fid = f", FID sample {row['fid_sample']:.2f}" if "fid_sample" in row else ""
         print(f"  PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f}, "
               f"{row['seconds_per_image']:.4f} s/img{fid}", flush=True)  # fmt: skip
@@ -971,8 +976,7 @@ def compare(args, train_seconds=None):
     table = markdown_table(rows, config) + semantic_markdown(rows, config)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"config": config, "rows": rows}, f, indent=1)
+    write_results(complete=True)
     print(table)
     print(f"wrote {out_dir}/table.md, results.json, comparison.png, speed_quality.png")
     return rows

@@ -356,7 +356,7 @@ def test_comparison_end_to_end(tiny_ckpts):
                      "dlsgan:dc opt-z-mean", "dlsgan:dc indomain-z"):  # fmt: skip
         assert expected in methods, methods
     assert "dlsgan:dc opt-wplus-mean" not in methods and "skipped" in r.stdout  # DCGAN has no W+
-    assert results["config"]["n_fid"] == 4 and results["config"]["fid_ref"] == "train"
+    assert results["config"]["n_fid"] == 4 and results["config"]["fid_ref"] == "train" and results["complete"]
     for row in results["rows"][1:]:
         assert math.isfinite(row["psnr"]) and 0 <= row["lpips"] and row["seconds_per_image"] > 0
         if row["method"].endswith("encoder"):
