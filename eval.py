@@ -807,7 +807,8 @@ def markdown_table(rows, config) -> str:
             ("semantic", "class acc"), ("seconds_per_image", "s / img"), ("train_seconds", "train s")]  # fmt: skip
     cols = [c for c in cols if c[0] in ("method", "space") or any(c[0] in row for row in rows)]  # measured ones only
     if config.get("mask", "none") != "none":
-        cols[-2:-2] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
+        at = [key for key, _ in cols].index("seconds_per_image")
+        cols[at:at] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
                        for m in ("psnr", "ssim", "lpips")]  # fmt: skip
     fid_note = (
         f"FID / KID / SWD: n = {config['n_fid']} generated (or reconstructed / interpolated test) images vs the first "

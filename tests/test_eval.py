@@ -456,3 +456,18 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     assert "training: " not in second.stdout and second.stdout.count("reusing") == 5
     again = json.loads((tmp_path / "runs/second/results.json").read_text())
     assert [r["train_seconds"] for r in again["rows"] if "train_seconds" in r] == [r["train_seconds"] for r in encoders]
+
+
+def test_inpainting_columns_sit_before_the_timing_columns():
+    rows = [
+        {"method": "m", "space": "z", "psnr": 1.0, "seconds_per_image": 0.1, "train_seconds": 9.0, "hole_psnr": 2.0}
+    ]
+    config = {"mask": "center", "n_fid": 0, "dataset": "mnist", "n_recon": 4, "resolution": 32, "opt_steps": 1,
+              "opt_lr": 0.1, "opt_loss": "mse", "device": "cpu", "seed": 0}  # fmt: skip
+    for with_train in (True, False):
+        header = [line for line in ev.markdown_table(rows, config).splitlines() if line.startswith("| method")][0]
+        titles = [t.strip() for t in header.strip("|").split("|")]
+        assert (
+            titles[-2 if with_train else -1] == "s / img" and titles.index("kept LPIPS") == titles.index("s / img") - 1
+        )
+        rows[0].pop("train_seconds", None)
