@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--defaults", action="store_true",
                    help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET),"
                         " then compare them with the baselines: the project's comparison table")  # fmt: skip
+    p.add_argument("--train-only", action="store_true",
+                   help="--defaults: train (or reuse) the default runs and stop; a later --defaults evaluates them")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
     p.add_argument("--quick", action="store_true",
                    help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
@@ -126,8 +128,8 @@ def parse_args(argv=None):
         p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
     if not args.ckpt and not (args.benchmark or args.defaults):
         p.error("give at least one --ckpt (or --defaults)")
-    if args.quick and not args.defaults:
-        p.error("--quick is a budget for --defaults; add --defaults")
+    if (args.quick or args.train_only) and not args.defaults:
+        p.error("--quick and --train-only are for --defaults; add --defaults")
     for flag, (usual, table, quick) in MODE_DEFAULTS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, quick if args.quick else table if args.defaults else usual)
@@ -1179,7 +1181,11 @@ if __name__ == "__main__":
         benchmark(args)
     elif args.defaults:
         train_seconds = train_defaults(args)
-        args.ckpt = list(train_seconds)
-        compare(args, train_seconds)
+        if args.train_only:
+            print(f"trained or reused {len(train_seconds)} default(s); evaluate them with the same command without "
+                  "--train-only", flush=True)  # fmt: skip
+        else:
+            args.ckpt = list(train_seconds)
+            compare(args, train_seconds)
     else:
         compare(args)

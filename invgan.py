@@ -106,7 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--wr-adv-grad", action=argparse.BooleanOptionalAction, default=False,
                    help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only the "
                    "reconstruction terms L_lat, L_fm, L_cyc, MMD do; on, the CPU default diverged, see README)")  # fmt: skip
-    p.add_argument("--lambda-latent", type=float, default=1.0, help="weight of L_lat = ||w - D_w(G(w))||^2")
+    p.add_argument("--lambda-latent", type=float, default=1.0,
+                   help="weight of L_lat, the mean over samples and dimensions of (w - D_w(G(w)))^2: Eq. 3's squared "
+                   "norm / w_dim, so --lambda-latent <w-dim> gives the paper's scale (L_fm, L_cyc are means too)")  # fmt: skip
     p.add_argument("--latent-in-g", action=argparse.BooleanOptionalAction, default=True,
                    help="L_lat is minimized by G and M too, not only by D (Eq. 3)")  # fmt: skip
     p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")

@@ -434,8 +434,11 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     args = ["--defaults", "--dataset", "mnist", "--n-recon", "8", "--n-fid", "8", "--kid-subset-size", "8",
             "--kid-subsets", "2", "--opt-steps", "2", "--classifier-images", "2000", "--baselines", "opt-w-mean",
             "hybrid-w"] + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]  # fmt: skip
+    trained = run("eval.py", [*args, "--run-name", "first", "--train-only"], tmp_path)
+    assert trained.stdout.count("training: ") == 5 and "reusing" not in trained.stdout  # regressor: gan, then regressor
+    assert not (tmp_path / "runs/first").exists()  # --train-only evaluates nothing
     first = run("eval.py", [*args, "--run-name", "first"], tmp_path)
-    assert first.stdout.count("training: ") == 5 and "reusing" not in first.stdout  # regressor: gan, then regressor
+    assert first.stdout.count("reusing") == 5 and "training: " not in first.stdout
     results = json.loads((tmp_path / "runs/first/results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
     for expected in ("dlsgan:default__dlsgan__mnist encoder", "invgan:default__invgan__mnist encoder",
