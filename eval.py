@@ -956,12 +956,11 @@ def compare(args, train_seconds=None):
             row, x_rec = evaluate_encoder(inv, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks)
             if inv.path in train_seconds:
                 row["train_seconds"] = train_seconds[inv.path]
-            add(row, x_rec)
-            if args.semantic_table and oracle is not None:
+            if args.semantic_table and oracle is not None:  # before add(), so results.json gets the row whole
                 print(f"[{inv.name}] Table 2: a classifier on the reconstructed training set", flush=True)
                 row["semantic_table"] = semantic_table(inv, dataset, resolution, args.data_root, args.classifier_images,
                                                        x_recon, x_rec, labels, oracle, args.batch_size)  # fmt: skip
-                write_results(complete=False)
+            add(row, x_rec)
         for name in args.baselines if args.baselines_on is None or args.baselines_on in inv.name else ():
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
             row, x_rec = evaluate_baseline(inv, name, x_recon, lpips, args, masks)
