@@ -37,8 +37,9 @@ Usage:
         --n-mapping 8 --batch-size 16 --epochs 50 --eval-every 5000
 
 Everything of a run goes to runs/{run_name}/: metrics.jsonl, samples.png, reconstructions.png (test images,
-G(D_w(x)), |difference|), edit_inpaint.png, edit_merge.png, edit_interp.png, edit_deblur.png, checkpoint.pt (rebuilt by eval.py
-without importing this file: the encoder is D's latent head and outputs w), summary.json.
+G(D_w(x)), |difference|), edit_inpaint.png, edit_merge.png, edit_interp.png, edit_deblur.png,
+edit_style_mixing_{coarse,middle,fine}.png (--arch stylegan2), checkpoint.pt (rebuilt by eval.py without importing
+this file: the encoder is D's latent head and outputs w), summary.json.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="StyleGAN2 only: lr multiplier of the mapper")
     p.add_argument("--d-head-hidden", type=int, default=0,
                    help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))")  # fmt: skip
+    p.add_argument("--d-lr-mode", default="equalized", choices=["equalized", "plain"],
+                   help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) "
+                   "per step; 'plain' gives each equalized weight lr / its scale, so D learns to encode at CPU scale "
+                   "(README, issue 10)")  # fmt: skip
     # the method
     p.add_argument("--variant", default="full", choices=list(VARIANTS),
                    help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)")  # fmt: skip
@@ -205,7 +210,7 @@ def model_specs(args, img_channels):
 
 # Flags that define the networks and the data order: a resumed run must keep them.
 ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "batch_size", "d_head_hidden",
-              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval", "crop")  # fmt: skip
+              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval", "crop", "d_lr_mode")  # fmt: skip
 
 
 def d_all(D, x):
@@ -459,6 +464,11 @@ def save_figures(G, D, x_test, x_rec, args, run_dir, device):
     x_low, x_low_rec, sharper = deblur_codes(G, D, a, tile=args.crop)
     grid = torch.stack([a, x_low, x_low_rec, *sharper], 1).flatten(0, 1)
     common.save_image_grid(grid, os.path.join(run_dir, "edit_deblur.png"), nrow=6)
+    # style mixing (StyleGAN2, whole images): coarse / middle / fine layers of w from a source image's code
+    if args.arch == "stylegan2" and not args.crop and len(x_test) >= 10:
+        w_src, w_dst = encode(D, x_test[:5]), encode(D, x_test[5:10])
+        for group, tiles in common.style_mixing_grids(G, w_src, w_dst).items():
+            common.save_image_grid(tiles, os.path.join(run_dir, f"edit_style_mixing_{group}.png"), nrow=6)
 
 
 def recalibrate(G_ema, args, device, n_batches=8, batch=256):
@@ -513,8 +523,11 @@ def train(args):
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
-    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
-    opt_dr = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas)  # D's step on G's losses through w_R
+    plain = args.arch == "stylegan2" and args.d_lr_mode == "plain"
+    opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
+    # D's own step on the gradient G's losses send through w_R
+    opt_dr = torch.optim.Adam(common.unequalized_lr_groups(D, args.lr) if plain else D.parameters(), lr=args.lr,
+                              betas=args.betas)  # fmt: skip
 
     step = 0
     if ckpt is not None:

@@ -639,21 +639,8 @@ def save_encoder_figures(G, E, x_test, x_rec, args, run_dir):
     # Fig. 5: style mixing of real images (StyleGAN2 only): coarse / middle / fine layers of y from a source image
     if args.arch == "stylegan2" and args.mapping == "invertible" and len(x_test) >= 10:
         y_src, y_dst = encode_batched(E, x_test[:5]), encode_batched(E, x_test[5:10])
-        n_ws = G.num_ws  # the layers' y, 4x4 first: thirds are the coarse, middle and fine styles
-        groups = {
-            "coarse": range(n_ws // 3),
-            "middle": range(n_ws // 3, 2 * n_ws // 3),
-            "fine": range(2 * n_ws // 3, n_ws),
-        }
-        for group, layers in groups.items():
-            tiles = [torch.full_like(x_test[0], -1)] + list(decode(G, y_dst, "invertible").clamp(-1, 1))
-            for i in range(5):
-                tiles.append(decode(G, y_src[i : i + 1], "invertible").clamp(-1, 1)[0])
-                for j in range(5):
-                    ws = y_dst[j : j + 1, None].repeat(1, n_ws, 1)
-                    ws[:, list(layers)] = y_src[i]
-                    tiles.append(G.synthesis(ws).clamp(-1, 1)[0])
-            common.save_image_grid(torch.stack(tiles), os.path.join(run_dir, f"style_mixing_{group}.png"), nrow=6)
+        for group, tiles in common.style_mixing_grids(G, y_src, y_dst).items():
+            common.save_image_grid(tiles, os.path.join(run_dir, f"style_mixing_{group}.png"), nrow=6)
 
 
 def train_encoder(args):

@@ -67,6 +67,32 @@ def test_equalized_linear_scale():
     assert abs(lin(torch.randn(2000, 400)).std().item() - 1.0) < 0.05  # unit-variance output at init
 
 
+def test_style_mixing_grids_take_each_third_of_the_layers_from_the_source():
+    """Layout (blank corner, G(w_dst) across, G(w_src) down) and cell (i, j) = G of w_dst[j] with the group's layers
+    set to w_src[i], 4x4 layers first; the three groups partition the layers, so mixing all three gives G(w_src)."""
+    torch.manual_seed(0)
+    G = common.StyleGAN2Generator(z_dim=8, w_dim=8, resolution=16, img_channels=1, width=8, n_mapping=1).eval()
+    w_src, w_dst = torch.randn(2, 8), torch.randn(3, 8)
+    grids = common.style_mixing_grids(G, w_src, w_dst)
+    n_ws = G.num_ws  # 8 at 16px: coarse 0-1, middle 2-4, fine 5-7
+    expect = {"coarse": [0, 1], "middle": [2, 3, 4], "fine": [5, 6, 7]}
+    assert list(grids) == list(expect) and n_ws == 8
+    all_layers = w_dst[:, None].repeat(1, n_ws, 1)
+    for group, tiles in grids.items():
+        tiles = tiles.view(3, 4, 1, 16, 16)
+        assert (tiles[0, 0] == -1).all()
+        assert torch.allclose(tiles[0, 1:], G.synthesis(w_dst).clamp(-1, 1), atol=1e-6)
+        assert torch.allclose(tiles[1:, 0], G.synthesis(w_src).clamp(-1, 1), atol=1e-6)
+        i, j = 1, 2
+        ws = w_dst[j].repeat(n_ws, 1)
+        ws[expect[group]] = w_src[i]
+        mixed = tiles[1 + i, 1 + j]
+        assert torch.allclose(mixed, G.synthesis(ws[None]).clamp(-1, 1)[0], atol=1e-6)
+        assert (mixed - tiles[0, 1 + j]).abs().max() > 1e-3 and (mixed - tiles[1 + i, 0]).abs().max() > 1e-3
+        all_layers[:, expect[group]] = w_src[i]
+    assert torch.allclose(G.synthesis(all_layers).clamp(-1, 1), G.synthesis(w_src[i : i + 1]).clamp(-1, 1), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------- coupling
 @pytest.mark.parametrize("kind", ["additive", "affine"])
 def test_coupling_inverse_and_bijective(kind):

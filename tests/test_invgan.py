@@ -392,13 +392,16 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path):
 
 
 def test_torchrun_training_with_stylegan2_keeps_ranks_identical(tmp_path):
-    """The script under torchrun (with the StyleGAN2 architecture, so that one runs too): ranks checked identical."""
+    """The script under torchrun (with the StyleGAN2 architecture and its plain-lr D, so those run too): ranks checked
+    identical, and the style-mixing grids written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.join(ROOT, "invgan.py"), *TINY, "--arch", "stylegan2", "--n-mapping", "2", "--images", "16",
-           "--run-name", "ddp"]  # fmt: skip
+           "--d-lr-mode", "plain", "--run-name", "ddp"]  # fmt: skip
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identical on 2 ranks" in r.stdout and "2 steps of 8" in r.stdout
     ckpt = common.load_checkpoint(str(tmp_path / "runs/ddp/checkpoint.pt"))
     assert len(ckpt["rng"]) == 2 and ckpt["model_specs"]["G"]["class"] == "StyleGAN2Generator"
+    for group in ("coarse", "middle", "fine"):  # section 4.2's style mixing, StyleGAN2 only
+        assert (tmp_path / f"runs/ddp/edit_style_mixing_{group}.png").is_file()
