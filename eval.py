@@ -483,7 +483,10 @@ def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, 
         m = mask.expand_as(x)
         loss = ((x_rec - x).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
     if lpips is not None:
-        loss = loss + lpips_weight * lpips(x_rec, x, region=mask)
+        # the hole is zeroed in both images: VGG's receptive fields would otherwise carry x's hidden pixels into a
+        # "kept-only" LPIPS (and x_rec's hole into it too)
+        pair = (x_rec, x) if mask is None else (x_rec * mask, x * mask)
+        loss = loss + lpips_weight * lpips(*pair, region=mask)
     if indomain_weight:
         loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
     return loss

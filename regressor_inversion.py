@@ -93,7 +93,7 @@ def parse_args(argv=None):
     # regressor (regressor stage)
     p.add_argument("--encoder", default="auto", choices=["auto", "cnn", "resnet"],
                    help="cnn: the paper's 5-layer CNN (DCGAN-sized generators), resnet: common.ResNetEncoder; "
-                        "auto: cnn for a DCGAN generator, resnet otherwise")  # fmt: skip
+                        "auto: cnn for a DCGAN generator (with or without a mapping network), resnet otherwise")  # fmt: skip
     p.add_argument("--encoder-width", type=int, default=32, help="CNN: maps of the first layer (paper: 32 .. 512)")
     p.add_argument("--no-mask", action="store_true", help="ablation: the plain regressor E(x), trained unmasked")
     p.add_argument("--mask-grid", type=int, default=6, help="mask noise grid (Chai et al.: 6 x 6)")
@@ -111,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="Adam lr (default: gan 1e-3 (paper: 2e-4), regressor 1e-4 (the paper's))")  # fmt: skip
     p.add_argument("--betas", type=float, nargs=2, default=None,
-                   help="Adam betas (default: gan 0 0.99 (paper: 0.5 0.999), regressor 0.5 0.999 (the paper's))")  # fmt: skip
+                   help="Adam betas (default: gan 0 0.99 (paper: 0.5 0.999), regressor 0.5 0.999 (Chai et al.'s; paper 004 gives only the lr))")  # fmt: skip
     p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
     p.add_argument("--images", type=int, default=None,
                    help="budget in images (default: gan 76800 = 600 steps of 128; regressor 6400 = 200 steps of 32)")  # fmt: skip
@@ -224,7 +224,8 @@ def build_perceptual(kind, device):
 
 def regressor_spec(args, gen, img_channels):
     in_ch = img_channels + (0 if args.no_mask else 1)
-    kind = args.encoder if args.encoder != "auto" else ("cnn" if gen["spec"]["class"] == "DCGANGenerator" else "resnet")
+    dcgan_sized = gen["spec"]["class"] in ("DCGANGenerator", "DCGANMappingGenerator")
+    kind = args.encoder if args.encoder != "auto" else ("cnn" if dcgan_sized else "resnet")
     if kind == "cnn":
         return common.model_spec(common.RegressorCNN, resolution=args.resolution, in_channels=in_ch,
                                  out_dim=gen["z_dim"], width=args.encoder_width)  # fmt: skip
@@ -319,6 +320,8 @@ def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
     for family in common.MASK_FAMILIES:
         mask = common.fixed_masks(family, len(x_test), args.resolution, args.seed, device)
         complete(G, E, s, x_test[:50], mask[:50], mc)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the warm-up's queued kernels are not this timing's
         t0 = time.perf_counter()
         out = complete(G, E, s, x_test, mask, mc)
         if device.type == "cuda":
@@ -591,7 +594,7 @@ def train_regressor(args):
                 common.save_checkpoint({
                     "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "regressor",
                     "args": common.args_to_dict(args), "step": step, "model_specs": specs,
-                    "state_dicts": {"G": gen["state_dict"], "E": E.state_dict()},
+                    "state_dicts": {"G": G.state_dict(), "E": E.state_dict()},
                     "optimizers": {"E": opt.state_dict()}, "rng": rng_states, "generator_source": generator_source,
                     "inversion": {"generator": "G", "encoder": "E", "encoder_output": "output", "latent_scale": s.cpu(),
                                   "latent_dist": args.latent_dist,

@@ -474,3 +474,30 @@ def test_inpainting_columns_sit_before_the_timing_columns():
             titles[-2 if with_train else -1] == "s / img" and titles.index("kept LPIPS") == titles.index("s / img") - 1
         )
         rows[0].pop("train_seconds", None)
+
+
+def test_masked_inversion_loss_never_sees_the_hole():
+    """With a mask, MSE and LPIPS (--opt-lpips) fit the kept pixels only: the target's hidden pixels, and the
+    output's pixels in the hole, do not change the loss (VGG's receptive fields would carry them otherwise)."""
+
+    class Identity:  # an "inverter" whose code is the image itself
+        def synthesize(self, space, code):
+            return code
+
+    g = torch.Generator().manual_seed(0)
+    x, code = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    mask = common.fixed_masks("center", 2, 32)
+    lpips = common.LPIPS()
+    ref = ev.inversion_loss(Identity(), "x", code, x, lpips=lpips, mask=mask)
+    other_x = x + (1 - mask) * torch.rand(2, 3, 32, 32, generator=g)
+    other_code = code + (1 - mask) * torch.rand(2, 3, 32, 32, generator=g)
+    assert torch.allclose(ev.inversion_loss(Identity(), "x", code, other_x, lpips=lpips, mask=mask), ref, atol=1e-6)
+    assert torch.allclose(ev.inversion_loss(Identity(), "x", other_code, x, lpips=lpips, mask=mask), ref, atol=1e-6)
+    # while the kept pixels do count, for MSE and LPIPS alike
+    mse_only = ev.inversion_loss(Identity(), "x", code, x, mask=mask)
+    assert torch.allclose(mse_only, ((code - x) ** 2 * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3))), atol=1e-6)
+    assert ((ref - mse_only) > 1e-3).all()  # the LPIPS term is there
+    lpips_moved = ev.inversion_loss(Identity(), "x", code + mask * 0.3, x, lpips=lpips, mask=mask) - ev.inversion_loss(
+        Identity(), "x", code + mask * 0.3, x, mask=mask
+    )
+    assert not torch.allclose(lpips_moved, ref - mse_only, atol=1e-4)  # and it reads the kept pixels

@@ -112,6 +112,18 @@ def test_region_metrics_hand_values():
     )
     lpips = common.LPIPS()
     assert torch.allclose(lpips(a, b, region=full.expand(2, -1, -1, -1)), lpips(a, b), atol=1e-6)
+    # region_metrics names the regions right: the error is all in the hole (lower half), none on the kept pixels
+    y2 = x.expand(2, -1, -1, -1).clone()
+    y2[:, :, 16:] = 0.2
+    out = common.region_metrics(x.expand(2, -1, -1, -1), y2, lower.expand(2, -1, -1, -1), lpips)
+    assert out["hole_psnr"] == pytest.approx(20.0, abs=1e-4) and out["kept_psnr"] > 100
+    assert out["kept_ssim"] == pytest.approx(common.region_ssim(x, y, lower).item(), abs=1e-6)  # windows cross over
+    assert out["hole_ssim"] == pytest.approx(common.region_ssim(x, y, 1 - lower).item(), abs=1e-6)
+    assert out["hole_ssim"] < out["kept_ssim"]
+    # LPIPS by region, on textured images (a constant image's unit-normalised features say little)
+    noisy = a + torch.cat([torch.zeros(2, 1, 16, 32), torch.randn(2, 1, 16, 32, generator=g) * 0.5], 2)
+    out = common.region_metrics(a, noisy, lower.expand(2, -1, -1, -1), lpips)
+    assert out["hole_lpips"] > 2 * out["kept_lpips"]
 
 
 # ------------------------------------------------------------------------------------------------- Eq. 2
@@ -180,8 +192,25 @@ def test_the_mask_reaches_the_regressor_and_hides_the_hole():
     # --no-mask: the plain regressor takes the image alone, unmasked during training
     args, G, E = tiny("--no-mask")
     E = Recording(E)
+    torch.manual_seed(7)
+    z = ri.sample_z(8, 8, "normal", "cpu")
+    torch.manual_seed(7)
     ri.regressor_step(G, E, torch.optim.Adam(E.parameters(), lr=0.0), s, 8, None, args, torch.device("cpu"))
     assert E.inputs[0].shape == (8, 1, 16, 16)
+    assert torch.equal(E.inputs[0], G(z * s))  # the whole image: no pixel zeroed
+
+
+@torch.no_grad()
+def test_completion_sees_only_the_kept_pixels_and_the_mask():
+    args, G, E = tiny()
+    E.eval()
+    s = torch.ones(8)
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    mask = common.fixed_masks("center", 6, 16)
+    out = ri.complete(G, E, s, x, mask, True)
+    assert torch.equal(ri.complete(G, E, s, x + (1 - mask) * 0.7, mask, True), out)  # the hole is not seen
+    assert not torch.allclose(ri.complete(G, E, s, x, torch.ones_like(mask), True), out)  # the mask is
+    assert not torch.allclose(ri.complete(G, E, s, x, common.fixed_masks("lower", 6, 16), True), out)
 
 
 def test_the_frozen_generator_stays_bit_identical():
