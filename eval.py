@@ -904,6 +904,9 @@ def compare(args, train_seconds=None):
     )
     print(f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
           f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}", flush=True)  # fmt: skip
+    if args.baselines and args.n_fid and "recon" in args.fid_kinds and args.n_recon != args.n_fid:
+        print(f"note: the baselines get no FID rec: it is computed on their {args.n_recon} reconstructions only when "
+              f"--n-recon equals --n-fid ({args.n_fid})", flush=True)  # fmt: skip
 
     x_test = test_images.float().div(127.5).sub(1).to(device)
     x_recon, x_fid = x_test[: args.n_recon], x_test[: args.n_fid]

@@ -490,8 +490,8 @@ def train_gan(args):
 
 def resolve_generator(args, ckpt, device):
     """The frozen generator (from --generator, or a resumed run's own copy), and the data settings it implies:
-    --dataset / --resolution default to the generator's; a resolution or channel count that does not match the
-    data is a one-line error. Sets args.dataset, args.resolution, args.latent_dist."""
+    --dataset / --resolution default to the generator's; a resolution, channel count or dataset that does not match
+    the generator's is a one-line error. Sets args.dataset, args.resolution, args.latent_dist."""
     source = args.resume if ckpt is not None else args.generator
     gen = common.load_generator(source, device)
     G = gen["G"]
@@ -500,7 +500,8 @@ def resolve_generator(args, ckpt, device):
         common.fail(f"the generator in '{source}' ({gen['spec']['class']}) does not say its resolution, channels and "
                     "z size; pass a checkpoint of this project's generators")  # fmt: skip
     args.latent_dist = gen["latent_dist"]
-    args.dataset = args.dataset or gen["args"].get("dataset") or "mnist"
+    asked, trained_on = args.dataset, gen["args"].get("dataset")
+    args.dataset = asked or trained_on or "mnist"
     args.resolution = args.resolution or g_res
     if g_res != args.resolution:
         common.fail(f"the generator in '{source}' makes {g_res}px images but --resolution is {args.resolution}; "
@@ -509,6 +510,9 @@ def resolve_generator(args, ckpt, device):
     if g_ch != data_ch:
         common.fail(f"the generator in '{source}' makes {g_ch}-channel images but {args.dataset} has {data_ch}; "
                     "pass a dataset of the generator's channel count")  # fmt: skip
+    if asked and trained_on and asked != trained_on:  # the regressor would be judged on images G never learned
+        common.fail(f"the generator in '{source}' was trained on {trained_on}, not --dataset {asked}; "
+                    "drop --dataset (it defaults to the generator's)")  # fmt: skip
     return gen
 
 

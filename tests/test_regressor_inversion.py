@@ -380,6 +380,7 @@ def test_unusable_generators_fail_in_one_line(runs, tmp_path):
         (["--generator", no_gen], "holds no usable generator"),
         (["--generator", gen, "--resolution", "32"], "makes 16px images but --resolution is 32"),
         (["--generator", gen, "--dataset", "cifar10"], "makes 1-channel images but cifar10 has 3"),
+        (["--generator", gen, "--dataset", "fashion-mnist"], "was trained on mnist, not --dataset fashion-mnist"),
         (["--generator", str(tmp_path / "missing.pt")], "does not exist"),
     ]
     for argv, message in in_process:
