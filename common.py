@@ -1368,7 +1368,7 @@ def load_method_checkpoint(path: str, method: str | None = None) -> dict:
 def load_generator(path: str, device="cpu") -> dict:
     """The frozen generator of any ganinv/1 checkpoint of this project, rebuilt through the contract (the network
     named by ``inversion.generator``, its spec, the latent scale and prior). One-line error if it has none.
-    Returns {"G", "spec", "state_dict", "latent_scale", "latent_dist", "z_dim", "method", "name"}."""
+    Returns {"G", "spec", "latent_scale", "latent_dist", "z_dim", "method", "name", "args"}."""
     ckpt = load_method_checkpoint(path)
     inversion = ckpt.get("inversion") or {}
     name = inversion.get("generator")
@@ -1382,7 +1382,7 @@ def load_generator(path: str, device="cpu") -> dict:
     z_dim = getattr(G, "z_dim", spec["kwargs"].get("z_dim"))
     scale = inversion.get("latent_scale")
     scale = (scale if scale is not None else torch.ones(z_dim)).float()
-    return {"G": G.to(device).eval().requires_grad_(False), "spec": spec, "state_dict": states[name],
+    return {"G": G.to(device).eval().requires_grad_(False), "spec": spec,
             "latent_scale": scale.to(device), "latent_dist": inversion.get("latent_dist", "normal"), "z_dim": z_dim,
             "method": ckpt.get("method"), "name": name, "args": ckpt.get("args") or {}}  # fmt: skip
 

@@ -904,7 +904,9 @@ def compare(args, train_seconds=None):
     )
     print(f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
           f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}", flush=True)  # fmt: skip
-    if args.baselines and args.n_fid and "recon" in args.fid_kinds and args.n_recon != args.n_fid:
+    # a baseline's FID rec is only defined on the same n test images the encoders' recon FID uses
+    baseline_fid = "recon" in args.fid_kinds and args.n_recon == args.n_fid
+    if args.baselines and args.n_fid and "recon" in args.fid_kinds and not baseline_fid:
         print(f"note: the baselines get no FID rec: it is computed on their {args.n_recon} reconstructions only when "
               f"--n-recon equals --n-fid ({args.n_fid})", flush=True)  # fmt: skip
 
@@ -973,8 +975,7 @@ def compare(args, train_seconds=None):
             if row is None:
                 print(f"  skipped: {x_rec}")
                 continue
-            if ref is not None and "recon" in args.fid_kinds and args.n_recon == args.n_fid:
-                # the same n test images the encoders' recon FID uses: Table 3's FID / SWD for a baseline too
+            if ref is not None and baseline_fid:  # Table 3's FID / SWD for a baseline too
                 row["fid_recon"] = fid_from_features(fid_net(to_uint8(x_rec), args.batch_size), ref["feats"])
                 row["swd_recon"] = swd(to_uint8(x_rec).cpu(), ref["images"], seed=args.seed)["mean"]
             add(row, x_rec)
