@@ -195,7 +195,11 @@ def scan_image_folder(root: str) -> tuple[list[str], dict]:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 skipped[rel] = "not an image file"
                 continue
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError as e:  # a dangling symlink, or a file removed while scanning
+                skipped[rel] = f"unreadable ({e.strerror})"
+                continue
             key = f"{st.st_size}:{st.st_mtime_ns}"
             reason = cache[rel][1] if rel in cache and cache[rel][0] == key else decodable_image(path)
             verdicts[rel] = [key, reason]
@@ -873,6 +877,28 @@ def r1_penalty(real_logit, x_real):
     return grad.square().flatten(1).sum(1).mean()
 
 
+def r1_step(D, opt_d, x_real, weight, amp=False):
+    """StyleGAN2's lazy regularization: R1 as its own D step every k iterations, weighted by k (the Adam lr / betas
+    correction k / (k + 1) of ``lazy_regularization_adam`` is for exactly this extra step). D returns (logit, ...)."""
+    D.requires_grad_(True)
+    x_real = x_real.detach().requires_grad_(True)
+    with autocast(x_real.device, amp):
+        real_logit = D(x_real)[0]
+    r1 = r1_penalty(real_logit.float(), x_real)
+    opt_d.zero_grad(set_to_none=True)
+    (weight * r1).backward()
+    sync_gradients(D)
+    opt_d.step()
+    return {"losses/R1": r1.item()}
+
+
+def sample_z(n, d, dist="normal", device="cpu", generator=None):
+    """The latent priors, mean 0 and variance 1: N(0, 1), or U(-sqrt 3, sqrt 3)."""
+    if dist == "uniform":
+        return (torch.rand(n, d, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
+    return torch.randn(n, d, device=device, generator=generator)
+
+
 def lazy_regularization_adam(lr, betas, interval):
     """StyleGAN2's correction when a regularizer runs only every ``interval`` steps: (lr, betas) to use."""
     if interval <= 1:
@@ -1306,6 +1332,17 @@ def recalibrate_batchnorm(model: nn.Module, make_input, n_batches: int = 8):
     model.train(was_training)
 
 
+def recalibrate_generator(G_ema, z_dim, seed, device, dist="normal", scale=None, n_batches=8, batch=256):
+    """G_ema's BatchNorm statistics re-estimated for its own averaged weights on fixed latents (z * scale when
+    given), drawn on the CPU so CPU and CUDA runs see the same z; a no-op for a generator without BatchNorm."""
+
+    def make_input(i):
+        z = sample_z(batch, z_dim, dist, "cpu", torch.Generator().manual_seed(seed + 777 + i)).to(device)
+        return z * scale if scale is not None else z
+
+    recalibrate_batchnorm(G_ema, make_input, n_batches)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints (atomic save, weights_only load, RNG state), run directories, logging, images, progress
 # ---------------------------------------------------------------------------------------------------------
@@ -1437,70 +1474,6 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def args_to_dict(args) -> dict:
-    """argparse Namespace -> plain dict (weights_only-safe: str/int/float/bool/None/lists)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-
-
-def resolve_run_dir(args, root="runs") -> str:
-    """Where a run writes, decided before anything is created (so a refused run leaves nothing behind):
-
-    * ``--resume CKPT``: the checkpoint's own directory, wherever it is -- a resumed run continues its own files
-      and updates the checkpoint it came from, never a directory that merely has the same name; a --run-name
-      that names another directory is refused;
-    * otherwise ``runs/{--run-name}`` or ``runs/{dataset}__{exp_name}__{seed}__{time}``, refused if it already
-      holds files."""
-    name = getattr(args, "run_name", None)
-    if name is not None and (not name or os.sep in name or name in (".", "..")):
-        fail(f"--run-name '{name}' must be a plain directory name (it goes under {root}/)")
-    if getattr(args, "resume", None):
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        if name is not None and os.path.abspath(os.path.join(root, name)) != run_dir:
-            fail(f"--run-name {name} and --resume {args.resume} name different directories; a resumed run continues "
-                 f"in its checkpoint's directory ({run_dir}): drop --run-name")  # fmt: skip
-        if not os.access(run_dir, os.W_OK):
-            fail(f"cannot write to {run_dir}, the resumed checkpoint's directory; copy the run somewhere writable")
-        return run_dir
-    name = (
-        name or f"{args.dataset.replace(':', '_').replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    )
-    run_dir = os.path.join(root, name)
-    if os.path.exists(root) and not os.path.isdir(root):
-        fail(f"'{root}' exists and is not a directory; move it away so runs can be written to {root}/")
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        hint = (
-            "pass --resume {0}/checkpoint.pt or another --run-name"
-            if hasattr(args, "resume")
-            else "pass another --run-name"
-        )
-        fail(f"run directory '{run_dir}' already holds files; {hint.format(run_dir)}")
-    probe = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))
-    if not os.access(probe, os.W_OK):
-        fail(f"cannot write to '{os.path.abspath(probe)}'; run from a writable directory")
-    return run_dir
-
-
-def make_run_dir(args, root="runs") -> str:
-    """``resolve_run_dir``, then create it (call once the arguments and inputs have been checked)."""
-    run_dir = resolve_run_dir(args, root)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        fail(
-            f"cannot create run directory '{run_dir}' ({type(e).__name__}: {e.strerror}); run from a writable directory"
-        )
-    return run_dir
-
-
-def check_resume_flags(ckpt: dict, args, flags):
-    """A resumed run must keep the flags that define its networks and data order: one line naming the first that
-    differs from the checkpoint's."""
-    for flag in flags:
-        if ckpt["args"].get(flag) != getattr(args, flag):
-            fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but the checkpoint was trained with "
-                 f"{ckpt['args'].get(flag)!r}; pass the same value to resume")  # fmt: skip
-
-
 def training_steps(args, steps_per_epoch: int) -> int:
     """The budget in optimizer steps: ``--epochs`` when given, else ``--images`` / global batch; refused if < 1."""
     steps = int(args.epochs * steps_per_epoch) if args.epochs > 0 else args.images // args.batch_size
@@ -1512,14 +1485,15 @@ def training_steps(args, steps_per_epoch: int) -> int:
 class RunLogger:
     """Scalars as JSONL (one object per line: step plus values) and to TensorBoard when it is installed."""
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None):
         self.enabled, self.writer = enabled, None
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(run_dir)
+                # a resumed run drops the events a killed run logged after its checkpoint
+                self.writer = SummaryWriter(run_dir, purge_step=purge_step)
             except Exception:  # tensorboard not installed: JSONL only
                 self.writer = None
 
@@ -1617,6 +1591,407 @@ def peak_memory_mb(device: torch.device) -> float:
 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run lifecycle: arguments and resume, the run directory, start, restore, the step loop, save, finish
+# ---------------------------------------------------------------------------------------------------------
+# A run lives in runs/{run_name}/: run.json (the command's flags, written when the run starts), checkpoint.pt,
+# metrics.jsonl, summary.json (written when it ends), figures. One process at a time owns a run directory (an
+# advisory lock on runs/{run}/.lock, which the kernel frees when the process dies, even by kill -9). A resumed run
+# keeps every flag it was trained with except these, which do not change what it computes:
+RESUMABLE_FLAGS = ("images", "epochs", "eval_every", "save_every", "log_every", "workers", "track", "cuda",
+                   "data_root", "resume", "run_name", "jobs", "ablation", "exp_name")  # fmt: skip
+_RESUME_CACHE: dict = {}  # checkpoint path -> its content, loaded once by parse_run_args and once used by Run
+
+
+def args_to_dict(args) -> dict:
+    """argparse Namespace -> plain dict (weights_only-safe: str/int/float/bool/None/lists); private keys left out."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def given_flags(parser, argv) -> set:
+    """The dests of the flags written on the command line (not those left at their defaults)."""
+    import argparse
+
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
+def _recorded_run(path: str, method: str) -> dict:
+    """What --resume PATH resumes: the checkpoint, or -- when the run was killed before its first save wrote one --
+    the run.json beside it (the run then starts again from step 0 with its recorded flags)."""
+    key = os.path.abspath(path)
+    if key not in _RESUME_CACHE:
+        run_json = os.path.join(os.path.dirname(key), "run.json")
+        if not os.path.exists(key) and os.path.isfile(run_json):
+            try:
+                with open(run_json) as f:
+                    recorded = json.load(f)
+            except (OSError, ValueError) as e:
+                fail(f"'{path}' does not exist and {run_json} cannot be read ({e}); start a new run instead")
+            if recorded.get("method") != method:
+                fail(f"{run_json} is a {recorded.get('method')!r} run, not a {method!r} one; pass a run of {method}")
+            _RESUME_CACHE[key] = {"format": CHECKPOINT_FORMAT, "method": method, "stage": recorded.get("stage"),
+                                  "args": recorded["args"], "step": 0, "restart": True}  # fmt: skip
+        else:
+            _RESUME_CACHE[key] = load_method_checkpoint(path, method)
+    return _RESUME_CACHE[key]
+
+
+def parse_run_args(parser, argv, validate, method: str):
+    """Parse, then with --resume take every flag not written on the command line from the run being resumed,
+    validate, and refuse (one line) a written flag that would change what the resumed run computes."""
+    args = parser.parse_args(argv)
+    args._given = given_flags(parser, argv)
+    recorded = None
+    if getattr(args, "resume", None):
+        recorded = _recorded_run(args.resume, method)
+        stage = recorded.get("stage")
+        if "stage" in args._given and stage is not None and args.stage != stage:
+            fail(f"'{args.resume}' is a {stage!r}-stage checkpoint; resume it with --stage {stage}")
+        for k, v in recorded["args"].items():
+            if k not in args._given and k not in ("resume", "run_name") and hasattr(args, k):
+                setattr(args, k, v)
+    validate(args)
+    if hasattr(args, "seed") and not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32) (got {args.seed}): numpy's and DataLoader's seeds are 32-bit")
+    if recorded is not None:
+        for k, v in recorded["args"].items():
+            if k not in RESUMABLE_FLAGS and hasattr(args, k) and getattr(args, k) != v:
+                fail(f"--{k.replace('_', '-')} is {getattr(args, k)!r} but the checkpoint was trained with {v!r}; "
+                     "pass the same value (or leave it out) to resume")  # fmt: skip
+    return args
+
+
+def run_dir_of(args, root="runs") -> str:
+    """Where a run writes, checked before anything is created: the resumed checkpoint's own directory (a
+    --run-name naming another is refused), else runs/{--run-name} or runs/{dataset}__{exp_name}__{seed}__{time},
+    refused if it already holds files. A default name that is taken gets a suffix when the directory is claimed."""
+    name = getattr(args, "run_name", None)
+    if name is not None and (not name or os.sep in name or name in (".", "..")):
+        fail(f"--run-name '{name}' must be a plain directory name (it goes under {root}/)")
+    if getattr(args, "resume", None):
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        if name is not None and os.path.abspath(os.path.join(root, name)) != run_dir:
+            fail(f"--run-name {name} and --resume {args.resume} name different directories; a resumed run continues "
+                 f"in its checkpoint's directory ({run_dir}): drop --run-name")  # fmt: skip
+        return run_dir
+    if os.path.exists(root) and not os.path.isdir(root):
+        fail(f"'{root}' exists and is not a directory; move it away so runs can be written to {root}/")
+    slug = args.dataset.replace(":", "_").replace("/", "_")
+    run_dir = os.path.join(root, name or f"{slug}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if name is not None and _holds_files(run_dir):
+        fail(f"run directory '{run_dir}' already holds files; {_taken_hint(args, run_dir)}")
+    return run_dir
+
+
+def _holds_files(path: str) -> bool:
+    return os.path.isdir(path) and any(n != ".lock" for n in os.listdir(path))
+
+
+def _taken_hint(args, run_dir):
+    return f"pass --resume {run_dir}/checkpoint.pt or another --run-name" if hasattr(args, "resume") else (
+        "pass another --run-name")  # fmt: skip
+
+
+class RunDirectory:
+    """A run directory owned by this process: created (or found empty) atomically and locked, so two runs started
+    at the same moment with the same name cannot both write it; ``release`` frees it, ``abandon`` also removes what
+    claiming it created (a refused run leaves nothing behind)."""
+
+    def __init__(self, run_dir: str, record: dict, resume: bool, fixed_name: bool, hint: str):
+        import fcntl
+
+        self.made, self.lock_fd = [], None
+        path = run_dir
+        for attempt in range(1000):
+            if resume:
+                break
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                os.mkdir(path)
+                self.made.append(path)
+                break
+            except FileExistsError:
+                if os.path.isdir(path) and not _holds_files(path):
+                    break  # an empty directory is used as it is
+                if fixed_name or not os.path.isdir(path):
+                    fail(f"run directory '{path}' already holds files; {hint}")
+                path = f"{run_dir}-{attempt + 2}"  # a default name taken in the same second
+            except OSError as e:
+                fail(f"cannot create run directory '{path}' ({e.strerror}); run from a writable directory")
+        self.path = path
+        try:
+            lock = os.path.join(path, ".lock")
+            if not os.path.exists(lock):
+                self.made.append(lock)
+            self.lock_fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+                fail(f"run directory '{path}' is in use by another process (a run still going?); wait for it, or "
+                     "pass another --run-name")  # fmt: skip
+            if not resume and _holds_files(path):  # another run claimed it between the check and the lock
+                fail(f"run directory '{path}' already holds files; {hint}")
+            run_json = os.path.join(path, "run.json")
+            if not os.path.exists(run_json):
+                self.made.append(run_json)
+            _write_json_atomic(run_json, {**record, "pid": os.getpid(), "host": os.uname().nodename,
+                                          "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        except OSError as e:
+            self.abandon()
+            fail(f"cannot write to run directory '{os.path.abspath(path)}' ({e.strerror}); run from a writable "
+                 "directory, or copy the run somewhere writable")  # fmt: skip
+
+    def release(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing the descriptor releases the flock
+            self.lock_fd = None
+
+    def abandon(self):
+        self.release()
+        for path in reversed(self.made):
+            try:
+                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+            except OSError:
+                pass
+        self.made = []
+
+
+def _write_json_atomic(path: str, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(run_dir: str, step: int):
+    """On resume: drop the rows a killed run logged after its last checkpoint, so each step is logged once."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        print(f"resume: dropped {len(lines) - len(kept)} metrics row(s) logged after step {step}", flush=True)
+
+
+def test_images(dataset: str, resolution: int, n: int, device, data_root=None) -> torch.Tensor:
+    """The first ``n`` images of the standard test split, in [-1, 1], on ``device``."""
+    test_set = build_dataset(dataset, resolution, False, data_root)
+    n = min(n, len(test_set))
+    if isinstance(test_set, TensorImages):
+        return test_set.images[:n].float().div(127.5).sub(1).to(device)
+    return torch.stack([test_set[i][0] for i in range(n)]).to(device)
+
+
+class Run:
+    """One training run, start to finish, the same for every script and stage:
+
+        run = common.Run(args, "dlsgan")            # distributed init, device, seeding, the checkpoint to resume,
+                                                    # the run directory claimed, the data, the step budget
+        run.restore({"G": G, "D": D}, {"G": opt_g})  # resumed: weights, optimizers, step, RNG; fresh: seed per rank
+        for epoch, x_real in run.batches():
+            scalars = step functions ...
+            step = run.step_done(scalars, show=("losses/D",))  # counts, NaN check, loss means, progress lines
+            if run.due("eval"): run.log(metrics)     # means since the last row + metrics -> metrics.jsonl
+            if run.due("save"): run.save(model_specs=specs, inversion=...)  # every rank
+        run.finish()                                 # summary.json, lock released, process group closed
+
+    Every refusal while starting is one line on every rank (the ranks agree first), before the run directory holds
+    anything; a directory that starting created is removed again."""
+
+    keep_process_group = False  # lia --stage all: the three stages share one process group (re-creating it can hang)
+
+    def __init__(self, args, method, stage=None, prepare=None, data=True, test_split=0, steps=None, batch_divisor=1):
+        self.args, self.method, self.stage = args, method, stage
+        self.dist = init_distributed(args.cuda)
+        self.is_main = self.dist.is_main
+        self.device = get_device(args.cuda, self.dist.local_rank)
+        self.directory, self.logger, self.ckpt, self.networks, self.optimizers = None, None, None, {}, {}
+        self.loader = self.sampler = self.steps_per_epoch = self.x_test = None
+        self.step, self.images_seen, self.t_start, self._sums, self._counts = 0, 0, time.time(), {}, {}
+        error, run_dir, exc = None, None, None
+        try:
+            self._start(prepare, data, test_split, steps, batch_divisor)
+            run_dir = self.run_dir
+        except SystemExit as e:
+            error = str(e.code)
+        except BaseException as e:  # a bug: its traceback on this rank, one line on the others
+            error, exc = f"error: {type(e).__name__} on rank {self.dist.rank}: {_first_line(e)}", e
+        outcome = [(error, run_dir)]
+        if self.dist.enabled:
+            outcome = [None] * self.dist.world_size
+            dist.all_gather_object(outcome, (error, run_dir))
+        first = next((e for e, _ in outcome if e), None)
+        if first:
+            if self.directory is not None:
+                self.directory.abandon()
+            if exc is not None:
+                raise exc
+            cleanup_distributed()
+            raise SystemExit(first)
+        self.run_dir = outcome[0][1]  # rank 0's (a default name may have had to take a suffix)
+        if self.is_main:
+            if self.ckpt is not None or args.resume:
+                _truncate_metrics(self.run_dir, self.step)
+            self.logger = RunLogger(self.run_dir, tensorboard=getattr(args, "track", False),
+                                    purge_step=self.step + 1 if args.resume else None)  # fmt: skip
+        self.progress = Progress(self.total_steps, self.step, enabled=self.is_main)
+
+    def _start(self, prepare, data, test_split, steps, batch_divisor):
+        args, info = self.args, self.dist
+        if args.batch_size % (batch_divisor * info.world_size):
+            per = f"{batch_divisor} x {info.world_size}" if batch_divisor > 1 else f"{info.world_size}"
+            fail(f"--batch-size {args.batch_size} is not divisible by {per} processes")
+        self.batch = args.batch_size // info.world_size
+        seed_everything(args.seed, args.deterministic)
+        if args.resume:
+            self.ckpt = _recorded_run(args.resume, self.method)
+            _RESUME_CACHE.pop(os.path.abspath(args.resume), None)
+            if self.ckpt.get("restart"):
+                if self.is_main:
+                    print(f"resume: {args.resume} was never written (the run was killed before its first save); "
+                          "starting it again from step 0 with its recorded flags", flush=True)  # fmt: skip
+                self.ckpt = None
+            elif self.ckpt.get("stage") != self.stage:
+                fail(f"'{args.resume}' is a {self.ckpt.get('stage')!r}-stage checkpoint; resume it with --stage "
+                     f"{self.ckpt.get('stage')}")  # fmt: skip
+            else:
+                self.step = self.ckpt["step"]
+        if prepare is not None:
+            prepare(self)  # what the method needs before the directory is claimed (a source checkpoint, weights)
+        self.run_dir = run_dir_of(args)
+        if data:
+            train_set = build_dataset(args.dataset, args.resolution, True, args.data_root)
+            self.img_channels = train_set[0][0].shape[0]
+            self.loader, self.sampler = make_loader(train_set, self.batch, info, args.seed, workers=args.workers)
+            self.steps_per_epoch = len(self.sampler) // self.batch
+        self.total_steps = steps if steps is not None else training_steps(args, self.steps_per_epoch or 1)
+        if test_split:
+            self.x_test = test_images(args.dataset, args.resolution, test_split, self.device, args.data_root)
+        if self.is_main:
+            record = {"method": self.method, "stage": self.stage, "args": args_to_dict(args)}
+            self.directory = RunDirectory(self.run_dir, record, bool(args.resume), args.run_name is not None,
+                                          _taken_hint(args, self.run_dir))  # fmt: skip
+            self.run_dir = self.directory.path
+
+    def restore(self, networks: dict, optimizers: dict, frozen: dict | None = None):
+        """Resumed: every network's weights, optimizer state and each rank's RNG from the checkpoint. Fresh: each
+        rank draws its own latents from here on (the networks are already equal on every rank). ``frozen``
+        networks are saved with the checkpoint but neither restored nor trained."""
+        self.networks, self.optimizers, self.frozen = networks, optimizers, frozen or {}
+        if self.ckpt is None:
+            torch.manual_seed(self.args.seed + 1000 * self.dist.rank)
+            return
+        for name, net in networks.items():
+            load_state_strict(net, self.ckpt["state_dicts"][name], f"the network {name}", self.args.resume)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(self.ckpt["optimizers"][name])
+        states = self.ckpt["rng"]
+        set_rng_state(states[min(self.dist.rank, len(states) - 1)])
+
+    def batches(self):
+        """(epoch, x_real on the device) until the budget is spent, resuming the data order where it stopped."""
+        self.t_start = time.time()
+        batches = infinite_batches(self.loader, self.sampler, start_step=self.step)
+        while self.step < self.total_steps:
+            epoch, x_real = next(batches)
+            yield epoch, x_real.to(self.device, non_blocking=True)
+
+    def steps(self):
+        """For a stage without a data loader: yields until the budget is spent."""
+        self.t_start = time.time()
+        while self.step < self.total_steps:
+            yield self.step
+
+    def step_done(self, scalars: dict, show=()) -> int:
+        """After one optimizer step: count it, stop on NaN, add to the running means, print progress."""
+        self.step += 1
+        self.images_seen += self.args.batch_size
+        check_finite(self.step, **scalars)
+        for k, v in scalars.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v
+            self._counts[k] = self._counts.get(k, 0) + 1
+        if self.due("log"):
+            self.progress.report(self.step, {k.removeprefix("losses/"): scalars[k] for k in show if k in scalars})
+        return self.step
+
+    def due(self, what: str) -> bool:
+        """Is --{what}-every due now (always at the last step)?"""
+        return self.step % getattr(self.args, f"{what}_every") == 0 or self.step == self.total_steps
+
+    def log(self, metrics: dict | None = None) -> dict:
+        """One metrics.jsonl row (rank 0 writes): each loss's mean over the steps since the last row, ``metrics``,
+        epoch, throughput and peak memory. Call it on every rank, or on rank 0 alone."""
+        row = {k: s / self._counts[k] for k, s in self._sums.items()}
+        row.update(metrics or {})
+        if self.steps_per_epoch:
+            row["charts/epoch"] = self.step / self.steps_per_epoch
+        row["charts/images_per_sec"] = self.images_seen / max(time.time() - self.t_start, 1e-9)
+        row["charts/peak_memory_mb"] = peak_memory_mb(self.device)
+        if self.logger is not None:
+            self.logger.log(self.step, row)
+        self._sums, self._counts = {}, {}
+        return row
+
+    def save(self, checked: dict | None = None, **payload):
+        """On every rank: the ranks must hold the same networks (and ``checked`` tensors); rank 0 writes
+        {format, method, stage, args, step, model state dicts, optimizer states, **payload, every rank's RNG}
+        atomically to runs/{run}/checkpoint.pt."""
+        named = {f"{n}.{k}": t for n, net in self.networks.items() for k, t in net.state_dict().items()}
+        assert_same_across_ranks({**named, **(checked or {})}, self.step)  # parameters and BatchNorm buffers alike
+        rng = gather_rng_states(self.dist)
+        if not self.is_main:
+            return
+        ckpt = {"format": CHECKPOINT_FORMAT, "method": self.method, "args": args_to_dict(self.args), "step": self.step}
+        if self.stage is not None:
+            ckpt["stage"] = self.stage
+        if self.networks or self.frozen:
+            nets = {**self.frozen, **self.networks}
+            ckpt["state_dicts"] = {n: net.state_dict() for n, net in nets.items()}
+            ckpt["optimizers"] = {n: opt.state_dict() for n, opt in self.optimizers.items()}
+        save_checkpoint({**ckpt, **payload, "rng": rng}, os.path.join(self.run_dir, "checkpoint.pt"))
+
+    def banner(self, text: str):
+        if self.is_main:
+            per_epoch = f" ({self.steps_per_epoch} per epoch)" if self.steps_per_epoch else ""
+            print(f"run: {self.run_dir} | {text} | {self.total_steps} steps of {self.args.batch_size}{per_epoch} on "
+                  f"{self.device} x{self.dist.world_size}", flush=True)  # fmt: skip
+
+    def finish(self, extra: dict | None = None, identical="parameters and BatchNorm statistics") -> str:
+        """summary.json, the lock released, the process group closed (all ranks arrive first)."""
+        if self.is_main:
+            write_summary(self.run_dir, self.step, self.t_start, self.images_seen, self.device, extra)
+            if self.dist.enabled:
+                print(f"{identical} identical on {self.dist.world_size} ranks", flush=True)
+            self.logger.close()
+            self.directory.release()
+        if not Run.keep_process_group:
+            cleanup_distributed()
+        elif self.dist.enabled:
+            dist.barrier()
+        return self.run_dir
+
+
+def claim_run_dir(args, record: dict, root="runs") -> RunDirectory:
+    """For a script without a training loop (eval.py): the run directory checked, created and locked at once."""
+    run_dir = run_dir_of(args, root)
+    return RunDirectory(run_dir, record, False, args.run_name is not None, _taken_hint(args, run_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------

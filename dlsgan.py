@@ -8,22 +8,20 @@ predictions, so dimensions the generator ignores shrink and the encoder's MSE lo
     L_enc = mean((z - z_hat)^2 * s^2)        added to D's loss, and to G's too with --dg
 
 What it reproduces (paper Figs. 3-4, 7-15): without DLS (``--no-dls``, s = 1) L_enc stays near 1; with DLS it
-falls well below (measured on MNIST / Fashion-MNIST: 0.98-0.99 against 0.32-0.59 after 800 steps). The paper's
-other claims hold only in part at CPU scale; the README has the measured tables. The CPU default is a DCGAN: the
-paper's StyleGAN2 (``--arch stylegan2``) learns to encode far more slowly on CPU (equalized lr under Adam, low-pass
-downsampling; README): with ``--d-lr-mode plain`` its L_enc was 0.93 with DLS against 1.00 without after 1000 steps.
+falls well below. The CPU default is a DCGAN; the paper's StyleGAN2 is ``--arch stylegan2``. The measured tables,
+with their dates, machines and commands, are in docs/dlsgan.md (today: the README).
 
 Usage:
-    python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, 4 min 36 s on 2 CPU cores
+    python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, 2000 steps
     python dlsgan.py --dist normal --dg --no-dls            # the plain-MSE ablation
     python dlsgan.py --ablation --dist normal               # {DLS, no DLS} x {D, DG}: table + L_enc plot
     torchrun --nproc_per_node=2 dlsgan.py --dist uniform --dg   # DDP (gloo on CPU, nccl on CUDA)
     python dlsgan.py --resume runs/<run>/checkpoint.pt      # continue exactly where it stopped
     # paper scale (GPU): CelebA 128x128, 50 epochs, batch 16, d = 512
-    python dlsgan.py --arch stylegan2 --dataset celeba --resolution 128 --width 512 --batch-size 16 --epochs 50 --dist normal --dg \\
-        --n-mapping 8 --eval-every 5000
+    python dlsgan.py --arch stylegan2 --dataset celeba --resolution 128 --width 512 --batch-size 16 --epochs 50 \\
+        --dist normal --dg --n-mapping 8 --eval-every 5000
 
-Everything of a run goes to runs/{run_name}/: metrics.jsonl, samples.png, reconstructions.png,
+Everything of a run goes to runs/{run_name}/: run.json, metrics.jsonl, samples.png, reconstructions.png,
 fig17_top_dim.png, checkpoint.pt (rebuildable by eval.py without importing this file).
 """
 
@@ -35,13 +33,324 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
 import common
 
+METHOD = "dlsgan"
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The method: the latent scale s, the tracked variance v, the encoder loss, entropy
+# ---------------------------------------------------------------------------------------------------------
+def latent_scale(v: torch.Tensor) -> torch.Tensor:
+    """s = sqrt(d) * v^(1/2) / ||v^(1/2)||_2, so that sum(s^2) = d (s = 1 when all v are equal)."""
+    return torch.sqrt(len(v) * v / v.sum())
+
+
+class PredictedVariance:
+    """v: per-dimension variance of the encoder's predicted codes. The predictions have mean ~0, so
+    mean(z_hat^2) over a batch is a variance sample. 'window' averages the last N batch samples (paper),
+    'ema' is the later variant. Fed with the global batch mean, so v is identical on every DDP rank."""
+
+    def __init__(self, d, mode="window", window_batches=128, ema=0.999, device="cpu"):
+        self.mode, self.ema = mode, ema
+        self.window = torch.ones(window_batches if mode == "window" else 1, d, device=device)
+        self.pointer = torch.zeros((), dtype=torch.long)
+
+    @property
+    def value(self):
+        return self.window.mean(0) if self.mode == "window" else self.window[0]
+
+    @torch.no_grad()
+    def update(self, z_hat: torch.Tensor):
+        batch_var = common.all_reduce_mean_(z_hat.detach().float().square().mean(0))
+        if self.mode == "window":
+            self.window[self.pointer % len(self.window)] = batch_var
+            self.pointer += 1
+        else:
+            self.window[0].lerp_(batch_var, 1 - self.ema)
+
+    def state_dict(self):
+        return {"window": self.window.cpu(), "pointer": self.pointer}
+
+    def load_state_dict(self, state):
+        if state["window"].shape != self.window.shape:
+            common.fail(f"the checkpoint's v buffer has shape {tuple(state['window'].shape)}, expected "
+                        f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size")  # fmt: skip
+        self.window.copy_(state["window"])
+        self.pointer = state["pointer"].clone()
+
+
+def encoder_loss(z, z_hat, s):
+    """L_enc = mean((z - z_hat)^2 * s^2): each dimension's error counts as much as G's input z * s lets it."""
+    return ((z - z_hat.float()).square() * s.square()).mean()
+
+
+def latent_entropy(s: torch.Tensor, dist: str) -> float:
+    """Differential entropy (nats) of z * s with z i.i.d. N(0,1) or U(-sqrt3, sqrt3): a sum over dimensions."""
+    s = s.double().clamp_min(1e-30)
+    if dist == "normal":
+        return float((0.5 * torch.log(2 * math.pi * math.e * s**2)).sum())
+    return float(torch.log(2 * math.sqrt(3) * s).sum())
+
+
+def dims_carrying(s: torch.Tensor, fraction=0.9) -> int:
+    """How many latent dimensions carry ``fraction`` of sum(s^2) (= d)."""
+    share = torch.sort(s.double() ** 2, descending=True).values.cumsum(0) / (s.double() ** 2).sum()
+    return int((share < fraction).sum()) + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks (from common.py): G(z * s), D(x) -> (adversarial logit, z_hat)
+# ---------------------------------------------------------------------------------------------------------
+def model_specs(args, img_channels):
+    if args.arch == "stylegan2":
+        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim,
+                              resolution=args.resolution, img_channels=img_channels, width=args.width,
+                              n_mapping=args.n_mapping, mapping_lr_mul=args.mapping_lr_mul,
+                              normalize_z=False)  # fmt: skip  # pixel-norm of z would undo the scale s
+        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim,
+                              head_hidden=args.d_head_hidden or max(args.width, args.latent_dim))  # fmt: skip
+    else:
+        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
+                              img_channels=img_channels, width=args.width)  # fmt: skip
+        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
+                              width=args.width, latent_dim=args.latent_dim, norm="none")  # fmt: skip
+    return {"G": g, "D": d}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One training iteration: the D step (adversarial + L_enc on fakes, feeds v), lazy R1, the G step
+# ---------------------------------------------------------------------------------------------------------
+def d_step(G, D, opt_d, v, x_real, s, args, r1_weight=0.0):
+    """D and its encoder head: adversarial loss on x_real / G(z * s) + lambda_enc * L_enc(z, E(G(z * s))), then v
+    is fed with the predicted codes. ``r1_weight`` > 0 folds R1 into this step (--r1-interval 1)."""
+    device = x_real.device
+    D.requires_grad_(True)
+    z = common.sample_z(len(x_real), args.latent_dim, args.dist, device)
+    with torch.no_grad(), common.autocast(device, args.amp):
+        x_fake = G(z * s)
+    x_real = x_real.detach().requires_grad_(r1_weight > 0)
+    with common.autocast(device, args.amp):
+        real_logit, _ = D(x_real)
+        fake_logit, z_hat = D(x_fake)
+        l_enc = encoder_loss(z, z_hat, s)
+        loss = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc
+    r1 = common.r1_penalty(real_logit.float(), x_real) if r1_weight > 0 else torch.zeros((), device=device)
+    opt_d.zero_grad(set_to_none=True)
+    (loss + r1_weight * r1).backward()
+    common.sync_gradients(D)
+    opt_d.step()
+    v.update(z_hat)
+    return {"losses/L_enc": l_enc.item(), "losses/D": loss.item(), **({"losses/R1": r1.item()} if r1_weight else {})}
+
+
+def g_step(G, D, opt_g, s, batch, args, device):
+    """G: adversarial loss on G(z * s), plus lambda_enc * L_enc with --dg (the encoder is D's, frozen here)."""
+    D.requires_grad_(False)
+    z = common.sample_z(batch, args.latent_dim, args.dist, device)
+    with common.autocast(device, args.amp):
+        fake_logit, z_hat = D(G(z * s))
+        l_enc = encoder_loss(z, z_hat, s)
+        loss = common.g_adv_loss(args.loss, fake_logit.float())
+        if args.dg:
+            loss = loss + args.lambda_enc * l_enc
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    common.sync_gradients(G)
+    opt_g.step()
+    D.requires_grad_(True)
+    return {"losses/G": loss.item(), "losses/L_enc_G": l_enc.item()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+def train(args):
+    run = common.Run(args, METHOD, test_split=args.eval_images)
+    device, bs, x_test = run.device, args.batch_size, run.x_test
+    specs = model_specs(args, run.img_channels)
+    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
+    common.broadcast_module(G), common.broadcast_module(D)
+    G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
+    # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
+    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
+    plain = args.arch == "stylegan2" and args.d_lr_mode == "plain"
+    opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
+    for group in opt_g.param_groups + opt_d.param_groups:
+        group["base_lr"] = group["lr"]  # saved with the optimizer; the per-epoch decay scales it
+    v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // bs), args.v_ema, device)
+    run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
+    if run.ckpt is not None:
+        v.load_state_dict(run.ckpt["v"])
+    run.banner(f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} | "
+               f"{'no DLS' if args.no_dls else 'DLS'} {'DG' if args.dg else 'D'} {args.dist}")
+
+    def current_scale():
+        return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
+
+    for epoch, x_real in run.batches():
+        for group in opt_g.param_groups + opt_d.param_groups:
+            group["lr"] = group["base_lr"] * (1 - args.lr_decay) ** epoch
+        s = current_scale()
+        do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
+        scalars = d_step(G, D, opt_d, v, x_real, s, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
+        if do_r1 and args.r1_interval > 1:
+            scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
+        scalars.update(g_step(G, D, opt_g, s, run.batch, args, device))
+        step = run.step_done(scalars, show=("losses/L_enc", "losses/D", "losses/G"))
+        G_ema.update(G, step * bs, bs)
+
+        if run.due("eval") or run.due("save"):
+            s = current_scale()
+            common.recalibrate_generator(G_ema.model, args.latent_dim, args.seed, device, args.dist, scale=s)
+        if run.due("eval"):
+            metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
+            row = run.log({**metrics, "charts/lr": opt_g.param_groups[0]["lr"],
+                           "charts/ema_decay": G_ema.decay(step * bs, bs),
+                           "charts/latent_entropy": latent_entropy(s, args.dist),
+                           "charts/dims_90pct_scale": dims_carrying(s, 0.9), "charts/s_max": s.max().item()})
+            if run.is_main:
+                save_figures(G_ema.model, D, s, x_test, x_real_rec, args, run.run_dir, device)
+                print(f"  eval @ {step}: L_enc {row['losses/L_enc']:.4f} | real PSNR {row['eval/real_psnr']:.2f} "
+                      f"SSIM {row['eval/real_ssim']:.3f} | fake PSNR {row['eval/fake_psnr']:.2f} SSIM "
+                      f"{row['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
+                      f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)
+        if run.due("save"):
+            run.save({"s": s}, model_specs=specs, v=v.state_dict(),
+                     inversion={"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
+                                "latent_scale": s.cpu(), "latent_dist": args.dist})
+    return run.finish(identical="parameters, BatchNorm statistics and latent scale")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: reconstructions of fakes and of held-out real images, figures
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode(D, x, batch=250):
+    return torch.cat([D(chunk)[1] for chunk in x.split(batch)])
+
+
+@torch.no_grad()
+def generate(G, z, batch=250):
+    return torch.cat([G(chunk).clamp(-1, 1) for chunk in z.split(batch)])
+
+
+@torch.no_grad()
+def evaluate(G, D, s, x_test, args, device):
+    """Fake: G(z*s) vs G(E(G(z*s))*s) on fresh z; real: x vs G(E(x)*s) on test images. Fixed seed, so
+    evaluation never touches the training RNG streams."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    z = common.sample_z(len(x_test), args.latent_dim, args.dist, device, gen)
+    x_fake = generate(G, z * s)
+    x_fake_rec = generate(G, encode(D, x_fake) * s)
+    x_real_rec = generate(G, encode(D, x_test) * s)
+    return {
+        "eval/fake_psnr": common.psnr(x_fake, x_fake_rec).item(),
+        "eval/fake_ssim": common.ssim(x_fake, x_fake_rec).item(),
+        "eval/real_psnr": common.psnr(x_test, x_real_rec).item(),
+        "eval/real_ssim": common.ssim(x_test, x_real_rec).item(),
+        "eval/real_mse": common.mse(x_test, x_real_rec).item(),
+    }, x_real_rec
+
+
+def fig17_values(dist, device="cpu", n=9):
+    """The sweep of Fig. 17: [-2, 2] for the normal prior, the uniform prior's support [-sqrt 3, sqrt 3] otherwise."""
+    bound = 2.0 if dist == "normal" else math.sqrt(3)
+    return torch.linspace(-bound, bound, n, device=device)
+
+
+@torch.no_grad()
+def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
+    gen = torch.Generator(device=device).manual_seed(args.seed + 999)
+    z = common.sample_z(64, args.latent_dim, args.dist, device, gen)
+    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "samples.png"), nrow=8)
+    # rows alternate: 8 test images, then their reconstructions G(E(x) * s)
+    rows = max(1, min(4, len(x_test) // 8))
+    real, rec = (t[: rows * 8].view(rows, -1, *t.shape[1:]) for t in (x_test, x_real_rec))
+    common.save_image_grid(
+        torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8
+    )
+    # paper Fig. 17: the most important element (largest s) swept, one row per base sample
+    top = int(torch.argmax(s))
+    values = fig17_values(args.dist, device)
+    z = common.sample_z(6, args.latent_dim, args.dist, device, gen).repeat_interleave(len(values), 0)
+    z[:, top] = values.repeat(6)
+    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "fig17_top_dim.png"), nrow=len(values))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
+# ---------------------------------------------------------------------------------------------------------
+VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
+
+
+def run_ablation(args, argv):
+    """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
+    ablation with other settings never reuses (or overwrites) these."""
+    base_argv = common.strip_flags(
+        argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume")
+    )
+    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
+    digest = hashlib.sha256(
+        json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode()
+    )
+    slug = args.dataset.replace(":", "_").replace("/", "_")
+    out_dir = os.path.join("runs", f"ablation__{slug}__{args.dist}__{args.seed}__{digest.hexdigest()[:8]}")
+    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, VARIANTS, out_dir, args.jobs)
+    results = {}
+    for label, run_dir in run_dirs.items():
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            results[label] = [json.loads(line) for line in f]
+    # the table is titled from the settings the runs recorded, not from this command line
+    recorded = common.load_checkpoint(os.path.join(run_dirs["DLS, DG"], "checkpoint.pt"))["args"]
+    write_ablation_report(results, argparse.Namespace(**recorded), out_dir)
+
+
+def write_ablation_report(results, args, out_dir):
+    keys = ["losses/L_enc", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr", "eval/fake_ssim", "charts/latent_entropy",
+            "charts/dims_90pct_scale"]  # fmt: skip
+    header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
+    lines = [f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, d = {args.latent_dim}, final evaluation "
+             f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)", "",
+             header, "|" + "---|" * (len(keys) + 1)]  # fmt: skip
+    for label, rows in results.items():
+        last = rows[-1]
+        lines.append(f"| {label} | " + " | ".join(f"{last[k]:.4g}" for k in keys) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "table.json"), "w") as f:
+        json.dump({label: rows[-1] for label, rows in results.items()}, f, indent=1)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[ablation] matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, rows in results.items():
+        epochs = [r["charts/epoch"] for r in rows]
+        axes[0].plot(epochs, [r["losses/L_enc"] for r in rows], label=label, marker=".")
+        axes[1].plot(epochs, [r["eval/real_psnr"] for r in rows], label=label, marker=".")
+    axes[0].set(xlabel="epoch", ylabel="average L_enc", title=f"L_enc, {args.dataset}, {args.dist} prior")
+    axes[1].set(xlabel="epoch", ylabel="dB", title="real (test) reconstruction PSNR")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "l_enc.png"), dpi=110)
+    print(f"[ablation] wrote {out_dir}/table.md and l_enc.png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -133,9 +442,7 @@ def parse_args(argv=None):
     # ablation driver
     p.add_argument("--ablation", action="store_true", help="run {DLS, no DLS} x {D, DG} for --dist; write a table")
     p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
-    args = p.parse_args(argv)
-    validate_args(args)
-    return args
+    return common.parse_run_args(p, argv, validate_args, METHOD)
 
 
 def validate_args(args):
@@ -152,437 +459,6 @@ def validate_args(args):
         common.fail("--batch-size must be at least 2")
     if args.epochs == 0 and args.images < args.batch_size:
         common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The method: prior, latent scale, tracked variance, entropy
-# ---------------------------------------------------------------------------------------------------------
-def sample_z(n, d, dist, device, generator=None):
-    """Mean 0, variance 1 priors: N(0, 1) or U(-sqrt 3, sqrt 3)."""
-    if dist == "normal":
-        return torch.randn(n, d, device=device, generator=generator)
-    return (torch.rand(n, d, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
-
-
-def latent_scale(v: torch.Tensor) -> torch.Tensor:
-    """s = sqrt(d) * v^(1/2) / ||v^(1/2)||_2, so that sum(s^2) = d (s = 1 when all v are equal)."""
-    return torch.sqrt(len(v) * v / v.sum())
-
-
-class PredictedVariance:
-    """v: per-dimension variance of the encoder's predicted codes. The predictions have mean ~0, so
-    mean(z_hat^2) over a batch is a variance sample. 'window' averages the last N batch samples (paper),
-    'ema' is the later variant. Fed with the global batch mean, so v is identical on every DDP rank."""
-
-    def __init__(self, d, mode="window", window_batches=128, ema=0.999, device="cpu"):
-        self.mode, self.ema = mode, ema
-        self.window = torch.ones(window_batches if mode == "window" else 1, d, device=device)
-        self.pointer = torch.zeros((), dtype=torch.long)
-
-    @property
-    def value(self):
-        return self.window.mean(0) if self.mode == "window" else self.window[0]
-
-    @torch.no_grad()
-    def update(self, z_hat: torch.Tensor):
-        batch_var = common.all_reduce_mean_(z_hat.detach().float().square().mean(0))
-        if self.mode == "window":
-            self.window[self.pointer % len(self.window)] = batch_var
-            self.pointer += 1
-        else:
-            self.window[0].lerp_(batch_var, 1 - self.ema)
-
-    def state_dict(self):
-        return {"window": self.window.cpu(), "pointer": self.pointer}
-
-    def load_state_dict(self, state):
-        if state["window"].shape != self.window.shape:
-            common.fail(f"the checkpoint's v buffer has shape {tuple(state['window'].shape)}, expected "
-                        f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size")  # fmt: skip
-        self.window.copy_(state["window"])
-        self.pointer = state["pointer"].clone()
-
-
-def encoder_loss(z, z_hat, s):
-    """L_enc = mean((z - z_hat)^2 * s^2): each dimension's error counts as much as G's input z * s lets it."""
-    return ((z - z_hat.float()).square() * s.square()).mean()
-
-
-def latent_entropy(s: torch.Tensor, dist: str) -> float:
-    """Differential entropy (nats) of z * s with z i.i.d. N(0,1) or U(-sqrt3, sqrt3): a sum over dimensions."""
-    s = s.double().clamp_min(1e-30)
-    if dist == "normal":
-        return float((0.5 * torch.log(2 * math.pi * math.e * s**2)).sum())
-    return float(torch.log(2 * math.sqrt(3) * s).sum())
-
-
-def dims_carrying(s: torch.Tensor, fraction=0.9) -> int:
-    """How many latent dimensions carry ``fraction`` of sum(s^2) (= d)."""
-    share = torch.sort(s.double() ** 2, descending=True).values.cumsum(0) / (s.double() ** 2).sum()
-    return int((share < fraction).sum()) + 1
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Networks (from common.py): G(z * s), D(x) -> (adversarial logit, z_hat)
-# ---------------------------------------------------------------------------------------------------------
-def model_specs(args, img_channels):
-    if args.arch == "stylegan2":
-        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim,
-                              resolution=args.resolution, img_channels=img_channels, width=args.width,
-                              n_mapping=args.n_mapping, mapping_lr_mul=args.mapping_lr_mul,
-                              normalize_z=False)  # fmt: skip  # pixel-norm of z would undo the scale s
-        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim,
-                              head_hidden=args.d_head_hidden or max(args.width, args.latent_dim))  # fmt: skip
-    else:
-        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.width, latent_dim=args.latent_dim, norm="none")  # fmt: skip
-    return {"G": g, "D": d}
-
-
-# Flags that define the networks and the latent: a resumed run must keep them.
-ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "dist", "no_dls",
-              "v_update", "v_window", "batch_size", "d_head_hidden", "d_lr_mode", "lr", "betas", "r1_interval")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation: reconstructions of fakes and of held-out real images, figures
-# ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode(D, x, batch=250):
-    return torch.cat([D(chunk)[1] for chunk in x.split(batch)])
-
-
-@torch.no_grad()
-def generate(G, z, batch=250):
-    return torch.cat([G(chunk).clamp(-1, 1) for chunk in z.split(batch)])
-
-
-@torch.no_grad()
-def evaluate(G, D, s, x_test, args, device):
-    """Fake: G(z*s) vs G(E(G(z*s))*s) on fresh z; real: x vs G(E(x)*s) on test images. Fixed seed, so
-    evaluation never touches the training RNG streams."""
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
-    z = sample_z(len(x_test), args.latent_dim, args.dist, device, gen)
-    x_fake = generate(G, z * s)
-    x_fake_rec = generate(G, encode(D, x_fake) * s)
-    x_real_rec = generate(G, encode(D, x_test) * s)
-    return {
-        "eval/fake_psnr": common.psnr(x_fake, x_fake_rec).item(),
-        "eval/fake_ssim": common.ssim(x_fake, x_fake_rec).item(),
-        "eval/real_psnr": common.psnr(x_test, x_real_rec).item(),
-        "eval/real_ssim": common.ssim(x_test, x_real_rec).item(),
-        "eval/real_mse": common.mse(x_test, x_real_rec).item(),
-    }, x_real_rec
-
-
-def fig17_values(dist, device="cpu", n=9):
-    """The sweep of Fig. 17: [-2, 2] for the normal prior, the uniform prior's support [-sqrt 3, sqrt 3] otherwise."""
-    bound = 2.0 if dist == "normal" else math.sqrt(3)
-    return torch.linspace(-bound, bound, n, device=device)
-
-
-@torch.no_grad()
-def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
-    gen = torch.Generator(device=device).manual_seed(args.seed + 999)
-    z = sample_z(64, args.latent_dim, args.dist, device, gen)
-    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "samples.png"), nrow=8)
-    # rows alternate: 8 test images, then their reconstructions G(E(x) * s)
-    rows = max(1, min(4, len(x_test) // 8))
-    real, rec = (t[: rows * 8].view(rows, -1, *t.shape[1:]) for t in (x_test, x_real_rec))
-    common.save_image_grid(
-        torch.stack([real, rec], 1).flatten(0, 2), os.path.join(run_dir, "reconstructions.png"), nrow=8
-    )
-    # paper Fig. 17: the most important element (largest s) swept, one row per base sample
-    top = int(torch.argmax(s))
-    values = fig17_values(args.dist, device)
-    z = sample_z(6, args.latent_dim, args.dist, device, gen).repeat_interleave(len(values), 0)
-    z[:, top] = values.repeat(6)
-    common.save_image_grid(generate(G, z * s), os.path.join(run_dir, "fig17_top_dim.png"), nrow=len(values))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One training iteration: the D step (adversarial + L_enc on fakes, feeds v), lazy R1, the G step
-# ---------------------------------------------------------------------------------------------------------
-def d_step(G, D, opt_d, v, x_real, s, args, r1_weight=0.0):
-    """D and its encoder head: adversarial loss on x_real / G(z * s) + lambda_enc * L_enc(z, E(G(z * s))), then v
-    is fed with the predicted codes. ``r1_weight`` > 0 folds R1 into this step (--r1-interval 1)."""
-    device = x_real.device
-    D.requires_grad_(True)
-    z = sample_z(len(x_real), args.latent_dim, args.dist, device)
-    with torch.no_grad(), common.autocast(device, args.amp):
-        x_fake = G(z * s)
-    x_real = x_real.detach().requires_grad_(r1_weight > 0)
-    with common.autocast(device, args.amp):
-        real_logit, _ = D(x_real)
-        fake_logit, z_hat = D(x_fake)
-        l_enc = encoder_loss(z, z_hat, s)
-        loss = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc
-    r1 = common.r1_penalty(real_logit.float(), x_real) if r1_weight > 0 else torch.zeros((), device=device)
-    opt_d.zero_grad(set_to_none=True)
-    (loss + r1_weight * r1).backward()
-    common.sync_gradients(D)
-    opt_d.step()
-    v.update(z_hat)
-    return {"losses/L_enc": l_enc.item(), "losses/D": loss.item(), **({"losses/R1": r1.item()} if r1_weight else {})}
-
-
-def r1_step(D, opt_d, x_real, weight, amp=False):
-    """StyleGAN2's lazy regularization: R1 as its own optimizer step every k iterations, weighted by k. (The
-    Adam lr / betas correction k / (k + 1) in common.lazy_regularization_adam is for exactly this extra step.)"""
-    D.requires_grad_(True)
-    x_real = x_real.detach().requires_grad_(True)
-    with common.autocast(x_real.device, amp):
-        real_logit, _ = D(x_real)
-    r1 = common.r1_penalty(real_logit.float(), x_real)
-    opt_d.zero_grad(set_to_none=True)
-    (weight * r1).backward()
-    common.sync_gradients(D)
-    opt_d.step()
-    return {"losses/R1": r1.item()}
-
-
-def g_step(G, D, opt_g, s, batch, args, device):
-    """G: adversarial loss on G(z * s), plus lambda_enc * L_enc with --dg (the encoder is D's, frozen here)."""
-    D.requires_grad_(False)
-    z = sample_z(batch, args.latent_dim, args.dist, device)
-    with common.autocast(device, args.amp):
-        fake_logit, z_hat = D(G(z * s))
-        l_enc = encoder_loss(z, z_hat, s)
-        loss = common.g_adv_loss(args.loss, fake_logit.float())
-        if args.dg:
-            loss = loss + args.lambda_enc * l_enc
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    common.sync_gradients(G)
-    opt_g.step()
-    D.requires_grad_(True)
-    return {"losses/G": loss.item(), "losses/L_enc_G": l_enc.item()}
-
-
-def recalibrate(G_ema, s, args, device, n_batches=8, batch=256):
-    """G_ema's BatchNorm statistics re-estimated for its own (averaged) weights on fixed z * s (DCGAN; no-op for
-    StyleGAN2): evaluation and the checkpoint use the generator as it really is."""
-
-    def make_input(i):
-        gen = torch.Generator(device=device).manual_seed(args.seed + 777 + i)
-        return sample_z(batch, args.latent_dim, args.dist, device, gen) * s
-
-    common.recalibrate_batchnorm(G_ema, make_input, n_batches)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------------
-def train(args):
-    dist_info = common.init_distributed(args.cuda)
-    device = common.get_device(args.cuda, dist_info.local_rank)
-    if args.batch_size % dist_info.world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
-    batch = args.batch_size // dist_info.world_size
-    common.seed_everything(args.seed, args.deterministic)
-
-    ckpt = common.load_method_checkpoint(args.resume, "dlsgan") if args.resume else None
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)  # refuse early, before the data is read
-    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
-    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
-    img_channels = train_set[0][0].shape[0]
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = common.training_steps(args, steps_per_epoch)
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
-
-    specs = model_specs(args, img_channels)
-    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    common.broadcast_module(G), common.broadcast_module(D)
-    G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
-    # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
-    d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
-    plain = args.arch == "stylegan2" and args.d_lr_mode == "plain"
-    opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
-    for group in opt_g.param_groups + opt_d.param_groups:
-        group["base_lr"] = group["lr"]  # saved with the optimizer; the per-epoch decay scales it
-    v = PredictedVariance(args.latent_dim, args.v_update, max(1, args.v_window // args.batch_size), args.v_ema, device)
-
-    step = 0
-    if ckpt is not None:
-        common.load_state_strict(G, ckpt["state_dicts"]["G"], "the generator", args.resume)
-        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.resume)
-        common.load_state_strict(G_ema.model, ckpt["state_dicts"]["G_ema"], "the EMA generator", args.resume)
-        opt_g.load_state_dict(ckpt["optimizers"]["G"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
-        v.load_state_dict(ckpt["v"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-    else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
-
-    n_eval = min(args.eval_images, len(test_set))
-    x_test = torch.stack([test_set[i][0] for i in range(n_eval)]).to(device)
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        print(f"run: {run_dir} | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} "
-              f"| {'DLS' if not args.no_dls else 'no DLS'} {'DG' if args.dg else 'D'} {args.dist} | {total_steps} steps "
-              f"of {args.batch_size} ({steps_per_epoch} per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
-
-    def current_scale():
-        return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
-
-    def save(step, rng_states):
-        common.save_checkpoint({
-            "format": common.CHECKPOINT_FORMAT, "method": "dlsgan", "args": common.args_to_dict(args), "step": step,
-            "model_specs": specs,
-            "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
-            "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-            "v": v.state_dict(), "rng": rng_states,
-            "inversion": {"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
-                          "latent_scale": current_scale().cpu(), "latent_dist": args.dist},
-        }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-
-    batches = common.infinite_batches(loader, sampler, start_step=step)
-    sums, t_start, images_seen = {}, time.time(), 0
-    while step < total_steps:
-        epoch, x_real = next(batches)
-        x_real = x_real.to(device, non_blocking=True)
-        for group in opt_g.param_groups + opt_d.param_groups:
-            group["lr"] = group["base_lr"] * (1 - args.lr_decay) ** epoch
-        s = current_scale()
-        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
-        scalars = d_step(G, D, opt_d, v, x_real, s, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
-        if do_r1 and args.r1_interval > 1:
-            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
-        scalars.update(g_step(G, D, opt_g, s, batch, args, device))
-        step += 1
-        images_seen += args.batch_size
-        G_ema.update(G, step * args.batch_size, args.batch_size)
-
-        common.check_finite(step, **scalars)
-        for k, val in scalars.items():
-            sums[k] = sums.get(k, 0.0) + val
-            sums["_n/" + k] = sums.get("_n/" + k, 0) + 1
-        if step % args.log_every == 0 or step == total_steps:
-            progress.report(
-                step, {"L_enc": scalars["losses/L_enc"], "D": scalars["losses/D"], "G": scalars["losses/G"]}
-            )
-
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval or do_save:
-            s = current_scale()
-            recalibrate(G_ema.model, s, args, device)
-        if do_eval:
-            metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
-            elapsed = time.time() - t_start
-            row = {k: val / sums["_n/" + k] for k, val in sums.items() if not k.startswith("_n/")}
-            row.update(metrics)
-            row.update({
-                "charts/epoch": step / steps_per_epoch, "charts/lr": opt_g.param_groups[0]["lr"],
-                "charts/ema_decay": G_ema.decay(step * args.batch_size, args.batch_size),
-                "charts/latent_entropy": latent_entropy(s, args.dist),
-                "charts/dims_90pct_scale": dims_carrying(s, 0.9), "charts/s_max": s.max().item(),
-                "charts/images_per_sec": images_seen / elapsed, "charts/peak_memory_mb": common.peak_memory_mb(device),
-            })  # fmt: skip
-            if dist_info.is_main:
-                logger.log(step, row)
-                save_figures(G_ema.model, D, s, x_test, x_real_rec, args, run_dir, device)
-                print(f"  eval @ {step}: L_enc {row['losses/L_enc']:.4f} | real PSNR {metrics['eval/real_psnr']:.2f} "
-                      f"SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR {metrics['eval/fake_psnr']:.2f} SSIM "
-                      f"{metrics['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
-                      f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)  # fmt: skip
-            sums = {}
-        if do_save:
-            checked = {"s": s, **{f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
-                                  for k, t in net.state_dict().items()}}  # fmt: skip
-            common.assert_same_across_ranks(checked, step)  # parameters and BatchNorm buffers alike
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                save(step, rng_states)
-
-    if dist_info.is_main:
-        summary = {"steps": step, "wall_s": time.time() - t_start, "images_per_sec": images_seen / (time.time() - t_start),
-                   "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir}  # fmt: skip
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"done: {json.dumps(summary)}", flush=True)
-        if dist_info.enabled:
-            print(
-                f"parameters, BatchNorm statistics and latent scale identical on {dist_info.world_size} ranks",
-                flush=True,
-            )
-        logger.close()
-    common.cleanup_distributed()
-    return run_dir
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The paper's ablation: {DLS, no DLS} x {D, DG} for one prior, as four runs and one table + plot
-# ---------------------------------------------------------------------------------------------------------
-VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
-
-
-def run_ablation(args, argv):
-    """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
-    ablation with other settings never reuses (or overwrites) these."""
-    base_argv = common.strip_flags(
-        argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume")
-    )
-    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
-    digest = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode()
-    )
-    slug = args.dataset.replace(":", "_").replace("/", "_")
-    out_dir = os.path.join("runs", f"ablation__{slug}__{args.dist}__{args.seed}__{digest.hexdigest()[:8]}")
-    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, VARIANTS, out_dir, args.jobs)
-    results = {}
-    for label, run_dir in run_dirs.items():
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            results[label] = [json.loads(line) for line in f]
-    # the table is titled from the settings the runs recorded, not from this command line
-    recorded = common.load_checkpoint(os.path.join(run_dirs["DLS, DG"], "checkpoint.pt"))["args"]
-    write_ablation_report(results, argparse.Namespace(**recorded), out_dir)
-
-
-def write_ablation_report(results, args, out_dir):
-    keys = ["losses/L_enc", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr", "eval/fake_ssim", "charts/latent_entropy",
-            "charts/dims_90pct_scale"]  # fmt: skip
-    header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
-    lines = [f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, d = {args.latent_dim}, final evaluation "
-             f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)", "",
-             header, "|" + "---|" * (len(keys) + 1)]  # fmt: skip
-    for label, rows in results.items():
-        last = rows[-1]
-        lines.append(f"| {label} | " + " | ".join(f"{last[k]:.4g}" for k in keys) + " |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, "table.json"), "w") as f:
-        json.dump({label: rows[-1] for label, rows in results.items()}, f, indent=1)
-    print(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[ablation] matplotlib not installed: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, rows in results.items():
-        epochs = [r["charts/epoch"] for r in rows]
-        axes[0].plot(epochs, [r["losses/L_enc"] for r in rows], label=label, marker=".")
-        axes[1].plot(epochs, [r["eval/real_psnr"] for r in rows], label=label, marker=".")
-    axes[0].set(xlabel="epoch", ylabel="average L_enc", title=f"L_enc, {args.dataset}, {args.dist} prior")
-    axes[1].set(xlabel="epoch", ylabel="dB", title="real (test) reconstruction PSNR")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "l_enc.png"), dpi=110)
-    print(f"[ablation] wrote {out_dir}/table.md and l_enc.png")
 
 
 if __name__ == "__main__":
