@@ -1817,12 +1817,14 @@ class Run:
 
     keep_process_group = False  # lia --stage all: the three stages share one process group (re-creating it can hang)
 
-    def __init__(self, args, method, stage=None, prepare=None, data=True, test_split=0, steps=None, batch_divisor=1):
+    def __init__(self, args, method, stage=None, prepare=None, data=True, test_split=0, steps=None, batch_divisor=1,
+                 metrics=True):
         self.args, self.method, self.stage = args, method, stage
         self.dist = init_distributed(args.cuda)
         self.is_main = self.dist.is_main
         self.device = get_device(args.cuda, self.dist.local_rank)
-        self.directory, self.logger, self.ckpt, self.networks, self.optimizers = None, None, None, {}, {}
+        self.directory, self.logger, self.ckpt = None, None, None
+        self.networks, self.optimizers, self.frozen = {}, {}, {}
         self.loader = self.sampler = self.steps_per_epoch = self.x_test = None
         self.step, self.images_seen, self.t_start, self._sums, self._counts = 0, 0, time.time(), {}, {}
         error, run_dir, exc = None, None, None
@@ -1846,9 +1848,9 @@ class Run:
             cleanup_distributed()
             raise SystemExit(first)
         self.run_dir = outcome[0][1]  # rank 0's (a default name may have had to take a suffix)
-        if self.is_main:
-            if self.ckpt is not None or args.resume:
-                _truncate_metrics(self.run_dir, self.step)
+        if self.is_main and args.resume:
+            _truncate_metrics(self.run_dir, self.step)
+        if self.is_main and metrics:
             self.logger = RunLogger(self.run_dir, tensorboard=getattr(args, "track", False),
                                     purge_step=self.step + 1 if args.resume else None)  # fmt: skip
         self.progress = Progress(self.total_steps, self.step, enabled=self.is_main)
@@ -1979,7 +1981,8 @@ class Run:
             write_summary(self.run_dir, self.step, self.t_start, self.images_seen, self.device, extra)
             if self.dist.enabled:
                 print(f"{identical} identical on {self.dist.world_size} ranks", flush=True)
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             self.directory.release()
         if not Run.keep_process_group:
             cleanup_distributed()

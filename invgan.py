@@ -69,124 +69,6 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    # experiment
-    p.add_argument("--exp-name", default="invgan", help="experiment name, part of the run name")
-    p.add_argument("--run-name", default=None, help="run directory under runs/ (default: dataset__exp__seed__time)")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    # model
-    p.add_argument("--arch", default="dcgan", choices=["dcgan", "stylegan2"],
-                   help="DCGAN with a mapping network (CPU default; the paper's MNIST model) or StyleGAN2-lite")  # fmt: skip
-    p.add_argument("--width", type=int, default=32, help="feature maps (DCGAN: of the last layer; StyleGAN2: max)")
-    p.add_argument("--latent-dim", type=int, default=64, help="dimension of z ~ N(0, I)")
-    p.add_argument("--w-dim", type=int, default=64, help="dimension of w = M(z), the space D's latent head infers")
-    p.add_argument("--n-mapping", type=int, default=2, help="mapping layers (paper: 2 for DCGAN, 8 for StyleGAN)")
-    p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="StyleGAN2 only: lr multiplier of the mapper")
-    p.add_argument("--d-head-hidden", type=int, default=0,
-                   help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))")  # fmt: skip
-    p.add_argument("--d-lr-mode", default="equalized", choices=["equalized", "plain"],
-                   help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) "
-                   "per step; 'plain' gives each equalized weight lr / its scale, so D learns to encode at CPU scale "
-                   "(README, issue 10)")  # fmt: skip
-    # the method
-    p.add_argument("--variant", default="full", choices=list(VARIANTS),
-                   help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)")  # fmt: skip
-    p.add_argument("--real-codes", action=argparse.BooleanOptionalAction, default=None,
-                   help="half of G's batch is w_R = D_w(x_real) (default: from --variant)")  # fmt: skip
-    p.add_argument("--grad-through-wr", action=argparse.BooleanOptionalAction, default=None,
-                   help="G's losses reach D's weights through w_R (default: from --variant)")  # fmt: skip
-    p.add_argument("--wr-adv-grad", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only the "
-                   "reconstruction terms L_lat, L_fm, L_cyc, MMD do; on, the CPU default diverged, see README)")  # fmt: skip
-    p.add_argument("--lambda-latent", type=float, default=1.0,
-                   help="weight of L_lat, the mean over samples and dimensions of (w - D_w(G(w)))^2: Eq. 3's squared "
-                   "norm / w_dim, so --lambda-latent <w-dim> gives the paper's scale (L_fm, L_cyc are means too)")  # fmt: skip
-    p.add_argument("--latent-in-g", action=argparse.BooleanOptionalAction, default=True,
-                   help="L_lat is minimized by G and M too, not only by D (Eq. 3)")  # fmt: skip
-    p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")
-    p.add_argument("--lambda-cycle", type=float, default=None, help="weight of L_cyc (default: from --variant)")
-    p.add_argument("--lambda-mmd", type=float, default=None, help="weight of MMD{w, w_R} (default: from --variant)")
-    # optimization
-    p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP ranks)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (G, M, D)")
-    p.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], help="Adam betas")
-    p.add_argument("--r1", type=float, default=10.0, help="R1 weight (0: off)")
-    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
-    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
-    p.add_argument(
-        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
-    )
-    p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=64_000,
-                   help="training budget in images when --epochs is 0 (1000 steps of 64: 3.8 min on 2 CPU cores)")  # fmt: skip
-    # evaluation, figures and saving
-    p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
-    p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
-    p.add_argument("--crop", type=int, default=0,
-                   help="tiling (section 3.3): train G and D on random M x M crops of the images (0: whole images); "
-                        "every real image is then inverted as (R / M)^2 independently inverted tiles")  # fmt: skip
-    p.add_argument(
-        "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
-    )
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
-    # ablation driver
-    p.add_argument("--ablation", action="store_true", help="train naive / augmented / full at these settings: table")
-    p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
-    args = p.parse_args(argv)
-    validate_args(args)
-    return args
-
-
-def validate_args(args):
-    """Every flag checked before anything is read or created; the variant's values fill the ingredient flags."""
-    for key, value in VARIANTS[args.variant].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    common.check_args(
-        args,
-        positive=("latent_dim", "w_dim", "width", "batch_size", "lr", "mapping_lr_mul", "r1_interval", "ema_kimg",
-                  "eval_every", "eval_images", "edit_images", "save_every", "log_every", "jobs"),
-        nonnegative=("n_mapping", "lambda_latent", "lambda_fm", "lambda_cycle", "lambda_mmd", "r1", "epochs", "images",
-                     "workers", "ema_rampup", "d_head_hidden"),
-        fraction=("betas", "inpaint_size"),
-    )  # fmt: skip
-    common.check_resolution(args.resolution, minimum=16)  # SSIM's 11 x 11 window
-    if args.crop and (args.crop >= args.resolution or args.resolution % args.crop or args.crop < 8):
-        common.fail(f"--crop {args.crop} must be a power of two >= 8 dividing --resolution {args.resolution} and "
-                    "smaller than it (e.g. --crop 16 for 32 x 32 images), or 0 for whole images")  # fmt: skip
-    if args.crop:
-        common.check_resolution(args.crop, minimum=8)
-    if args.batch_size < 4 or args.batch_size % 2:
-        common.fail(f"--batch-size must be even and at least 4 (two halves of >= 2 for MMD), got {args.batch_size}")
-    if args.epochs == 0 and args.images < args.batch_size:
-        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
-    if args.n_mapping == 0 and args.latent_dim != args.w_dim:
-        common.fail(f"--n-mapping 0 means w = z: pass --w-dim {args.latent_dim} (the --latent-dim)")
-    if not args.real_codes:
-        for flag, on in (("--grad-through-wr", args.grad_through_wr), ("--lambda-fm", args.lambda_fm > 0),
-                         ("--lambda-mmd", args.lambda_mmd > 0)):  # fmt: skip
-            if on:
-                common.fail(f"{flag} needs the real codes w_R in G's batch; add --real-codes or drop {flag}")
-    if args.inpaint_size <= 0:
-        common.fail(f"--inpaint-size must be in (0, 1) (got {args.inpaint_size})")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Networks (from common.py): G = synthesis(mapping(z)); D(x) -> (logit c, inferred w~), D.features(x) for L_fm
 # ---------------------------------------------------------------------------------------------------------
@@ -263,20 +145,6 @@ def d_step(G, D, opt_d, x_real, args, r1_weight=0.0, z=None):
     opt_d.step()
     out = {"losses/D": loss.item(), "losses/D_adv": adv.item(), "losses/L_lat_D": l_lat.item()}
     return {**out, **({"losses/R1": r1.item()} if r1_weight else {})}
-
-
-def r1_step(D, opt_d, x_real, weight, amp=False):
-    """StyleGAN2's lazy regularization: R1 as its own D step every k iterations, weighted by k."""
-    D.requires_grad_(True)
-    x_real = x_real.detach().requires_grad_(True)
-    with common.autocast(x_real.device, amp):
-        real_logit, _ = D(x_real)
-    r1 = common.r1_penalty(real_logit.float(), x_real)
-    opt_d.zero_grad(set_to_none=True)
-    (weight * r1).backward()
-    common.sync_gradients(D)
-    opt_d.step()
-    return {"losses/R1": r1.item()}
 
 
 def g_losses(G, D, x_real, args, z):
@@ -471,17 +339,6 @@ def save_figures(G, D, x_test, x_rec, args, run_dir, device):
             common.save_image_grid(tiles, os.path.join(run_dir, f"edit_style_mixing_{group}.png"), nrow=6)
 
 
-def recalibrate(G_ema, args, device, n_batches=8, batch=256):
-    """G_ema's BatchNorm statistics re-estimated for its own weights on fixed z (DCGAN; no-op for StyleGAN2)."""
-
-    def make_input(i):
-        return torch.randn(
-            batch, args.latent_dim, device=device, generator=torch.Generator(device=device).manual_seed(777 + i)
-        )
-
-    common.recalibrate_batchnorm(G_ema, make_input, n_batches)
-
-
 def load_networks(path, device="cpu"):
     """(G_ema, D, args) of an invgan checkpoint, rebuilt from the contract alone (as eval.py does)."""
     ckpt = common.load_method_checkpoint(path, METHOD)
@@ -496,28 +353,9 @@ def load_networks(path, device="cpu"):
 # Training
 # ---------------------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = common.init_distributed(args.cuda)
-    device = common.get_device(args.cuda, dist_info.local_rank)
-    if args.batch_size % (2 * dist_info.world_size):
-        common.fail(f"--batch-size {args.batch_size} is not divisible by 2 x {dist_info.world_size} processes "
-                    "(each rank splits its share into prior and real codes)")  # fmt: skip
-    batch = args.batch_size // dist_info.world_size
-    common.seed_everything(args.seed, args.deterministic)
-
-    ckpt = common.load_method_checkpoint(args.resume, METHOD) if args.resume else None
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)  # refuse early, before the data is read
-    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
-    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
-    img_channels = train_set[0][0].shape[0]
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = common.training_steps(args, steps_per_epoch)
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
-
-    specs = model_specs(args, img_channels)
+    run = common.Run(args, METHOD, test_split=args.eval_images, batch_divisor=2)  # each rank: prior + real codes
+    device, bs, x_test = run.device, args.batch_size, run.x_test
+    specs = model_specs(args, run.img_channels)
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     common.broadcast_module(G), common.broadcast_module(D)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
@@ -527,110 +365,44 @@ def train(args):
     opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
     # D's own step on the gradient G's losses send through w_R
     opt_dr = torch.optim.Adam(common.unequalized_lr_groups(D, args.lr) if plain else D.parameters(), lr=args.lr,
-                              betas=args.betas)  # fmt: skip
+                              betas=args.betas)
+    run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d, "D_through_wR": opt_dr})
+    on = [k for k in ("real_codes", "grad_through_wr", "latent_in_g") if getattr(args, k)]
+    run.banner(f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | z {args.latent_dim} w "
+               f"{args.w_dim} | variant {args.variant} ({', '.join(on) or 'no real codes'}; lambda lat "
+               f"{args.lambda_latent} fm {args.lambda_fm} cyc {args.lambda_cycle} mmd {args.lambda_mmd})")
 
-    step = 0
-    if ckpt is not None:
-        common.load_state_strict(G, ckpt["state_dicts"]["G"], "the generator", args.resume)
-        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.resume)
-        common.load_state_strict(G_ema.model, ckpt["state_dicts"]["G_ema"], "the EMA generator", args.resume)
-        for opt, name in ((opt_g, "G"), (opt_d, "D"), (opt_dr, "D_through_wR")):
-            opt.load_state_dict(ckpt["optimizers"][name])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-    else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
-
-    n_eval = min(args.eval_images, len(test_set))
-    x_test = torch.stack([test_set[i][0] for i in range(n_eval)]).to(device)
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        on = [k for k in ("real_codes", "grad_through_wr", "latent_in_g") if getattr(args, k)]
-        print(f"run: {run_dir} | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | z {args.latent_dim} "
-              f"w {args.w_dim} | variant {args.variant} ({', '.join(on) or 'no real codes'}; lambda lat "
-              f"{args.lambda_latent} fm {args.lambda_fm} cyc {args.lambda_cycle} mmd {args.lambda_mmd}) | "
-              f"{total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch) on {device} "
-              f"x{dist_info.world_size}", flush=True)  # fmt: skip
-
-    def save(step, rng_states):
-        common.save_checkpoint({
-            "format": common.CHECKPOINT_FORMAT, "method": METHOD, "args": common.args_to_dict(args), "step": step,
-            "model_specs": specs,
-            "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
-            "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict(), "D_through_wR": opt_dr.state_dict()},
-            "rng": rng_states,
-            "inversion": {"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
-                          "encoder_space": "w", "latent_scale": None, "latent_dist": "normal"},
-        }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-
-    batches = common.infinite_batches(loader, sampler, start_step=step)
-    sums, t_start, images_seen, metrics = {}, time.time(), 0, {}
-    while step < total_steps:
-        _, x_real = next(batches)
-        x_real = x_real.to(device, non_blocking=True)
+    metrics = {}
+    for _, x_real in run.batches():
         if args.crop:  # tiling: one random crop per image; the networks never see a whole image
             x_real = random_crops(x_real, args.crop)
-        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
+        do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
         scalars = d_step(G, D, opt_d, x_real, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
         if do_r1 and args.r1_interval > 1:
-            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
+            scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
         scalars.update(g_step(G, D, opt_g, opt_dr, x_real, args))
-        step += 1
-        images_seen += args.batch_size
-        G_ema.update(G, step * args.batch_size, args.batch_size)
+        step = run.step_done(scalars, show=("losses/D", "losses/G", "losses/L_lat_D", "losses/L_fm_G",
+                                            "losses/L_cycle_G"))
+        G_ema.update(G, step * bs, bs)
 
-        common.check_finite(step, **scalars)
-        for k, val in scalars.items():
-            sums[k] = sums.get(k, 0.0) + val
-            sums["_n/" + k] = sums.get("_n/" + k, 0) + 1
-        if step % args.log_every == 0 or step == total_steps:
-            shown = {"D": scalars["losses/D"], "G": scalars["losses/G"], "L_lat": scalars["losses/L_lat_D"]}
-            shown.update({k[len("losses/L_") : -2]: v for k, v in scalars.items() if k.endswith(("fm_G", "cycle_G"))})
-            progress.report(step, shown)
-
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval or do_save:
-            recalibrate(G_ema.model, args, device)
-        if do_eval:
+        if run.due("eval") or run.due("save"):
+            common.recalibrate_generator(G_ema.model, args.latent_dim, 0, device)
+        if run.due("eval"):
             D.eval()
             metrics, x_rec = evaluate(G_ema.model, D, x_test, args, device)
-            row = {k: val / sums["_n/" + k] for k, val in sums.items() if not k.startswith("_n/")}
-            row.update(metrics)
-            row.update({"charts/epoch": step / steps_per_epoch, "charts/ema_decay": G_ema.decay(step * args.batch_size,
-                        args.batch_size), "charts/images_per_sec": images_seen / (time.time() - t_start),
-                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
-            if dist_info.is_main:
-                logger.log(step, row)
-                save_figures(G_ema.model, D, x_test, x_rec, args, run_dir, device)
+            run.log({**metrics, "charts/ema_decay": G_ema.decay(step * bs, bs)})
+            if run.is_main:
+                save_figures(G_ema.model, D, x_test, x_rec, args, run.run_dir, device)
                 print(f"  eval @ {step}: test MAE {metrics['eval/real_mae']:.4f} MSE {metrics['eval/real_mse']:.4f} "
                       f"PSNR {metrics['eval/real_psnr']:.2f} SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR "
                       f"{metrics['eval/fake_psnr']:.2f} | latent MSE {metrics['eval/fake_latent_mse']:.4f} | "
-                      f"MMD(w, w_R) {metrics['eval/mmd_w_wR']:.4f}", flush=True)  # fmt: skip
+                      f"MMD(w, w_R) {metrics['eval/mmd_w_wR']:.4f}", flush=True)
             D.train()
-            sums = {}
-        if do_save:
-            checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
-                       for k, t in net.state_dict().items()}  # fmt: skip
-            common.assert_same_across_ranks(checked, step)  # parameters and BatchNorm buffers alike
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                save(step, rng_states)
-
-    if dist_info.is_main:
-        wall = time.time() - t_start
-        summary = {"steps": step, "wall_s": wall, "images_per_sec": images_seen / wall,
-                   "peak_memory_mb": common.peak_memory_mb(device), "run_dir": run_dir,
-                   **{k: v for k, v in metrics.items()}}  # fmt: skip
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        print(f"done: {json.dumps(summary)}", flush=True)
-        if dist_info.enabled:
-            print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
-        logger.close()
-    common.cleanup_distributed()
-    return run_dir
+        if run.due("save"):
+            run.save(model_specs=specs,
+                     inversion={"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
+                                "encoder_space": "w", "latent_scale": None, "latent_dist": "normal"})
+    return run.finish(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -710,6 +482,125 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
     canvas.save(os.path.join(out_dir, "fig5.png"))
     print(table)
     print(f"[ablation] wrote {out_dir}/table.md, table.json and fig5.png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    # experiment
+    p.add_argument("--exp-name", default="invgan", help="experiment name, part of the run name")
+    p.add_argument("--run-name", default=None, help="run directory under runs/ (default: dataset__exp__seed__time)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    # model
+    p.add_argument("--arch", default="dcgan", choices=["dcgan", "stylegan2"],
+                   help="DCGAN with a mapping network (CPU default; the paper's MNIST model) or StyleGAN2-lite")  # fmt: skip
+    p.add_argument("--width", type=int, default=32, help="feature maps (DCGAN: of the last layer; StyleGAN2: max)")
+    p.add_argument("--latent-dim", type=int, default=64, help="dimension of z ~ N(0, I)")
+    p.add_argument("--w-dim", type=int, default=64, help="dimension of w = M(z), the space D's latent head infers")
+    p.add_argument("--n-mapping", type=int, default=2, help="mapping layers (paper: 2 for DCGAN, 8 for StyleGAN)")
+    p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="StyleGAN2 only: lr multiplier of the mapper")
+    p.add_argument("--d-head-hidden", type=int, default=0,
+                   help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))")  # fmt: skip
+    p.add_argument("--d-lr-mode", default="equalized", choices=["equalized", "plain"],
+                   help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) "
+                   "per step; 'plain' gives each equalized weight lr / its scale, so D learns to encode at CPU scale "
+                   "(README, issue 10)")  # fmt: skip
+    # the method
+    p.add_argument("--variant", default="full", choices=list(VARIANTS),
+                   help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)")  # fmt: skip
+    p.add_argument("--real-codes", action=argparse.BooleanOptionalAction, default=None,
+                   help="half of G's batch is w_R = D_w(x_real) (default: from --variant)")  # fmt: skip
+    p.add_argument("--grad-through-wr", action=argparse.BooleanOptionalAction, default=None,
+                   help="G's losses reach D's weights through w_R (default: from --variant)")  # fmt: skip
+    p.add_argument("--wr-adv-grad", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only the "
+                   "reconstruction terms L_lat, L_fm, L_cyc, MMD do; on, the CPU default diverged, see README)")  # fmt: skip
+    p.add_argument("--lambda-latent", type=float, default=1.0,
+                   help="weight of L_lat, the mean over samples and dimensions of (w - D_w(G(w)))^2: Eq. 3's squared "
+                   "norm / w_dim, so --lambda-latent <w-dim> gives the paper's scale (L_fm, L_cyc are means too)")  # fmt: skip
+    p.add_argument("--latent-in-g", action=argparse.BooleanOptionalAction, default=True,
+                   help="L_lat is minimized by G and M too, not only by D (Eq. 3)")  # fmt: skip
+    p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")
+    p.add_argument("--lambda-cycle", type=float, default=None, help="weight of L_cyc (default: from --variant)")
+    p.add_argument("--lambda-mmd", type=float, default=None, help="weight of MMD{w, w_R} (default: from --variant)")
+    # optimization
+    p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP ranks)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (G, M, D)")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.0, 0.99], help="Adam betas")
+    p.add_argument("--r1", type=float, default=10.0, help="R1 weight (0: off)")
+    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
+    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator in thousands of images")
+    p.add_argument(
+        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
+    )
+    p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
+    p.add_argument("--images", type=int, default=64_000,
+                   help="training budget in images when --epochs is 0 (1000 steps of 64: 3.8 min on 2 CPU cores)")  # fmt: skip
+    # evaluation, figures and saving
+    p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
+    p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
+    p.add_argument("--crop", type=int, default=0,
+                   help="tiling (section 3.3): train G and D on random M x M crops of the images (0: whole images); "
+                        "every real image is then inverted as (R / M)^2 independently inverted tiles")  # fmt: skip
+    p.add_argument(
+        "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
+    )
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    # ablation driver
+    p.add_argument("--ablation", action="store_true", help="train naive / augmented / full at these settings: table")
+    p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")
+    return common.parse_run_args(p, argv, validate_args, METHOD)
+
+
+def validate_args(args):
+    """Every flag checked before anything is read or created; the variant's values fill the ingredient flags."""
+    for key, value in VARIANTS[args.variant].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    common.check_args(
+        args,
+        positive=("latent_dim", "w_dim", "width", "batch_size", "lr", "mapping_lr_mul", "r1_interval", "ema_kimg",
+                  "eval_every", "eval_images", "edit_images", "save_every", "log_every", "jobs"),
+        nonnegative=("n_mapping", "lambda_latent", "lambda_fm", "lambda_cycle", "lambda_mmd", "r1", "epochs", "images",
+                     "workers", "ema_rampup", "d_head_hidden"),
+        fraction=("betas", "inpaint_size"),
+    )  # fmt: skip
+    common.check_resolution(args.resolution, minimum=16)  # SSIM's 11 x 11 window
+    if args.crop and (args.crop >= args.resolution or args.resolution % args.crop or args.crop < 8):
+        common.fail(f"--crop {args.crop} must be a power of two >= 8 dividing --resolution {args.resolution} and "
+                    "smaller than it (e.g. --crop 16 for 32 x 32 images), or 0 for whole images")  # fmt: skip
+    if args.crop:
+        common.check_resolution(args.crop, minimum=8)
+    if args.batch_size < 4 or args.batch_size % 2:
+        common.fail(f"--batch-size must be even and at least 4 (two halves of >= 2 for MMD), got {args.batch_size}")
+    if args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
+    if args.n_mapping == 0 and args.latent_dim != args.w_dim:
+        common.fail(f"--n-mapping 0 means w = z: pass --w-dim {args.latent_dim} (the --latent-dim)")
+    if not args.real_codes:
+        for flag, on in (("--grad-through-wr", args.grad_through_wr), ("--lambda-fm", args.lambda_fm > 0),
+                         ("--lambda-mmd", args.lambda_mmd > 0)):  # fmt: skip
+            if on:
+                common.fail(f"{flag} needs the real codes w_R in G's batch; add --real-codes or drop {flag}")
+    if args.inpaint_size <= 0:
+        common.fail(f"--inpaint-size must be in (0, 1) (got {args.inpaint_size})")
 
 
 if __name__ == "__main__":

@@ -135,9 +135,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
-    args = p.parse_args(argv)
-    validate_args(args)
-    return args
+    return common.parse_run_args(p, argv, validate_args, METHOD)
 
 
 def validate_args(args):
@@ -179,10 +177,6 @@ def validate_args(args):
 # ---------------------------------------------------------------------------------------------------------
 # The method: the prior, phi (G.mapping in the z -> y direction), the reconstruction loss (Eq. 7)
 # ---------------------------------------------------------------------------------------------------------
-def sample_z(n, d, device, generator=None):
-    return torch.randn(n, d, device=device, generator=generator)
-
-
 def phi(G, y):
     """z = phi(y): G.mapping runs phi^-1 (z -> y, as the generator uses it); its inverse is phi."""
     return G.mapping.inverse(y)
@@ -232,36 +226,20 @@ def gan_specs(args, img_channels):
     return {"G": g, "D": d}
 
 
-# Flags that define the networks and the optimizers: a resumed run must keep them (Adam's restored state would
-# otherwise silently keep the checkpoint's lr and betas).
-GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width",
-                  "loss", "batch_size", "mapping_lr_mul", "lr", "betas", "r1_interval")  # fmt: skip
-ENCODER_ARCH_FLAGS = ("stage", "encoder_width", "beta1", "beta2", "vgg_input", "loss", "batch_size", "lr", "betas",
-                      "r1_interval")  # fmt: skip
-REFINE_ARCH_FLAGS = ("stage", "refine_images", "refine_steps", "refine_inits", "refine_spaces", "lr", "betas", "beta1",
-                     "vgg_input", "seed")  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Shared plumbing of the stages
+# Shared by the stages
 # ---------------------------------------------------------------------------------------------------------
-KEEP_PROCESS_GROUP = False  # --stage all: the three stages share one process group (re-creating it can hang)
+GAN_FLAGS = ("dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width")
 
 
-def finish_distributed():
-    if not KEEP_PROCESS_GROUP:
-        common.cleanup_distributed()
-
-
-def setup(args):
-    dist_info = common.init_distributed(args.cuda)
-    if dist_info.enabled:  # under --stage all, no rank reads the previous stage's checkpoint before rank 0 wrote it
-        torch.distributed.barrier()
-    device = common.get_device(args.cuda, dist_info.local_rank)
-    if args.batch_size % dist_info.world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
-    common.seed_everything(args.seed, args.deterministic)
-    return dist_info, device, args.batch_size // dist_info.world_size
+def take_source_flags(args, source_args, path, flags):
+    """Stages 2 and 3 work on the generator of an earlier stage: its data and network flags are taken from it, and
+    one written on the command line with another value is refused (the encoder would train on other data)."""
+    for flag in flags:
+        if flag in getattr(args, "_given", ()) and getattr(args, flag) != source_args[flag]:
+            common.fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but '{path}' was trained with "
+                        f"{source_args[flag]!r}; drop --{flag.replace('_', '-')} (it is taken from there)")
+        setattr(args, flag, source_args[flag])
 
 
 def load_stage_checkpoint(path, stage, flag):
@@ -269,17 +247,7 @@ def load_stage_checkpoint(path, stage, flag):
     ckpt = common.load_method_checkpoint(path, METHOD)
     if ckpt.get("stage") != stage:
         common.fail(f"'{path}' is a {ckpt.get('stage')!r}-stage lia checkpoint, not a {stage!r}-stage one; pass the "
-                    f"{stage} stage's checkpoint as {flag}")  # fmt: skip
-    return ckpt
-
-
-def load_resume(args):
-    if not args.resume:
-        return None
-    ckpt = common.load_method_checkpoint(args.resume, METHOD)
-    if ckpt.get("stage") != args.stage:
-        common.fail(f"'{args.resume}' is a {ckpt.get('stage')!r}-stage checkpoint; resume it with --stage "
-                    f"{ckpt.get('stage')}")  # fmt: skip
+                    f"{stage} stage's checkpoint as {flag}")
     return ckpt
 
 
@@ -289,24 +257,6 @@ def frozen_generator(spec, state_dict, path, device):
     G = common.build_from_spec(spec)
     common.load_state_strict(G, state_dict, "the generator", path)
     return G.to(device).eval().requires_grad_(False)
-
-
-def load_test_images(args, n, device):
-    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
-    n = min(n, len(test_set))
-    if isinstance(test_set, common.TensorImages):
-        return test_set.images[:n].float().div(127.5).sub(1).to(device)
-    return torch.stack([test_set[i][0] for i in range(n)]).to(device)
-
-
-def accumulate(sums, scalars):
-    for k, val in scalars.items():
-        sums[k] = sums.get(k, 0.0) + val
-    sums["_n"] = sums.get("_n", 0) + 1
-
-
-def means(sums):
-    return {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
 
 
 @torch.no_grad()
@@ -322,7 +272,7 @@ def gan_step(G, D, opt_g, opt_d, x_real, args, r1_weight):
     device, n = x_real.device, len(x_real)
     D.requires_grad_(True)
     with torch.no_grad():
-        x_fake = G(sample_z(n, args.latent_dim, device))
+        x_fake = G(common.sample_z(n, args.latent_dim, "normal", device))
     x_real = x_real.detach().requires_grad_(r1_weight > 0)
     real_logit, _ = D(x_real)
     fake_logit, _ = D(x_fake)
@@ -334,7 +284,7 @@ def gan_step(G, D, opt_g, opt_d, x_real, args, r1_weight):
     opt_d.step()
 
     D.requires_grad_(False)
-    fake_logit, _ = D(G(sample_z(n, args.latent_dim, device)))
+    fake_logit, _ = D(G(common.sample_z(n, args.latent_dim, "normal", device)))
     g_loss = common.g_adv_loss(args.loss, fake_logit)
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
@@ -373,18 +323,6 @@ def generator_param_groups(G, args):
             {"params": [p for p in G.parameters() if id(p) not in mapping_ids], "lr": args.lr}]  # fmt: skip
 
 
-def r1_step(D, opt_d, x_real, weight):
-    """StyleGAN2's lazy R1: its own optimizer step every k iterations, weighted by k (Adam corrected for it)."""
-    x_real = x_real.detach().requires_grad_(True)
-    real_logit, _ = D(x_real)
-    r1 = common.r1_penalty(real_logit, x_real)
-    opt_d.zero_grad(set_to_none=True)
-    (weight * r1).backward()
-    common.sync_gradients(D)
-    opt_d.step()
-    return {"losses/R1": r1.item()}
-
-
 def slerp_directions(a, b, t):
     """Spherical interpolation of the directions of a and b at fraction t, returned at radius sqrt(d) (where a
     d-dimensional N(0, I) sample lies): StyleGAN's path-length slerp, which returns unit vectors because StyleGAN
@@ -406,7 +344,7 @@ def path_length(G, lpips, space, sampling, n, seed, device, epsilon=1e-4, batch=
     distances = []
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        z1, z2 = (sample_z(m, G.z_dim, "cpu", gen).to(device) for _ in range(2))
+        z1, z2 = (common.sample_z(m, G.z_dim, "normal", "cpu", gen).to(device) for _ in range(2))
         t = torch.rand(m, 1, generator=gen).to(device)
         if sampling == "end":
             t = torch.zeros_like(t)
@@ -439,22 +377,14 @@ def path_length_table(G, args, lpips, device):
 
 
 def train_gan(args):
-    dist_info, device, batch = setup(args)
-    ckpt = load_resume(args)
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, GAN_ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)  # refuse early, before the data is read
-    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
-    img_channels = train_set[0][0].shape[0]
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = common.training_steps(args, steps_per_epoch)
-    # the path-length network is loaded now, so missing weights stop the run before it trains, not after
-    lpips = common.LPIPS().to(device) if dist_info.is_main and args.ppl_samples else None
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+    lpips = {}
 
-    specs = gan_specs(args, img_channels)
+    def prepare(run):  # the path-length network is loaded now, so missing weights stop the run before it trains
+        lpips["net"] = common.LPIPS().to(run.device) if run.is_main and args.ppl_samples else None
+
+    run = common.Run(args, METHOD, stage="gan", prepare=prepare)
+    device, bs = run.device, args.batch_size
+    specs = gan_specs(args, run.img_channels)
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     if args.mapping == "invertible":
         randomize_phi(G)
@@ -465,102 +395,48 @@ def train_gan(args):
     opt_g = torch.optim.Adam(generator_param_groups(G, args), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
-    step = 0
-    if ckpt is not None:
-        for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model)):
-            common.load_state_strict(net, ckpt["state_dicts"][name], name, args.resume)
-        opt_g.load_state_dict(ckpt["optimizers"]["G"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-    else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        print(f"run: {run_dir} | stage gan | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | "
-              f"mapping {args.mapping} ({args.n_mapping} {'coupling steps, ' + args.coupling if args.mapping == 'invertible' else 'layers'}) "
-              f"| d {args.latent_dim} | {total_steps} steps of {args.batch_size} ({steps_per_epoch} per epoch) on "
-              f"{device} x{dist_info.world_size}", flush=True)  # fmt: skip
+    run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
+    phi_text = f"{args.n_mapping} {'coupling steps, ' + args.coupling if args.mapping == 'invertible' else 'layers'}"
+    run.banner(f"stage gan | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | mapping "
+               f"{args.mapping} ({phi_text}) | d {args.latent_dim}")
 
-    def recalibrate():  # G_ema's BatchNorm statistics for its own averaged weights (DCGAN; no-op for StyleGAN2)
-        def make_input(i):
-            return sample_z(256, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 777 + i)).to(device)
-
-        common.recalibrate_batchnorm(G_ema.model, make_input, 8)
-
-    batches = common.infinite_batches(loader, sampler, start_step=step)
-    sums, t_start, images_seen = {}, time.time(), 0
-    while step < total_steps:
-        _, x_real = next(batches)
-        x_real = x_real.to(device, non_blocking=True)
-        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
+    for _, x_real in run.batches():
+        do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
         scalars = gan_step(G, D, opt_g, opt_d, x_real, args, args.r1 if do_r1 and args.r1_interval == 1 else 0.0)
         if do_r1 and args.r1_interval > 1:
-            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval))
-        step += 1
-        images_seen += args.batch_size
-        G_ema.update(G, step * args.batch_size, args.batch_size)
-        common.check_finite(step, **scalars)
-        accumulate(sums, scalars)
-        if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {"D": scalars["losses/D"], "G": scalars["losses/G"]})
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval or do_save:
-            recalibrate()
-        if do_eval and dist_info.is_main:
-            row = means(sums)
+            scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval))
+        step = run.step_done(scalars, show=("losses/D", "losses/G"))
+        G_ema.update(G, step * bs, bs)
+        if run.due("eval") or run.due("save"):
+            common.recalibrate_generator(G_ema.model, args.latent_dim, args.seed, device)
+        if run.due("eval") and run.is_main:
+            metrics = {}
             with torch.no_grad():
-                z = sample_z(args.eval_images, args.latent_dim, "cpu", torch.Generator().manual_seed(args.seed + 99))
-                z = z.to(device)
+                z = common.sample_z(args.eval_images, args.latent_dim, "normal", "cpu",
+                                    torch.Generator().manual_seed(args.seed + 99)).to(device)
                 if args.mapping == "invertible":  # phi must stay exact while it trains
-                    row["eval/phi_roundtrip_max_err"] = (
-                        (phi(G_ema.model, phi_inverse(G_ema.model, z)) - z).abs().max().item()
-                    )
-                row["eval/y_std"] = phi_inverse(G_ema.model, z).std().item()
-            row.update({"charts/epoch": step / steps_per_epoch,
-                        "charts/images_per_sec": images_seen / (time.time() - t_start),
-                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
-            logger.log(step, row)
-            samples = generate_batched(G_ema.model, z[:64])
-            common.save_image_grid(samples, os.path.join(run_dir, "samples.png"), nrow=8)
+                    y = phi_inverse(G_ema.model, z)
+                    metrics["eval/phi_roundtrip_max_err"] = (phi(G_ema.model, y) - z).abs().max().item()
+                metrics["eval/y_std"] = phi_inverse(G_ema.model, z).std().item()
+            row = run.log(metrics)
+            common.save_image_grid(generate_batched(G_ema.model, z[:64]), os.path.join(run.run_dir, "samples.png"))
             roundtrip = row.get("eval/phi_roundtrip_max_err")
             print(f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)"
-                  + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else ""), flush=True)  # fmt: skip
-        if do_eval:
-            sums = {}
-        if do_save:
-            checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
-                       for k, t in net.state_dict().items()}  # fmt: skip
-            common.assert_same_across_ranks(checked, step)
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                common.save_checkpoint({
-                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "gan",
-                    "args": common.args_to_dict(args), "step": step, "model_specs": specs,
-                    "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
-                    "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "rng": rng_states,
-                    "inversion": {"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
-                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-    if dist_info.is_main:
-        train_wall = time.time() - t_start
-        ppl = {}
-        if lpips is not None:
-            t_ppl = time.time()
-            ppl = path_length_table(G_ema.model, args, lpips, device)
-            ppl["seconds"] = time.time() - t_ppl
-            with open(os.path.join(run_dir, "ppl.json"), "w") as f:
-                json.dump(ppl, f, indent=1)
-        if ppl:
-            print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full {ppl['z_full']['mean']:.1f} "
-                  f"end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end {ppl['y_end']['mean']:.1f} "
-                  f"({ppl['seconds']:.0f} s)", flush=True)  # fmt: skip
-        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "ppl": ppl})
-        if dist_info.enabled:
-            print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
-        logger.close()
-    finish_distributed()
-    return run_dir
+                  + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else ""), flush=True)
+        if run.due("save"):
+            run.save(model_specs=specs,
+                     inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"})
+    ppl = {}
+    if run.is_main and lpips["net"] is not None:
+        train_wall, t_ppl = time.time() - run.t_start, time.time()
+        ppl = path_length_table(G_ema.model, args, lpips["net"], device)
+        ppl["seconds"] = time.time() - t_ppl
+        with open(os.path.join(run.run_dir, "ppl.json"), "w") as f:
+            json.dump(ppl, f, indent=1)
+        print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full "
+              f"{ppl['z_full']['mean']:.1f} end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end "
+              f"{ppl['y_end']['mean']:.1f} ({ppl['seconds']:.0f} s)", flush=True)
+    return run.finish({"ppl": ppl})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -644,124 +520,68 @@ def save_encoder_figures(G, E, x_test, x_rec, args, run_dir):
 
 
 def train_encoder(args):
-    dist_info, device, batch = setup(args)
-    ckpt = load_resume(args)
-    source = load_stage_checkpoint(args.gan, "gan", "--gan") if ckpt is None else None
-    gan_args = source["args"] if ckpt is None else ckpt["gan_args"]
-    for flag in ("dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width", "loss"):
-        setattr(args, flag, gan_args[flag])  # the data and networks are the generator's; c keeps its loss
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, ENCODER_ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)
-    # the gan stage's G_ema, frozen; a resumed run reads its own copy
-    G = frozen_generator((ckpt or source)["model_specs"]["G"], (ckpt or source)["state_dicts"]["G" if ckpt else "G_ema"],
-                         args.resume or args.gan, device)  # fmt: skip
-    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
-    img_channels = train_set[0][0].shape[0]
-    if img_channels != G.img_channels:
-        common.fail(f"the generator makes {G.img_channels}-channel images but {args.dataset} has {img_channels}")
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = common.training_steps(args, steps_per_epoch)
-    x_test = load_test_images(args, args.eval_images, device)
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+    source = {}
 
-    specs = {"G": (ckpt or source)["model_specs"]["G"], "D": (ckpt or source)["model_specs"]["D"],
-             "E": common.model_spec(common.ResNetEncoder, resolution=args.resolution, in_channels=img_channels,
-                                    out_dim=args.latent_dim, width=args.encoder_width)}  # fmt: skip
+    def prepare(run):  # the gan stage's G_ema, frozen, and its data and network flags; a resumed run reads its copy
+        ckpt = run.ckpt or load_stage_checkpoint(args.gan, "gan", "--gan")
+        source.update(ckpt=ckpt, gan_args=ckpt["gan_args"] if run.ckpt else ckpt["args"])
+        source["path"] = ckpt["gan_source"] if run.ckpt else os.path.abspath(args.gan)
+        take_source_flags(args, source["gan_args"], args.resume or args.gan, (*GAN_FLAGS, "loss"))  # c keeps its loss
+        source["G"] = frozen_generator(ckpt["model_specs"]["G"], ckpt["state_dicts"]["G" if run.ckpt else "G_ema"],
+                                       args.resume or args.gan, run.device)
+
+    run = common.Run(args, METHOD, stage="encoder", prepare=prepare, test_split=args.eval_images)
+    device, G, ckpt, x_test = run.device, source["G"], source["ckpt"], run.x_test
+    specs = {"G": ckpt["model_specs"]["G"], "D": ckpt["model_specs"]["D"],
+             "E": common.model_spec(common.ResNetEncoder, resolution=args.resolution, in_channels=run.img_channels,
+                                    out_dim=args.latent_dim, width=args.encoder_width)}
     E, D = common.build_from_spec(specs["E"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    if ckpt is None:  # the discriminator starts from stage 1's and keeps training (Eq. 12)
-        common.load_state_strict(D, source["state_dicts"]["D"], "the discriminator", args.gan)
+    if run.ckpt is None:  # the discriminator starts from stage 1's and keeps training (Eq. 12)
+        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.gan)
     common.broadcast_module(E), common.broadcast_module(D)
     opt_e = torch.optim.Adam(E.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     loss_fn = ReconstructionLoss(args.vgg_input).to(device)
-    step = 0
-    if ckpt is not None:
-        common.load_state_strict(E, ckpt["state_dicts"]["E"], "the encoder", args.resume)
-        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.resume)
-        opt_e.load_state_dict(ckpt["optimizers"]["E"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-        gan_source = ckpt["gan_source"]
-    else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)
-        gan_source = os.path.abspath(args.gan)
+    run.restore({"E": E, "D": D}, {"E": opt_e, "D": opt_d}, frozen={"G": G})
     space = "y" if args.mapping == "invertible" else "z"
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        print(f"run: {run_dir} | stage encoder | f: x -> {space} on the frozen {specs['G']['class']} of {gan_source} | "
-              f"beta1 {args.beta1} (VGG input {args.vgg_input}) beta2 {args.beta2} | {total_steps} steps of "
-              f"{args.batch_size} on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
+    run.banner(f"stage encoder | f: x -> {space} on the frozen {specs['G']['class']} of {source['path']} | beta1 "
+               f"{args.beta1} (VGG input {args.vgg_input}) beta2 {args.beta2}")
 
-    batches = common.infinite_batches(loader, sampler, start_step=step)
-    sums, t_start, images_seen = {}, time.time(), 0
-    while step < total_steps:
-        _, x_real = next(batches)
+    for _, x_real in run.batches():
         E.train()
-        do_r1 = args.r1 > 0 and step % args.r1_interval == 0
-        x_real = x_real.to(device, non_blocking=True)
+        do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
         scalars = encoder_step(G, E, D, opt_e, opt_d, x_real, loss_fn, args,
-                               args.r1 if do_r1 and args.r1_interval == 1 else 0.0)  # fmt: skip
+                               args.r1 if do_r1 and args.r1_interval == 1 else 0.0)
         if do_r1 and args.r1_interval > 1:
-            scalars.update(r1_step(D, opt_d, x_real, args.r1 * args.r1_interval))
-        step += 1
-        images_seen += args.batch_size
-        common.check_finite(step, **scalars)
-        accumulate(sums, scalars)
-        if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {k: scalars[f"losses/{k}"] for k in ("pixel", "perceptual", "adv", "D")})
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval and dist_info.is_main:
+            scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval))
+        step = run.step_done(scalars, show=("losses/pixel", "losses/perceptual", "losses/adv", "losses/D"))
+        if run.due("eval") and run.is_main:
             E.eval()
-            row = means(sums)
             metrics, x_rec = evaluate_encoder(G, E, x_test, args)
-            row.update(metrics)
-            row.update({"charts/epoch": step / steps_per_epoch,
-                        "charts/images_per_sec": images_seen / (time.time() - t_start),
-                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
-            logger.log(step, row)
-            save_encoder_figures(G, E, x_test, x_rec, args, run_dir)
+            row = run.log(metrics)
+            save_encoder_figures(G, E, x_test, x_rec, args, run.run_dir)
             print(f"  eval @ {step}: pixel {row['losses/pixel']:.4f} perceptual {row['losses/perceptual']:.1f} | test "
                   f"PSNR {row['eval/real_psnr']:.2f} SSIM {row['eval/real_ssim']:.3f} MSE {row['eval/real_mse']:.4f}",
-                  flush=True)  # fmt: skip
-        if do_eval:
-            sums = {}
-        if do_save:
-            checked = {f"{name}.{k}": t for name, net in (("E", E), ("D", D)) for k, t in net.state_dict().items()}
-            common.assert_same_across_ranks(checked, step)
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                common.save_checkpoint({
-                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "encoder",
-                    "args": common.args_to_dict(args), "gan_args": gan_args, "gan_source": gan_source, "step": step,
-                    "model_specs": specs,
-                    "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "E": E.state_dict()},
-                    "optimizers": {"E": opt_e.state_dict(), "D": opt_d.state_dict()}, "rng": rng_states,
-                    # eval.py: images are G.synthesis(E(x)) for LIA (encoder_space w = y), G(E(x)) for the MLP arm
-                    "inversion": {"generator": "G", "encoder": "E", "encoder_output": "output",
-                                  "encoder_space": "w" if args.mapping == "invertible" else "z",
-                                  "latent_scale": None, "latent_dist": "normal"},
-                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-    if dist_info.is_main:
+                  flush=True)
+        if run.due("save"):
+            run.save(model_specs=specs, gan_args=source["gan_args"], gan_source=source["path"],
+                     # eval.py: images are G.synthesis(E(x)) for LIA (encoder_space w = y), G(E(x)) for the MLP arm
+                     inversion={"generator": "G", "encoder": "E", "encoder_output": "output",
+                                "encoder_space": "w" if args.mapping == "invertible" else "z",
+                                "latent_scale": None, "latent_dist": "normal"})
+    final = {}
+    if run.is_main:
         E.eval()
-        train_wall = time.time() - t_start
+        train_wall = time.time() - run.t_start
         final, _ = evaluate_encoder(G, E, x_test, args, lpips=common.LPIPS().to(device))
         t0 = time.perf_counter()
         encode_batched(E, x_test)
         final["eval/encoder_seconds_per_image"] = (time.perf_counter() - t0) / len(x_test)
         print("final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()),
-              flush=True)  # fmt: skip
-        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": train_wall, "final": final})
-        if dist_info.enabled:
-            print(f"encoder and discriminator identical on {dist_info.world_size} ranks", flush=True)
-        logger.close()
-    finish_distributed()
-    return run_dir
+              flush=True)
+    return run.finish({"train_wall_s": train_wall if run.is_main else None, "final": final},
+                      identical="encoder and discriminator")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -778,9 +598,9 @@ def initial_codes(G, E, x, init, seed):
         if init == "encoder":
             return E(x)
         if init == "mean":
-            z = sample_z(10_000, d, "cpu", torch.Generator().manual_seed(seed)).to(device)
+            z = common.sample_z(10_000, d, "normal", "cpu", torch.Generator().manual_seed(seed)).to(device)
             return torch.cat([phi_inverse(G, c) for c in z.split(1000)]).mean(0, keepdim=True).repeat(n, 1)
-        return phi_inverse(G, sample_z(n, d, "cpu", torch.Generator().manual_seed(seed + 1)).to(device))
+        return phi_inverse(G, common.sample_z(n, d, "normal", "cpu", torch.Generator().manual_seed(seed + 1)).to(device))
 
 
 def refine(G, x, y0, space, loss_fn, args):
@@ -830,73 +650,63 @@ def summarize_curve(curve):
 
 
 def train_refine(args):
-    dist_info, device, _ = setup(args)
-    ckpt = load_resume(args)
-    source_path = ckpt["encoder_source"] if ckpt is not None else os.path.abspath(args.ckpt)
-    source = load_stage_checkpoint(source_path, "encoder", "--ckpt")
-    for flag in ("dataset", "resolution", "arch", "mapping", "coupling", "n_mapping", "latent_dim", "width"):
-        setattr(args, flag, source["args"][flag])
-    if args.mapping != "invertible":
-        common.fail(
-            f"'{source_path}' is the MLP arm (--mapping mlp): refinement in z needs phi; refine a LIA checkpoint"
-        )
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, REFINE_ARCH_FLAGS)
-    if args.refine_images % dist_info.world_size:
-        common.fail(f"--refine-images {args.refine_images} is not divisible by {dist_info.world_size} processes")
-    if dist_info.is_main:
-        common.resolve_run_dir(args)
-    G = frozen_generator(source["model_specs"]["G"], source["state_dicts"]["G"], source_path, device)
-    E = frozen_generator(source["model_specs"]["E"], source["state_dicts"]["E"], source_path, device)
-    x_all = load_test_images(args, args.refine_images, device)
-    if len(x_all) < args.refine_images:
-        common.fail(f"--refine-images {args.refine_images} is more than the {len(x_all)} test images")
-    x = x_all[dist_info.rank :: dist_info.world_size]  # each rank refines its share; gathered back in order
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
-    loss_fn = ReconstructionLoss(args.vgg_input).to(device)
-    done = dict(ckpt["results"]) if ckpt is not None else {}
-    finals = {k: v.to(device) for k, v in ckpt["finals"].items()} if ckpt is not None else {}
+    source = {}
+
+    def prepare(run):  # the encoder stage's frozen g and f, and its data and network flags
+        source["path"] = run.ckpt["encoder_source"] if run.ckpt is not None else os.path.abspath(args.ckpt)
+        ckpt = source["ckpt"] = load_stage_checkpoint(source["path"], "encoder", "--ckpt")
+        take_source_flags(args, ckpt["args"], source["path"], GAN_FLAGS)
+        if args.mapping != "invertible":
+            common.fail(f"'{source['path']}' is the MLP arm (--mapping mlp): refinement in z needs phi; refine a LIA "
+                        "checkpoint")
+        if args.refine_images % run.dist.world_size:
+            common.fail(f"--refine-images {args.refine_images} is not divisible by {run.dist.world_size} processes")
+        n_test = len(common.build_dataset(args.dataset, args.resolution, False, args.data_root))
+        if n_test < args.refine_images:
+            common.fail(f"--refine-images {args.refine_images} is more than the {n_test} test images")
+        source["G"], source["E"] = (frozen_generator(ckpt["model_specs"][k], ckpt["state_dicts"][k], source["path"],
+                                                     run.device) for k in ("G", "E"))
+
     configs = [(space, init) for init in args.refine_inits for space in args.refine_spaces]
-    if dist_info.is_main:
-        print(f"run: {run_dir} | stage refine | {args.refine_images} {args.dataset} test images, {args.refine_steps} Adam "
-              f"steps (lr {args.lr}) per space x init: {len(configs)} runs, {len(done)} already done | on {device} "
-              f"x{dist_info.world_size}", flush=True)  # fmt: skip
-    t_start = time.time()
+    run = common.Run(args, METHOD, stage="refine", prepare=prepare, data=False, test_split=args.refine_images,
+                     steps=len(configs), metrics=False)
+    device, G, E, x_all, info = run.device, source["G"], source["E"], run.x_test, run.dist
+    x = x_all[info.rank :: info.world_size]  # each rank refines its share; gathered back in order
+    loss_fn = ReconstructionLoss(args.vgg_input).to(device)
+    done = dict(run.ckpt["results"]) if run.ckpt is not None else {}
+    finals = {k: v.to(device) for k, v in run.ckpt["finals"].items()} if run.ckpt is not None else {}
+    if run.is_main:
+        print(f"run: {run.run_dir} | stage refine | {args.refine_images} {args.dataset} test images, "
+              f"{args.refine_steps} Adam steps (lr {args.lr}) per space x init: {len(configs)} runs, {len(done)} "
+              f"already done | on {device} x{info.world_size}", flush=True)
     for space, init in configs:
         key = f"{space}/{init}"
         if key in done:
             continue
         t0 = time.time()
         # the same start for y and z (Fig. 10); drawn for all images, so DDP ranks refine what one process would
-        y0 = initial_codes(G, E, x_all, init, init_seed(args, init))[dist_info.rank :: dist_info.world_size]
+        y0 = initial_codes(G, E, x_all, init, init_seed(args, init))[info.rank :: info.world_size]
         pixel, perceptual, x_final = refine(G, x, y0, space, loss_fn, args)
-        pixel, perceptual = gather_images(pixel, dist_info), gather_images(perceptual, dist_info)
-        finals[key] = gather_images(x_final, dist_info)
+        pixel, perceptual = gather_images(pixel, info), gather_images(perceptual, info)
+        finals[key] = gather_images(x_final, info)
         done[key] = {"pixel": summarize_curve(pixel.cpu()), "perceptual": summarize_curve(perceptual.cpu()),
                      "total_final_mean": float((pixel[-1] + args.beta1 * perceptual[-1]).mean()),
-                     "seconds": time.time() - t0}  # fmt: skip
-        if dist_info.is_main:
+                     "seconds": time.time() - t0}
+        run.step = len(done)
+        if run.is_main:
             r = done[key]
             print(f"  {key:>10}: pixel {r['pixel']['mean'][0]:.4f} -> {r['pixel']['mean'][-1]:.4f} | perceptual "
                   f"{r['perceptual']['mean'][0]:.1f} -> {r['perceptual']['mean'][-1]:.1f} ({r['seconds']:.0f} s)",
-                  flush=True)  # fmt: skip
-            common.save_checkpoint({
-                "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "refine",
-                "args": common.args_to_dict(args), "encoder_source": source_path, "step": len(done),
-                "results": done, "finals": {k: v.cpu() for k, v in finals.items()}, "rng": [common.rng_state()],
-            }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-    if dist_info.is_main:
+                  flush=True)
+        run.save(encoder_source=source["path"], results=done, finals={k: v.cpu() for k, v in finals.items()})
+    if run.is_main:
         report = {"images": args.refine_images, "steps": args.refine_steps, "lr": args.lr, "beta1": args.beta1,
-                  "vgg_input": args.vgg_input, "encoder_source": source_path, "results": done}  # fmt: skip
-        with open(os.path.join(run_dir, "refine.json"), "w") as f:
+                  "vgg_input": args.vgg_input, "encoder_source": source["path"], "results": done}
+        with open(os.path.join(run.run_dir, "refine.json"), "w") as f:
             json.dump(report, f, indent=1)
-        save_refine_figures(report, finals, G, E, x_all, args, run_dir)
+        save_refine_figures(report, finals, G, E, x_all, args, run.run_dir)
         print_refine_table(report)
-        common.write_summary(
-            run_dir, len(done), t_start, 0, device, {"results": {k: v["total_final_mean"] for k, v in done.items()}}
-        )
-    finish_distributed()
-    return run_dir
+    return run.finish({"results": {k: v["total_final_mean"] for k, v in done.items()}}, identical="refined images")
 
 
 def print_refine_table(report):
@@ -975,8 +785,7 @@ def run_all(argv):
     for d in (f"runs/{name}__{stage}" for stage in STAGES):
         if os.path.isdir(d) and os.listdir(d):
             common.fail(f"run directory '{d}' already holds files; pick another --run-name")
-    global KEEP_PROCESS_GROUP
-    KEEP_PROCESS_GROUP = True
+    common.Run.keep_process_group = True
     # --images / --epochs / --batch-size, when given, apply to the gan and the encoder stage alike
     stage_argv = common.strip_flags(argv, (), valued=("--stage", "--run-name"))
     gan_dir, enc_dir = (os.path.join("runs", f"{name}__{stage}") for stage in ("gan", "encoder"))  # on every rank
@@ -988,7 +797,7 @@ def run_all(argv):
                                  "--run-name", f"{name}__refine"]))  # fmt: skip
     else:
         print("[all] --mapping mlp: no refine stage (refinement in z needs phi)", flush=True)
-    KEEP_PROCESS_GROUP = False
+    common.Run.keep_process_group = False
     common.cleanup_distributed()
 
 
