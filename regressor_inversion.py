@@ -120,9 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=25, help="progress line every N steps")
-    args = p.parse_args(argv)
-    validate_args(args)
-    return args
+    return common.parse_run_args(p, argv, validate_args, METHOD)
 
 
 def validate_args(args):
@@ -159,13 +157,6 @@ def validate_args(args):
 # ---------------------------------------------------------------------------------------------------------
 # The method: prior, masks, the regressor's input, Eq. 2
 # ---------------------------------------------------------------------------------------------------------
-def sample_z(n, d, dist, device, generator=None):
-    """The generator's prior, mean 0 variance 1: N(0, 1), or U(-sqrt 3, sqrt 3) (dlsgan's uniform)."""
-    if dist == "uniform":
-        return (torch.rand(n, d, device=device, generator=generator) * 2 - 1) * math.sqrt(3)
-    return torch.randn(n, d, device=device, generator=generator)
-
-
 def training_masks(n, args, device, generator=None):
     """A batch of training masks (1 = kept), Chai et al.'s recipe; all ones with --no-mask."""
     if args.no_mask:
@@ -203,7 +194,7 @@ def regressor_loss(G, E, s, z, mask, perceptual, args):
 
 def regressor_step(G, E, opt, s, batch, perceptual, args, device):
     """One Adam step of E on fresh (z, mask) drawn from the training RNG; G stays frozen (no optimizer holds it)."""
-    z = sample_z(batch, G.z_dim, args.latent_dist, device)
+    z = common.sample_z(batch, G.z_dim, args.latent_dist, device)
     mask = training_masks(batch, args, device)
     loss, scalars = regressor_loss(G, E, s, z, mask, perceptual, args)
     opt.zero_grad(set_to_none=True)
@@ -255,7 +246,7 @@ def gan_specs(args, img_channels):
 def gan_step(G, D, opt_g, opt_d, x_real, args, device, r1_weight=0.0):
     """Binary cross-entropy GAN (the non-saturating form for G): D on real and fake batches (+ R1 on the real ones
     when ``r1_weight`` > 0: the lazy steps pass r1 * interval), then G."""
-    z = sample_z(len(x_real), args.latent_dim, "normal", device)
+    z = common.sample_z(len(x_real), args.latent_dim, "normal", device)
     x_fake = G(z)
     x_real = x_real.detach().requires_grad_(r1_weight > 0)
     real_logit = D(x_real)[0]
@@ -293,7 +284,7 @@ def quick_eval(G, E, s, x_test, args, device):
     """Cheap metrics for every --eval-every: real test images unmasked and under the training-mask family, and
     generated pairs (z recovery); fixed seeds, so the training RNG is never touched."""
     gen = torch.Generator().manual_seed(args.seed + 12345)
-    z = sample_z(len(x_test), G.z_dim, args.latent_dist, "cpu", gen).to(device)
+    z = common.sample_z(len(x_test), G.z_dim, args.latent_dist, "cpu", gen).to(device)
     x_fake = torch.cat([G(c * s).clamp(-1, 1) for c in z.split(250)])
     ones = torch.ones_like(x_test[:, :1])
     masks = common.fixed_masks("train", len(x_test), args.resolution, args.seed, device)
@@ -346,7 +337,7 @@ def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
     common.save_image_grid(torch.stack([a, b, comp_in * comp_mask, comp_out]).flatten(0, 1),
                            os.path.join(run_dir, "composition.png"), nrow=n_show)  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed + 999)
-    z = sample_z(64, G.z_dim, args.latent_dist, "cpu", gen).to(device)
+    z = common.sample_z(64, G.z_dim, args.latent_dist, "cpu", gen).to(device)
     common.save_image_grid(G(z * s).clamp(-1, 1), os.path.join(run_dir, "samples.png"), nrow=8)
     return results
 
@@ -364,135 +355,52 @@ def composition(G, E, s, x, with_mask_channel):
     return pasted, mask, complete(G, E, s, pasted, mask, with_mask_channel)
 
 
-def load_test_images(args, device):
-    test_set = common.build_dataset(args.dataset, args.resolution, False, args.data_root)
-    n = min(args.eval_images, len(test_set))
-    if isinstance(test_set, common.TensorImages):
-        return test_set.images[:n].float().div(127.5).sub(1).to(device)
-    return torch.stack([test_set[i][0] for i in range(n)]).to(device)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-GAN_ARCH_FLAGS = ("stage", "dataset", "resolution", "arch", "latent_dim", "width", "d_width", "d_norm", "batch_size",
-                  "lr", "betas", "r1", "r1_interval")  # fmt: skip
-REGRESSOR_ARCH_FLAGS = ("stage", "dataset", "resolution", "encoder", "encoder_width", "no_mask", "perceptual",
-                        "latent_loss", "batch_size", "lr", "betas")  # fmt: skip
-
-
-def setup(args):
-    dist_info = common.init_distributed(args.cuda)
-    device = common.get_device(args.cuda, dist_info.local_rank)
-    if args.batch_size % dist_info.world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by {dist_info.world_size} processes")
-    common.seed_everything(args.seed, args.deterministic)
-    return dist_info, device, args.batch_size // dist_info.world_size
-
-
 def train_gan(args):
-    dist_info, device, batch = setup(args)
-    ckpt = load_resume(args)
-    args.dataset, args.resolution = args.dataset or "mnist", args.resolution or 32
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, GAN_ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)  # refuse early, before the data is read
-    train_set = common.build_dataset(args.dataset, args.resolution, True, args.data_root)
-    img_channels = train_set[0][0].shape[0]
-    loader, sampler = common.make_loader(train_set, batch, dist_info, args.seed, workers=args.workers)
-    steps_per_epoch = len(sampler) // batch
-    total_steps = common.training_steps(args, steps_per_epoch)
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+    def prepare(run):
+        args.dataset, args.resolution = args.dataset or "mnist", args.resolution or 32
 
-    specs = gan_specs(args, img_channels)
+    run = common.Run(args, METHOD, stage="gan", prepare=prepare)
+    device, bs = run.device, args.batch_size
+    specs = gan_specs(args, run.img_channels)
     G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
     common.broadcast_module(G), common.broadcast_module(D)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
-    step = 0
-    if ckpt is not None:
-        for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model)):
-            common.load_state_strict(net, ckpt["state_dicts"][name], name, args.resume)
-        opt_g.load_state_dict(ckpt["optimizers"]["G"]), opt_d.load_state_dict(ckpt["optimizers"]["D"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-    else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z; models are already equal
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        print(f"run: {run_dir} | stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D "
-              f"{args.d_width} ({args.d_norm}, R1 {args.r1}) | z {args.latent_dim} | {total_steps} steps of {args.batch_size} ({steps_per_epoch} "
-              f"per epoch) on {device} x{dist_info.world_size}", flush=True)  # fmt: skip
+    run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
+    run.banner(f"stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D {args.d_width} "
+               f"({args.d_norm}, R1 {args.r1}) | z {args.latent_dim}")
 
-    def recalibrate():
-        def make_input(i):
-            return sample_z(256, args.latent_dim, "normal", "cpu", torch.Generator().manual_seed(args.seed + 777 + i))
-
-        common.recalibrate_batchnorm(G_ema.model, lambda i: make_input(i).to(device), 8)
-
-    batches = common.infinite_batches(loader, sampler, start_step=step)
-    sums, t_start, images_seen = {}, time.time(), 0
-    while step < total_steps:
-        _, x_real = next(batches)
-        lazy_r1 = args.r1 > 0 and step % args.r1_interval == 0
-        scalars = gan_step(G, D, opt_g, opt_d, x_real.to(device), args, device, args.r1 * args.r1_interval * lazy_r1)
-        step += 1
-        images_seen += args.batch_size
-        G_ema.update(G, step * args.batch_size, args.batch_size)
-        common.check_finite(step, **scalars)
-        for k, val in scalars.items():
-            sums[k] = sums.get(k, 0.0) + val
-        sums["_n"] = sums.get("_n", 0) + 1
-        if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {"D": scalars["losses/D"], "G": scalars["losses/G"]})
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval or do_save:
-            recalibrate()
-        if do_eval and dist_info.is_main:
-            row = {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
-            row.update({"charts/epoch": step / steps_per_epoch, "charts/images_per_sec": images_seen / (time.time() - t_start),
-                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
-            logger.log(step, row)
+    for _, x_real in run.batches():
+        lazy_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
+        scalars = gan_step(G, D, opt_g, opt_d, x_real, args, device, args.r1 * args.r1_interval * lazy_r1)
+        step = run.step_done(scalars, show=("losses/D", "losses/G"))
+        G_ema.update(G, step * bs, bs)
+        if run.due("eval") or run.due("save"):
+            common.recalibrate_generator(G_ema.model, args.latent_dim, args.seed, device)
+        if run.due("eval") and run.is_main:
+            row = run.log()
             gen = torch.Generator().manual_seed(args.seed + 999)
             with torch.no_grad():
-                samples = G_ema.model(sample_z(64, args.latent_dim, "normal", "cpu", gen).to(device)).clamp(-1, 1)
-            common.save_image_grid(samples, os.path.join(run_dir, "samples.png"), nrow=8)
+                samples = G_ema.model(common.sample_z(64, args.latent_dim, "normal", "cpu", gen).to(device))
+            common.save_image_grid(samples.clamp(-1, 1), os.path.join(run.run_dir, "samples.png"), nrow=8)
             print(f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)",
-                  flush=True)  # fmt: skip
-        if do_eval:
-            sums = {}
-        if do_save:
-            checked = {f"{name}.{k}": t for name, net in (("G", G), ("D", D), ("G_ema", G_ema.model))
-                       for k, t in net.state_dict().items()}  # fmt: skip
-            common.assert_same_across_ranks(checked, step)
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                common.save_checkpoint({
-                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "gan",
-                    "args": common.args_to_dict(args), "step": step, "model_specs": specs,
-                    "state_dicts": {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.model.state_dict()},
-                    "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()}, "rng": rng_states,
-                    "inversion": {"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
-                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-    if dist_info.is_main:
-        common.write_summary(run_dir, step, t_start, images_seen, device)
-        if dist_info.enabled:
-            print(f"parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True)
-        logger.close()
-    common.cleanup_distributed()
-    return run_dir
+                  flush=True)
+        if run.due("save"):
+            run.save(model_specs=specs,
+                     inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"})
+    return run.finish()
 
 
 def resolve_generator(args, ckpt, device):
     """The frozen generator (from --generator, or a resumed run's own copy), and the data settings it implies:
     --dataset / --resolution default to the generator's; a resolution, channel count or dataset that does not match
     the generator's is a one-line error. Sets args.dataset, args.resolution, args.latent_dist."""
-    source = args.resume if ckpt is not None else args.generator
+    source = args.resume if ckpt is not None else args.generator  # a resumed run reads its own copy
     gen = common.load_generator(source, device)
     G = gen["G"]
     g_res, g_ch = getattr(G, "resolution", None), getattr(G, "img_channels", None)
@@ -516,110 +424,55 @@ def resolve_generator(args, ckpt, device):
     return gen
 
 
-def load_resume(args):
-    """The checkpoint to resume (None without --resume): one of this script's, of the stage asked for."""
-    if not args.resume:
-        return None
-    ckpt = common.load_method_checkpoint(args.resume, METHOD)
-    if ckpt.get("stage") != args.stage:
-        hint = "pass it as --generator to train a regressor on it" if ckpt.get("stage") == "gan" else "drop --stage gan"
-        common.fail(f"'{args.resume}' is a {ckpt.get('stage')!r}-stage checkpoint, not a {args.stage!r}-stage one; "
-                    f"resume it with --stage {ckpt.get('stage')}, or {hint}")  # fmt: skip
-    return ckpt
-
-
 def train_regressor(args):
-    dist_info, device, batch = setup(args)
-    ckpt = load_resume(args)
-    gen = resolve_generator(args, ckpt, device)
-    G, s, g_ch = gen["G"], gen["latent_scale"], gen["G"].img_channels
-    if ckpt is not None:
-        common.check_resume_flags(ckpt, args, REGRESSOR_ARCH_FLAGS)
-    if dist_info.is_main:
-        common.resolve_run_dir(args)
-    x_test = load_test_images(args, device)
-    total_steps = args.images // args.batch_size
-    run_dir = common.make_run_dir(args) if dist_info.is_main else None
+    gen = {}
 
-    specs = {"G": gen["spec"], "E": regressor_spec(args, gen, g_ch)}
+    def prepare(run):  # the frozen generator, and the data settings it implies
+        gen.update(resolve_generator(args, run.ckpt, run.device))
+
+    run = common.Run(args, METHOD, stage="regressor", prepare=prepare, data=False, test_split=args.eval_images,
+                     steps=args.images // args.batch_size)
+    device, x_test, G, s = run.device, run.x_test, gen["G"], gen["latent_scale"]
+    specs = {"G": gen["spec"], "E": regressor_spec(args, gen, G.img_channels)}
     E = common.build_from_spec(specs["E"]).to(device)
     common.broadcast_module(E)
     opt = torch.optim.Adam(E.parameters(), lr=args.lr, betas=args.betas)
     perceptual = build_perceptual(args.perceptual, device) if args.lambda_p > 0 else None
-    step = 0
-    if ckpt is not None:
-        common.load_state_strict(E, ckpt["state_dicts"]["E"], "the regressor", args.resume)
-        opt.load_state_dict(ckpt["optimizers"]["E"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"][min(dist_info.rank, len(ckpt["rng"]) - 1)])
-        generator_source = ckpt["generator_source"]
+    run.restore({"E": E}, {"E": opt}, frozen={"G": G})
+    if run.ckpt is not None:
+        generator_source = run.ckpt["generator_source"]
     else:
-        torch.manual_seed(args.seed + 1000 * dist_info.rank)  # each rank draws its own z and masks
         generator_source = {"path": os.path.abspath(args.generator), "method": gen["method"], "network": gen["name"]}
-    logger = common.RunLogger(run_dir, tensorboard=args.track) if dist_info.is_main else None
-    progress = common.Progress(total_steps, step, enabled=dist_info.is_main)
-    if dist_info.is_main:
-        print(f"run: {run_dir} | stage regressor | {specs['E']['class']} on the frozen {specs['G']['class']} of "
-              f"{generator_source['path']} (z {G.z_dim}, {args.latent_dist}) | {'masks' if not args.no_mask else 'no mask'}"
-              f" | L_p {args.perceptual}, L_z {args.latent_loss} | {total_steps} steps of {args.batch_size} on "
-              f"{device} x{dist_info.world_size}", flush=True)  # fmt: skip
+    run.banner(f"stage regressor | {specs['E']['class']} on the frozen {specs['G']['class']} of "
+               f"{generator_source['path']} (z {G.z_dim}, {args.latent_dist}) | "
+               f"{'no mask' if args.no_mask else 'masks'} | L_p {args.perceptual}, L_z {args.latent_loss}")
 
-    sums, t_start, images_seen = {}, time.time(), 0
-    while step < total_steps:
+    for _ in run.steps():
         E.train()
-        scalars = regressor_step(G, E, opt, s, batch, perceptual, args, device)
-        step += 1
-        images_seen += args.batch_size
-        common.check_finite(step, **scalars)
-        for k, val in scalars.items():
-            sums[k] = sums.get(k, 0.0) + val
-        sums["_n"] = sums.get("_n", 0) + 1
-        if step % args.log_every == 0 or step == total_steps:
-            progress.report(step, {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("losses/")})
-        do_eval = step % args.eval_every == 0 or step == total_steps
-        do_save = step % args.save_every == 0 or step == total_steps
-        if do_eval and dist_info.is_main:
+        scalars = regressor_step(G, E, opt, s, run.batch, perceptual, args, device)
+        step = run.step_done(scalars, show=[k for k in scalars if k.startswith("losses/")])
+        if run.due("eval") and run.is_main:
             E.eval()
-            row = {k: v / sums["_n"] for k, v in sums.items() if k != "_n"}
-            row.update(quick_eval(G, E, s, x_test, args, device))
-            row.update({"charts/images_per_sec": images_seen / (time.time() - t_start),
-                        "charts/peak_memory_mb": common.peak_memory_mb(device)})  # fmt: skip
-            logger.log(step, row)
-            print(f"  eval @ {step}: loss {row['losses/total']:.4f} | real PSNR {row['eval/real_psnr']:.2f} | train-mask "
-                  f"hole PSNR {row['eval/real_train_mask_hole_psnr']:.2f} kept {row['eval/real_train_mask_kept_psnr']:.2f}"
-                  f" | fake z cos {row['eval/fake_z_cos']:.3f}", flush=True)  # fmt: skip
-        if do_eval:
-            sums = {}
-        if do_save:
-            checked = {f"E.{k}": t for k, t in E.state_dict().items()}
-            common.assert_same_across_ranks(checked, step)
-            rng_states = common.gather_rng_states(dist_info)
-            if dist_info.is_main:
-                common.save_checkpoint({
-                    "format": common.CHECKPOINT_FORMAT, "method": METHOD, "stage": "regressor",
-                    "args": common.args_to_dict(args), "step": step, "model_specs": specs,
-                    "state_dicts": {"G": G.state_dict(), "E": E.state_dict()},
-                    "optimizers": {"E": opt.state_dict()}, "rng": rng_states, "generator_source": generator_source,
-                    "inversion": {"generator": "G", "encoder": "E", "encoder_output": "output", "latent_scale": s.cpu(),
-                                  "latent_dist": args.latent_dist,
-                                  "encoder_input": "image" if args.no_mask else "image_and_mask"},
-                }, os.path.join(run_dir, "checkpoint.pt"))  # fmt: skip
-    if dist_info.is_main:
+            row = run.log(quick_eval(G, E, s, x_test, args, device))
+            print(f"  eval @ {step}: loss {row['losses/total']:.4f} | real PSNR {row['eval/real_psnr']:.2f} | "
+                  f"train-mask hole PSNR {row['eval/real_train_mask_hole_psnr']:.2f} kept "
+                  f"{row['eval/real_train_mask_kept_psnr']:.2f} | fake z cos {row['eval/fake_z_cos']:.3f}", flush=True)
+        if run.due("save"):
+            run.save(model_specs=specs, generator_source=generator_source,
+                     inversion={"generator": "G", "encoder": "E", "encoder_output": "output", "latent_scale": s.cpu(),
+                                "latent_dist": args.latent_dist,
+                                "encoder_input": "image" if args.no_mask else "image_and_mask"})
+    results = {}
+    if run.is_main:
         E.eval()
-        wall = time.time() - t_start
+        wall = time.time() - run.t_start
         lpips = perceptual if isinstance(perceptual, common.LPIPS) else None
-        results = final_eval(G, E, s, x_test, args, run_dir, device, lpips)
-        with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
+        results = final_eval(G, E, s, x_test, args, run.run_dir, device, lpips)
+        with open(os.path.join(run.run_dir, "final_metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         print_table(results, args)
-        common.write_summary(run_dir, step, t_start, images_seen, device, {"train_wall_s": wall, "final": results})
-        if dist_info.enabled:
-            print(
-                f"regressor parameters and BatchNorm statistics identical on {dist_info.world_size} ranks", flush=True
-            )
-        logger.close()
-    common.cleanup_distributed()
-    return run_dir
+    return run.finish({"train_wall_s": wall if run.is_main else None, "final": results},
+                      identical="regressor parameters and BatchNorm statistics")
 
 
 def print_table(results, args):
