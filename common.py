@@ -49,8 +49,11 @@ def fail(message: str):
 def check_args(args, positive=(), nonnegative=(), fraction=()):
     """One-line errors for numeric flags, called once per script before anything is created on disk.
     positive: > 0; nonnegative: >= 0; fraction: in [0, 1). Lists (e.g. --betas) are checked element-wise."""
-    rules = [(positive, lambda v: v > 0, "> 0"), (nonnegative, lambda v: v >= 0, ">= 0"),
-             (fraction, lambda v: 0 <= v < 1, "in [0, 1)")]  # fmt: skip
+    rules = [
+        (positive, lambda v: v > 0, "> 0"),
+        (nonnegative, lambda v: v >= 0, ">= 0"),
+        (fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ]
     for names, ok, what in rules:
         for name in names:
             value = getattr(args, name)
@@ -236,8 +239,11 @@ class ImageFolderFlat(torch.utils.data.Dataset):
             fail(f"no readable images in '{root}' ({self.skipped} files skipped); expected {IMAGE_EXTENSIONS}")
         if self.skipped and train:
             reasons = sorted({r.split(":")[0] for r in self.skipped_files.values()})
-            print(f"[data] {root}: skipped {self.skipped} of {self.skipped + len(files)} files ({', '.join(reasons)}), "
-                  f"e.g. {next(iter(self.skipped_files))}", flush=True)  # fmt: skip
+            print(
+                f"[data] {root}: skipped {self.skipped} of {self.skipped + len(files)} files ({', '.join(reasons)}), "
+                f"e.g. {next(iter(self.skipped_files))}",
+                flush=True,
+            )
         classes = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         threshold = int(1000 * test_fraction)
@@ -489,8 +495,19 @@ class StyleGAN2Generator(nn.Module):
     exact inverses of each other through ``mapping`` and ``mapping.inverse``.
     """
 
-    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=8, mapping_lr_mul=0.01,
-                 normalize_z=True, mapping="mlp", coupling="additive"):  # fmt: skip
+    def __init__(
+        self,
+        z_dim,
+        w_dim,
+        resolution,
+        img_channels,
+        width=64,
+        n_mapping=8,
+        mapping_lr_mul=0.01,
+        normalize_z=True,
+        mapping="mlp",
+        coupling="additive",
+    ):
         super().__init__()
         check_resolution(resolution)
         self.z_dim, self.w_dim, self.resolution, self.img_channels = z_dim, w_dim, resolution, img_channels
@@ -617,8 +634,9 @@ class DCGANMappingGenerator(nn.Module):
     ``StyleGAN2Generator``, so eval.py can invert into w and optimize in it. ``n_mapping=0``: w = z.
     ``mapping="invertible"``: ``n_mapping`` coupling steps instead of the MLP (LIA), as in ``StyleGAN2Generator``."""
 
-    def __init__(self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=2, mapping="mlp",
-                 coupling="additive"):  # fmt: skip
+    def __init__(
+        self, z_dim, w_dim, resolution, img_channels, width=64, n_mapping=2, mapping="mlp", coupling="additive"
+    ):
         super().__init__()
         if n_mapping == 0 and w_dim != z_dim:
             raise ValueError(f"without a mapping network w = z, so w_dim ({w_dim}) must equal z_dim ({z_dim})")
@@ -678,8 +696,11 @@ class ProGANGenerator(nn.Module):
         blocks, res = [], 8
         while res <= resolution:
             out_ch = stylegan_channels(res, width)
-            blocks.append(nn.ModuleList([EqualConv2d(ch, out_ch, 3, 1, activation=True),
-                                         EqualConv2d(out_ch, out_ch, 3, 1, activation=True)]))  # fmt: skip
+            blocks.append(
+                nn.ModuleList(
+                    [EqualConv2d(ch, out_ch, 3, 1, activation=True), EqualConv2d(out_ch, out_ch, 3, 1, activation=True)]
+                )
+            )
             ch, res = out_ch, res * 2
         self.blocks, self.to_rgb, self.norm = nn.ModuleList(blocks), EqualConv2d(ch, img_channels, 1), PixelNorm()
 
@@ -702,8 +723,11 @@ class ProGANDiscriminator(nn.Module):
         layers, res = [EqualConv2d(img_channels, ch, 1, activation=True)], resolution
         while res > 4:
             out_ch = stylegan_channels(res // 2, width)
-            layers += [EqualConv2d(ch, ch, 3, 1, activation=True), EqualConv2d(ch, out_ch, 3, 1, activation=True),
-                       nn.AvgPool2d(2)]  # fmt: skip
+            layers += [
+                EqualConv2d(ch, ch, 3, 1, activation=True),
+                EqualConv2d(ch, out_ch, 3, 1, activation=True),
+                nn.AvgPool2d(2),
+            ]
             ch, res = out_ch, res // 2
         layers += [EqualConv2d(ch, ch, 3, 1, activation=True)]
         self.trunk = nn.Sequential(*layers)
@@ -721,9 +745,12 @@ class EncoderResBlock(nn.Module):
     def __init__(self, in_ch, out_ch):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False), BatchNorm2d(out_ch), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), BatchNorm2d(out_ch),
-        )  # fmt: skip
+            nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False),
+            BatchNorm2d(out_ch),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False),
+            BatchNorm2d(out_ch),
+        )
         self.skip = (
             nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), BatchNorm2d(out_ch))
             if in_ch != out_ch
@@ -1380,8 +1407,10 @@ def load_checkpoint(path: str, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "global" in str(e).lower():
-            fail(f"refusing to load '{path}': it holds objects other than tensors and plain values, which could run "
-                 "code; only checkpoints written by this project's scripts are loaded")  # fmt: skip
+            fail(
+                f"refusing to load '{path}': it holds objects other than tensors and plain values, which could run "
+                "code; only checkpoints written by this project's scripts are loaded"
+            )
         fail(f"'{path}' is corrupt or truncated ({_first_line(e)}); use another checkpoint")
     except Exception as e:
         fail(f"'{path}' is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use another checkpoint")
@@ -1395,8 +1424,10 @@ def load_method_checkpoint(path: str, method: str | None = None) -> dict:
     """A checkpoint of this project (format ganinv/1), of ``method`` when given; anything else is a one-line error."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"'{path}' is not a {CHECKPOINT_FORMAT} checkpoint of this project; pass a checkpoint.pt written by "
-             "one of the method scripts")  # fmt: skip
+        fail(
+            f"'{path}' is not a {CHECKPOINT_FORMAT} checkpoint of this project; pass a checkpoint.pt written by "
+            "one of the method scripts"
+        )
     if method is not None and ckpt.get("method") != method:
         fail(f"'{path}' is a {ckpt.get('method')!r} checkpoint, not a {method!r} one; pass a checkpoint of {method}")
     return ckpt
@@ -1412,24 +1443,39 @@ def load_generator(path: str, device="cpu") -> dict:
     specs, states = ckpt.get("model_specs") or {}, ckpt.get("state_dicts") or {}
     spec = specs.get(name) or specs.get(str(name).removesuffix("_ema")) if name else None
     if spec is None or name not in states:
-        fail(f"'{path}' ({ckpt.get('method')!r}) holds no usable generator (inversion.generator = {name!r} with no "
-             "spec or weights); pass a checkpoint with a trained generator")  # fmt: skip
+        fail(
+            f"'{path}' ({ckpt.get('method')!r}) holds no usable generator (inversion.generator = {name!r} with no "
+            "spec or weights); pass a checkpoint with a trained generator"
+        )
     G = build_from_spec(spec)
     load_state_strict(G, states[name], f"the generator {name}", path)
     z_dim = getattr(G, "z_dim", spec["kwargs"].get("z_dim"))
     scale = inversion.get("latent_scale")
     scale = (scale if scale is not None else torch.ones(z_dim)).float()
-    return {"G": G.to(device).eval().requires_grad_(False), "spec": spec,
-            "latent_scale": scale.to(device), "latent_dist": inversion.get("latent_dist", "normal"), "z_dim": z_dim,
-            "method": ckpt.get("method"), "name": name, "args": ckpt.get("args") or {}}  # fmt: skip
+    return {
+        "G": G.to(device).eval().requires_grad_(False),
+        "spec": spec,
+        "latent_scale": scale.to(device),
+        "latent_dist": inversion.get("latent_dist", "normal"),
+        "z_dim": z_dim,
+        "method": ckpt.get("method"),
+        "name": name,
+        "args": ckpt.get("args") or {},
+    }
 
 
 def write_summary(run_dir, step, t_start, images_seen, device, extra=None):
     """runs/{run}/summary.json: steps, wall time, images/s (None when no image was trained on, e.g. a run resumed
     at its last step), peak memory, plus ``extra``; its scalars printed on one line."""
     wall = time.time() - t_start
-    summary = {"steps": step, "wall_s": wall, "images_per_sec": images_seen / wall if images_seen else None,
-               "peak_memory_mb": peak_memory_mb(device), "run_dir": run_dir, **(extra or {})}  # fmt: skip
+    summary = {
+        "steps": step,
+        "wall_s": wall,
+        "images_per_sec": images_seen / wall if images_seen else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "run_dir": run_dir,
+        **(extra or {}),
+    }
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"done: {json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})}", flush=True)
@@ -1579,8 +1625,10 @@ def check_finite(step: int, **losses):
     """NaN / inf divergence is fatal: say so in one line (the last checkpoint on disk is left as it was)."""
     bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
     if bad:
-        fail(f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-             "lower --lr or raise --r1, and resume from the last checkpoint")  # fmt: skip
+        fail(
+            f"training diverged at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            "lower --lr or raise --r1, and resume from the last checkpoint"
+        )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -1600,8 +1648,22 @@ def peak_memory_mb(device: torch.device) -> float:
 # metrics.jsonl, summary.json (written when it ends), figures. One process at a time owns a run directory (an
 # advisory lock on runs/{run}/.lock, which the kernel frees when the process dies, even by kill -9). A resumed run
 # keeps every flag it was trained with except these, which do not change what it computes:
-RESUMABLE_FLAGS = ("images", "epochs", "eval_every", "save_every", "log_every", "workers", "track", "cuda",
-                   "data_root", "resume", "run_name", "jobs", "ablation", "exp_name")  # fmt: skip
+RESUMABLE_FLAGS = (
+    "images",
+    "epochs",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "workers",
+    "track",
+    "cuda",
+    "data_root",
+    "resume",
+    "run_name",
+    "jobs",
+    "ablation",
+    "exp_name",
+)
 _RESUME_CACHE: dict = {}  # checkpoint path -> its content, loaded once by parse_run_args and once used by Run
 
 
@@ -1638,8 +1700,14 @@ def _recorded_run(path: str, method: str) -> dict:
                 fail(f"'{path}' does not exist and {run_json} cannot be read ({e}); start a new run instead")
             if recorded.get("method") != method:
                 fail(f"{run_json} is a {recorded.get('method')!r} run, not a {method!r} one; pass a run of {method}")
-            _RESUME_CACHE[key] = {"format": CHECKPOINT_FORMAT, "method": method, "stage": recorded.get("stage"),
-                                  "args": recorded["args"], "step": 0, "restart": True}  # fmt: skip
+            _RESUME_CACHE[key] = {
+                "format": CHECKPOINT_FORMAT,
+                "method": method,
+                "stage": recorded.get("stage"),
+                "args": recorded["args"],
+                "step": 0,
+                "restart": True,
+            }
         else:
             _RESUME_CACHE[key] = load_method_checkpoint(path, method)
     return _RESUME_CACHE[key]
@@ -1651,22 +1719,32 @@ def parse_run_args(parser, argv, validate, method: str):
     args = parser.parse_args(argv)
     args._given = given_flags(parser, argv)
     recorded = None
-    if getattr(args, "resume", None):
+    if getattr(args, "resume", None) and (
+        os.path.exists(args.resume)
+        or os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.resume)), "run.json"))
+    ):  # else: refused after validate
         recorded = _recorded_run(args.resume, method)
         stage = recorded.get("stage")
         if "stage" in args._given and stage is not None and args.stage != stage:
-            fail(f"'{args.resume}' is a {stage!r}-stage checkpoint; resume it with --stage {stage}")
+            fail(
+                f"'{args.resume}' is a {stage!r}-stage checkpoint, not a {args.stage!r}-stage one; resume it with "
+                f"--stage {stage}"
+            )
         for k, v in recorded["args"].items():
             if k not in args._given and k not in ("resume", "run_name") and hasattr(args, k):
                 setattr(args, k, v)
     validate(args)
     if hasattr(args, "seed") and not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32) (got {args.seed}): numpy's and DataLoader's seeds are 32-bit")
+    if getattr(args, "resume", None) and recorded is None:
+        recorded = _recorded_run(args.resume, method)  # a one-line error: the checkpoint does not exist
     if recorded is not None:
         for k, v in recorded["args"].items():
             if k not in RESUMABLE_FLAGS and hasattr(args, k) and getattr(args, k) != v:
-                fail(f"--{k.replace('_', '-')} is {getattr(args, k)!r} but the checkpoint was trained with {v!r}; "
-                     "pass the same value (or leave it out) to resume")  # fmt: skip
+                fail(
+                    f"--{k.replace('_', '-')} is {getattr(args, k)!r} but the checkpoint was trained with {v!r}; "
+                    "pass the same value (or leave it out) to resume"
+                )
     return args
 
 
@@ -1680,8 +1758,10 @@ def run_dir_of(args, root="runs") -> str:
     if getattr(args, "resume", None):
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         if name is not None and os.path.abspath(os.path.join(root, name)) != run_dir:
-            fail(f"--run-name {name} and --resume {args.resume} name different directories; a resumed run continues "
-                 f"in its checkpoint's directory ({run_dir}): drop --run-name")  # fmt: skip
+            fail(
+                f"--run-name {name} and --resume {args.resume} name different directories; a resumed run continues "
+                f"in its checkpoint's directory ({run_dir}): drop --run-name"
+            )
         return run_dir
     if os.path.exists(root) and not os.path.isdir(root):
         fail(f"'{root}' exists and is not a directory; move it away so runs can be written to {root}/")
@@ -1697,8 +1777,11 @@ def _holds_files(path: str) -> bool:
 
 
 def _taken_hint(args, run_dir):
-    return f"pass --resume {run_dir}/checkpoint.pt or another --run-name" if hasattr(args, "resume") else (
-        "pass another --run-name")  # fmt: skip
+    return (
+        f"pass --resume {run_dir}/checkpoint.pt or another --run-name"
+        if hasattr(args, "resume")
+        else ("pass another --run-name")
+    )
 
 
 class RunDirectory:
@@ -1738,19 +1821,30 @@ class RunDirectory:
             except BlockingIOError:
                 os.close(self.lock_fd)
                 self.lock_fd = None
-                fail(f"run directory '{path}' is in use by another process (a run still going?); wait for it, or "
-                     "pass another --run-name")  # fmt: skip
+                fail(
+                    f"run directory '{path}' is in use by another process (a run still going?); wait for it, or "
+                    "pass another --run-name"
+                )
             if not resume and _holds_files(path):  # another run claimed it between the check and the lock
                 fail(f"run directory '{path}' already holds files; {hint}")
             run_json = os.path.join(path, "run.json")
             if not os.path.exists(run_json):
                 self.made.append(run_json)
-            _write_json_atomic(run_json, {**record, "pid": os.getpid(), "host": os.uname().nodename,
-                                          "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+            _write_json_atomic(
+                run_json,
+                {
+                    **record,
+                    "pid": os.getpid(),
+                    "host": os.uname().nodename,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+            )
         except OSError as e:
             self.abandon()
-            fail(f"cannot write to run directory '{os.path.abspath(path)}' ({e.strerror}); run from a writable "
-                 "directory, or copy the run somewhere writable")  # fmt: skip
+            fail(
+                f"cannot write to run directory '{os.path.abspath(path)}' ({e.strerror}); run from a writable "
+                "directory, or copy the run somewhere writable"
+            )
 
     def release(self):
         if self.lock_fd is not None:
@@ -1817,8 +1911,9 @@ class Run:
 
     keep_process_group = False  # lia --stage all: the three stages share one process group (re-creating it can hang)
 
-    def __init__(self, args, method, stage=None, prepare=None, data=True, test_split=0, steps=None, batch_divisor=1,
-                 metrics=True):
+    def __init__(
+        self, args, method, stage=None, prepare=None, data=True, test_split=0, steps=None, batch_divisor=1, metrics=True
+    ):
         self.args, self.method, self.stage = args, method, stage
         self.dist = init_distributed(args.cuda)
         self.is_main = self.dist.is_main
@@ -1827,32 +1922,18 @@ class Run:
         self.networks, self.optimizers, self.frozen = {}, {}, {}
         self.loader = self.sampler = self.steps_per_epoch = self.x_test = None
         self.step, self.images_seen, self.t_start, self._sums, self._counts = 0, 0, time.time(), {}, {}
-        error, run_dir, exc = None, None, None
-        try:
-            self._start(prepare, data, test_split, steps, batch_divisor)
-            run_dir = self.run_dir
-        except SystemExit as e:
-            error = str(e.code)
-        except BaseException as e:  # a bug: its traceback on this rank, one line on the others
-            error, exc = f"error: {type(e).__name__} on rank {self.dist.rank}: {_first_line(e)}", e
-        outcome = [(error, run_dir)]
-        if self.dist.enabled:
-            outcome = [None] * self.dist.world_size
-            dist.all_gather_object(outcome, (error, run_dir))
-        first = next((e for e, _ in outcome if e), None)
-        if first:
-            if self.directory is not None:
-                self.directory.abandon()
-            if exc is not None:
-                raise exc
-            cleanup_distributed()
-            raise SystemExit(first)
-        self.run_dir = outcome[0][1]  # rank 0's (a default name may have had to take a suffix)
+        # every rank checks its inputs; only then does rank 0 claim the directory (no rank sees it half-claimed)
+        self._agree(lambda: self._start(prepare, data, test_split, steps, batch_divisor))
+        outcome = self._agree(self._claim)
+        self.run_dir = outcome[0]  # rank 0's (a default name may have had to take a suffix)
         if self.is_main and args.resume:
             _truncate_metrics(self.run_dir, self.step)
         if self.is_main and metrics:
-            self.logger = RunLogger(self.run_dir, tensorboard=getattr(args, "track", False),
-                                    purge_step=self.step + 1 if args.resume else None)  # fmt: skip
+            self.logger = RunLogger(
+                self.run_dir,
+                tensorboard=getattr(args, "track", False),
+                purge_step=self.step + 1 if args.resume else None,
+            )
         self.progress = Progress(self.total_steps, self.step, enabled=self.is_main)
 
     def _start(self, prepare, data, test_split, steps, batch_divisor):
@@ -1867,12 +1948,17 @@ class Run:
             _RESUME_CACHE.pop(os.path.abspath(args.resume), None)
             if self.ckpt.get("restart"):
                 if self.is_main:
-                    print(f"resume: {args.resume} was never written (the run was killed before its first save); "
-                          "starting it again from step 0 with its recorded flags", flush=True)  # fmt: skip
+                    print(
+                        f"resume: {args.resume} was never written (the run was killed before its first save); "
+                        "starting it again from step 0 with its recorded flags",
+                        flush=True,
+                    )
                 self.ckpt = None
             elif self.ckpt.get("stage") != self.stage:
-                fail(f"'{args.resume}' is a {self.ckpt.get('stage')!r}-stage checkpoint; resume it with --stage "
-                     f"{self.ckpt.get('stage')}")  # fmt: skip
+                fail(
+                    f"'{args.resume}' is a {self.ckpt.get('stage')!r}-stage checkpoint; resume it with --stage "
+                    f"{self.ckpt.get('stage')}"
+                )
             else:
                 self.step = self.ckpt["step"]
         if prepare is not None:
@@ -1886,11 +1972,43 @@ class Run:
         self.total_steps = steps if steps is not None else training_steps(args, self.steps_per_epoch or 1)
         if test_split:
             self.x_test = test_images(args.dataset, args.resolution, test_split, self.device, args.data_root)
+
+    def _claim(self):
         if self.is_main:
+            args = self.args
             record = {"method": self.method, "stage": self.stage, "args": args_to_dict(args)}
-            self.directory = RunDirectory(self.run_dir, record, bool(args.resume), args.run_name is not None,
-                                          _taken_hint(args, self.run_dir))  # fmt: skip
-            self.run_dir = self.directory.path
+            self.directory = RunDirectory(
+                self.run_dir, record, bool(args.resume), args.run_name is not None, _taken_hint(args, self.run_dir)
+            )
+            return self.directory.path
+        return None
+
+    def _agree(self, fn) -> list:
+        """Run ``fn`` on every rank; if any rank refuses, every rank prints the first refusal (one line) and exits
+        1, after removing what claiming created. Returns every rank's result."""
+        error, result, exc = None, None, None
+        try:
+            result = fn()
+        except SystemExit as e:
+            error = str(e.code)
+        except BaseException as e:  # a bug: its traceback on this rank, one line on the others
+            error, exc = f"error: {type(e).__name__} on rank {self.dist.rank}: {_first_line(e)}", e
+        outcome = [(error, result)]
+        if self.dist.enabled:
+            outcome = [None] * self.dist.world_size
+            dist.all_gather_object(outcome, (error, result))
+        first = next((e for e, _ in outcome if e), None)
+        if first is None:
+            return [r for _, r in outcome]
+        if self.directory is not None:
+            self.directory.abandon()
+        if exc is not None:
+            raise exc
+        if not self.dist.enabled:
+            raise SystemExit(first)
+        cleanup_distributed()
+        os.write(2, (first + "\n").encode())  # one write: the ranks' lines never interleave
+        raise SystemExit(1)
 
     def restore(self, networks: dict, optimizers: dict, frozen: dict | None = None):
         """Resumed: every network's weights, optimizer state and each rank's RNG from the checkpoint. Fresh: each
@@ -1972,8 +2090,11 @@ class Run:
     def banner(self, text: str):
         if self.is_main:
             per_epoch = f" ({self.steps_per_epoch} per epoch)" if self.steps_per_epoch else ""
-            print(f"run: {self.run_dir} | {text} | {self.total_steps} steps of {self.args.batch_size}{per_epoch} on "
-                  f"{self.device} x{self.dist.world_size}", flush=True)  # fmt: skip
+            print(
+                f"run: {self.run_dir} | {text} | {self.total_steps} steps of {self.args.batch_size}{per_epoch} on "
+                f"{self.device} x{self.dist.world_size}",
+                flush=True,
+            )
 
     def finish(self, extra: dict | None = None, identical="parameters and BatchNorm statistics") -> str:
         """summary.json, the lock released, the process group closed (all ranks arrive first)."""
@@ -2008,9 +2129,17 @@ def claim_run_dir(args, record: dict, root="runs") -> RunDirectory:
 #                 "latent_scale": tensor or None}   (how eval.py maps x -> code -> image)
 CHECKPOINT_FORMAT = "ganinv/1"
 BUILDABLE = (
-    "StyleGAN2Generator", "StyleGAN2Discriminator", "DCGANGenerator", "DCGANDiscriminator", "ProGANGenerator",
-    "ProGANDiscriminator", "ResNetEncoder", "InvertibleMapping", "RegressorCNN", "DCGANMappingGenerator",
-)  # fmt: skip
+    "StyleGAN2Generator",
+    "StyleGAN2Discriminator",
+    "DCGANGenerator",
+    "DCGANDiscriminator",
+    "ProGANGenerator",
+    "ProGANDiscriminator",
+    "ResNetEncoder",
+    "InvertibleMapping",
+    "RegressorCNN",
+    "DCGANMappingGenerator",
+)
 
 
 def model_spec(module_class, **kwargs) -> dict:
@@ -2039,7 +2168,7 @@ def load_state_strict(module: nn.Module, state_dict, what: str, path: str):
 
 def assert_same_across_ranks(named_tensors: dict, step: int):
     """Fail loudly if data-parallel ranks drifted apart (compares a float64 checksum per tensor)."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or not named_tensors:
         return
     names = sorted(named_tensors)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -2093,8 +2222,10 @@ def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, 
             diff = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
             if diff:
                 k = diff[0]
-                fail(f"{run_dir} was run with --{k.replace('_', '-')} {found.get(k)!r} but this ablation asks for "
-                     f"{wanted.get(k)!r} ({len(diff)} setting(s) differ); move {run_dir} away or change --seed")  # fmt: skip
+                fail(
+                    f"{run_dir} was run with --{k.replace('_', '-')} {found.get(k)!r} but this ablation asks for "
+                    f"{wanted.get(k)!r} ({len(diff)} setting(s) differ); move {run_dir} away or change --seed"
+                )
             if os.path.exists(os.path.join(run_dir, "summary.json")):
                 print(f"[ablation] {label}: reusing the finished run {run_dir} (same configuration)", flush=True)
                 continue

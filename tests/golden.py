@@ -26,30 +26,169 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden_numbers.json")
 TIMING_KEYS = ("images_per_sec", "peak_memory_mb", "seconds", "wall_s", "seconds_per_image")
 COMMON = ["--no-track", "--seed", "3", "--log-every", "2"]
-DLSGAN = ["--resolution", "16", "--width", "8", "--latent-dim", "16", "--batch-size", "8", "--eval-images", "16",
-          "--v-window", "32", "--images", "48", "--eval-every", "3", "--save-every", "3", "--dist", "uniform", "--dg"]  # fmt: skip
-INVGAN = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "8",
-          "--eval-images", "16", "--edit-images", "2", "--images", "48", "--eval-every", "3", "--save-every", "3"]  # fmt: skip
-LIA = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2", "--encoder-width", "8",
-       "--eval-images", "16", "--eval-every", "3", "--save-every", "3", "--ppl-samples", "10"]  # fmt: skip
-REG_GAN = ["--stage", "gan", "--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "8",
-           "--batch-size", "8", "--eval-images", "16", "--images", "48", "--eval-every", "3", "--save-every", "3"]  # fmt: skip
-REG = ["--encoder-width", "4", "--batch-size", "8", "--images", "32", "--eval-images", "16", "--eval-every", "2",
-       "--save-every", "2"]  # fmt: skip
+DLSGAN = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--v-window",
+    "32",
+    "--images",
+    "48",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+    "--dist",
+    "uniform",
+    "--dg",
+]
+INVGAN = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--w-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--edit-images",
+    "2",
+    "--images",
+    "48",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+]
+LIA = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--n-mapping",
+    "2",
+    "--encoder-width",
+    "8",
+    "--eval-images",
+    "16",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+    "--ppl-samples",
+    "10",
+]
+REG_GAN = [
+    "--stage",
+    "gan",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--d-width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--images",
+    "48",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+]
+REG = [
+    "--encoder-width",
+    "4",
+    "--batch-size",
+    "8",
+    "--images",
+    "32",
+    "--eval-images",
+    "16",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+]
 
 # name: [(script, args)], run in order in one working directory; later runs read earlier runs' checkpoints
 RUNS = {
     "dlsgan": [("dlsgan.py", [*DLSGAN, "--run-name", "dlsgan"])],
-    "dlsgan_sg2": [("dlsgan.py", [*DLSGAN, "--arch", "stylegan2", "--w-dim", "16", "--n-mapping", "2",
-                                  "--d-lr-mode", "plain", "--r1-interval", "1", "--run-name", "dlsgan_sg2"])],  # fmt: skip
+    "dlsgan_sg2": [
+        (
+            "dlsgan.py",
+            [
+                *DLSGAN,
+                "--arch",
+                "stylegan2",
+                "--w-dim",
+                "16",
+                "--n-mapping",
+                "2",
+                "--d-lr-mode",
+                "plain",
+                "--r1-interval",
+                "1",
+                "--run-name",
+                "dlsgan_sg2",
+            ],
+        )
+    ],
     "invgan": [("invgan.py", [*INVGAN, "--run-name", "invgan"])],
-    "invgan_naive": [("invgan.py", [*INVGAN, "--variant", "naive", "--r1-interval", "1", "--run-name", "invgan_naive"])],
+    "invgan_naive": [
+        ("invgan.py", [*INVGAN, "--variant", "naive", "--r1-interval", "1", "--run-name", "invgan_naive"])
+    ],
     "lia": [
         ("lia.py", [*LIA, "--stage", "gan", "--batch-size", "8", "--images", "48", "--run-name", "lia_gan"]),
-        ("lia.py", [*LIA, "--stage", "encoder", "--gan", "runs/lia_gan/checkpoint.pt", "--batch-size", "4",
-                    "--images", "24", "--run-name", "lia_encoder"]),  # fmt: skip
-        ("lia.py", [*LIA, "--stage", "refine", "--ckpt", "runs/lia_encoder/checkpoint.pt", "--refine-images", "4",
-                    "--refine-steps", "5", "--run-name", "lia_refine"]),  # fmt: skip
+        (
+            "lia.py",
+            [
+                *LIA,
+                "--stage",
+                "encoder",
+                "--gan",
+                "runs/lia_gan/checkpoint.pt",
+                "--batch-size",
+                "4",
+                "--images",
+                "24",
+                "--run-name",
+                "lia_encoder",
+            ],
+        ),
+        (
+            "lia.py",
+            [
+                *LIA,
+                "--stage",
+                "refine",
+                "--ckpt",
+                "runs/lia_encoder/checkpoint.pt",
+                "--refine-images",
+                "4",
+                "--refine-steps",
+                "5",
+                "--run-name",
+                "lia_refine",
+            ],
+        ),
     ],
     "regressor": [
         ("regressor_inversion.py", [*REG_GAN, "--run-name", "reg_gan"]),
@@ -62,12 +201,17 @@ def digest_tree(obj, out: dict, prefix: str = ""):
     """Flatten a checkpoint into {path: digest}: a tensor's dtype, shape and sha256 of its bytes, a number as is."""
     if isinstance(obj, dict):
         for k in sorted(obj, key=str):
-            if str(k) in ("args", "gan_args", "gan_source", "encoder_source", "generator_source") or str(k) in TIMING_KEYS:
+            if (
+                str(k) in ("args", "gan_args", "gan_source", "encoder_source", "generator_source")
+                or str(k) in TIMING_KEYS
+            ):
                 continue  # the command line (new flags may appear) and absolute paths are not numbers of the run
             digest_tree(obj[k], out, f"{prefix}/{k}")
     elif isinstance(obj, (list, tuple)):
-        if obj and all(isinstance(v, (int, float, bool)) for v in obj):
+        if obj and all(isinstance(v, (int, float, bool)) for v in obj) and len(obj) > 64:  # an RNG state
             out[prefix] = hashlib.sha256(json.dumps(list(obj)).encode()).hexdigest()[:16]
+        elif obj and all(isinstance(v, (int, float, bool)) for v in obj):  # a curve: kept, to compare within rounding
+            out[prefix] = list(obj)
         else:
             for i, v in enumerate(obj):
                 digest_tree(v, out, f"{prefix}/{i}")
@@ -110,8 +254,13 @@ def run_group(name: str, work: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     records = {}
     for script, args in RUNS[name]:
-        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *COMMON], cwd=work, env=env,
-                           capture_output=True, text=True)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *args, *COMMON],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{script} {' '.join(args)} failed:\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}")
         run_name = args[args.index("--run-name") + 1]
@@ -120,11 +269,23 @@ def run_group(name: str, work: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = ""
+    """What decides the CPU kernels' rounding: two machines both named "AMD EPYC" (family 25, model 1 against
+    another) gave other low bits, so the family, model and instruction-set flags are part of the fingerprint."""
+    info = {}
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {"torch": torch.__version__, "cpu": cpu or platform.processor(), "machine": platform.machine()}
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    flags = hashlib.sha256(info.get("flags", "").encode()).hexdigest()[:12]
+    cpu = f"{info.get('model name') or platform.processor()} family {info.get('cpu family')} model {info.get('model')}"
+    return {
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "machine": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def record_all(groups=None) -> dict:

@@ -9,21 +9,91 @@ import sys
 
 import pytest
 import torch
-
-import common
 from conftest import run_cases
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DLSGAN_TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "16", "--batch-size", "8", "--eval-images", "16",
-               "--v-window", "32", "--no-track", "--images", "16"]  # fmt: skip
-INVGAN_TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "8",
-               "--eval-images", "16", "--no-track", "--images", "16"]  # fmt: skip
-REGRESSOR_TINY = ["--stage", "gan", "--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "16",
-                  "--batch-size", "8", "--eval-images", "16", "--no-track", "--images", "16"]  # fmt: skip
-LIA_TINY = ["--stage", "gan", "--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2",
-            "--batch-size", "8", "--eval-images", "16", "--ppl-samples", "0", "--no-track", "--images", "16"]  # fmt: skip
-SCRIPTS = {"dlsgan.py": DLSGAN_TINY, "invgan.py": INVGAN_TINY, "regressor_inversion.py": REGRESSOR_TINY,
-           "lia.py": LIA_TINY}  # fmt: skip
+DLSGAN_TINY = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--v-window",
+    "32",
+    "--no-track",
+    "--images",
+    "16",
+]
+INVGAN_TINY = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--w-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--no-track",
+    "--images",
+    "16",
+]
+REGRESSOR_TINY = [
+    "--stage",
+    "gan",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--d-width",
+    "8",
+    "--latent-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--no-track",
+    "--images",
+    "16",
+]
+LIA_TINY = [
+    "--stage",
+    "gan",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--n-mapping",
+    "2",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--ppl-samples",
+    "0",
+    "--no-track",
+    "--images",
+    "16",
+]
+SCRIPTS = {
+    "dlsgan.py": DLSGAN_TINY,
+    "invgan.py": INVGAN_TINY,
+    "regressor_inversion.py": REGRESSOR_TINY,
+    "lia.py": LIA_TINY,
+}
 
 # (arguments, message); {tmp} is the prepared directory holding the inputs below
 COMMON_CASES = [
@@ -45,6 +115,9 @@ COMMON_CASES = [
     (["--resume", "{tmp}/other_method.pt"], "is a 'other-method' checkpoint, not a"),
     (["--resume", "{tmp}/truncated.pt"], "is corrupt or truncated"),
     (["--run-name", "taken"], "run directory 'runs/taken' already holds files"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32) (got -1)"),
+    (["--seed", "4294967296"], "--seed must be in [0, 2**32) (got 4294967296)"),
+    (["--dataset", "folder:{tmp}/dangling"], "no readable images in"),
 ]
 EXTRA_CASES = {
     "dlsgan.py": [
@@ -76,6 +149,8 @@ EXTRA_CASES = {
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "empty").mkdir()
+    (tmp / "dangling").mkdir()
+    os.symlink(tmp / "gone.png", tmp / "dangling" / "a.png")  # a symlink to nothing: skipped, not a traceback
     (tmp / "random.pt").write_bytes(os.urandom(512).replace(b"\x80", b"\x01").replace(b"PK", b"pk"))
     common.save_checkpoint({"weights": torch.zeros(2)}, str(tmp / "plain.pt"))
     common.save_checkpoint({"format": common.CHECKPOINT_FORMAT, "method": "other-method"}, str(tmp / "other_method.pt"))
@@ -97,12 +172,14 @@ def case_results(inputs, tmp_path_factory):
     flags in a directory whose ``runs`` is a file: {(script, "runs is a file"): (result, that directory)}."""
     out = {}
     for script in SCRIPTS:
-        cases = [[a.replace("{tmp}", str(inputs)) for a in [*SCRIPTS[script], *args]] for s, args, _ in CASES
-                 if s == script]  # fmt: skip
+        cases = [
+            [a.replace("{tmp}", str(inputs)) for a in [*SCRIPTS[script], *args]] for s, args, _ in CASES if s == script
+        ]
         runs_file = tmp_path_factory.mktemp("runs_file")
         (runs_file / "runs").write_text("not a directory")
-        *results, last = run_cases([*((script, args) for args in cases), (script, SCRIPTS[script], runs_file)],
-                                   cwd=inputs)  # fmt: skip
+        *results, last = run_cases(
+            [*((script, args) for args in cases), (script, SCRIPTS[script], runs_file)], cwd=inputs
+        )
         for args, result in zip(cases, results):
             out[(script, tuple(args))] = result
         out[(script, "runs is a file")] = last, runs_file
@@ -142,8 +219,20 @@ def test_folder_with_a_truncated_jpeg_trains(script, tmp_path):
     whole = (folder / "0.jpg").read_bytes()
     (folder / "0.jpg").write_bytes(whole[: len(whole) // 2])
     env_cache = {**os.environ, "GANINV_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *SCRIPTS[script], "--dataset", f"folder:{folder}",
-                        "--run-name", "folder"], cwd=tmp_path, env={**env_cache, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, script),
+            *SCRIPTS[script],
+            "--dataset",
+            f"folder:{folder}",
+            "--run-name",
+            "folder",
+        ],
+        cwd=tmp_path,
+        env={**env_cache, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 of 40 files" in r.stdout and (tmp_path / "runs/folder/checkpoint.pt").exists()

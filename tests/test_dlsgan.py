@@ -10,21 +10,45 @@ import sys
 
 import pytest
 import torch
+from conftest import Recording, free_port, run_cases, two_at_a_time
 
 import common
-from conftest import Recording, free_port, run_cases, two_at_a_time
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "stylegan2", "--resolution", "16", "--width", "8", "--latent-dim", "16", "--w-dim", "16", "--n-mapping", "2", "--batch-size", "8",
-        "--eval-images", "16", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--v-window", "32",
-        "--no-track"]  # fmt: skip
+TINY = [
+    "--arch",
+    "stylegan2",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "16",
+    "--w-dim",
+    "16",
+    "--n-mapping",
+    "2",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+    "--v-window",
+    "32",
+    "--no-track",
+]
 
 
-def run(args, cwd, check=True, script=None, timeout=300):
+def run(args, cwd, check=True, script=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     cmd = [sys.executable, script or os.path.join(ROOT, "dlsgan.py"), *args]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check:
         assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     return r
@@ -43,9 +67,9 @@ def test_latent_scale_sums_to_d_and_is_one_for_uniform_v():
 def test_priors_have_mean_zero_variance_one():
     g = torch.Generator().manual_seed(0)
     for dist in ("normal", "uniform"):
-        z = dlsgan.sample_z(200_000, 4, dist, "cpu", g)
+        z = common.sample_z(200_000, 4, dist, "cpu", g)
         assert z.mean().abs() < 0.01 and (z.var() - 1).abs() < 0.01
-    u = dlsgan.sample_z(100_000, 1, "uniform", "cpu", g)
+    u = common.sample_z(100_000, 1, "uniform", "cpu", g)
     assert u.max() <= math.sqrt(3) and u.min() >= -math.sqrt(3) and u.max() > 1.72
 
 
@@ -111,7 +135,7 @@ def test_d_step_feeds_G_z_times_s_weights_L_enc_by_s2_and_feeds_v():
     x_real = torch.rand(8, 1, 16, 16) * 2 - 1
     opt = torch.optim.Adam(D.parameters(), lr=0.0)  # lr 0: D is unchanged, so z_hat can be recomputed after
     torch.manual_seed(5)
-    z = dlsgan.sample_z(8, 16, args.dist, "cpu")
+    z = common.sample_z(8, 16, args.dist, "cpu")
     torch.manual_seed(5)
     out = dlsgan.d_step(G, D, opt, v, x_real, s, args)
     assert torch.equal(G.inputs[0], z * s)  # the generator gets the scaled latent
@@ -130,7 +154,7 @@ def test_g_step_feeds_z_times_s_and_adds_L_enc_only_with_dg():
         G = Recording(G)
         opt = torch.optim.Adam(G.parameters(), lr=0.0)
         torch.manual_seed(3)
-        z = dlsgan.sample_z(8, 16, args.dist, "cpu")
+        z = common.sample_z(8, 16, args.dist, "cpu")
         torch.manual_seed(3)
         G.net.train()
         out = dlsgan.g_step(G, D, opt, s, 8, args, torch.device("cpu"))
@@ -151,7 +175,7 @@ def test_evaluation_reconstructs_through_the_scale():
     x_test = torch.rand(16, 1, 16, 16) * 2 - 1
     dlsgan.evaluate(G, D, s, x_test, args, torch.device("cpu"))
     gen = torch.Generator().manual_seed(args.seed + 12345)
-    z = dlsgan.sample_z(16, 16, args.dist, "cpu", gen)
+    z = common.sample_z(16, 16, args.dist, "cpu", gen)
     with torch.no_grad():
         x_fake = G.net(z * s).clamp(-1, 1)
         expected = [z * s, D(x_fake)[1] * s, D(x_test)[1] * s]  # G(z s), G(E(G(z s)) s), G(E(x) s)
@@ -172,8 +196,10 @@ SMOKE = {
 def smoke_runs(tmp_path_factory):
     """{name: (completed run, its directory)}: every SMOKE run, each in a directory of its own, two at a time."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in SMOKE}
-    calls = [lambda name=name: run([*TINY, *SMOKE[name], "--images", "32", "--run-name", "smoke"], dirs[name],
-                                   check=False) for name in SMOKE]  # fmt: skip
+    calls = [
+        lambda name=name: run([*TINY, *SMOKE[name], "--images", "32", "--run-name", "smoke"], dirs[name], check=False)
+        for name in SMOKE
+    ]
     return {name: (r, dirs[name]) for name, r in zip(SMOKE, two_at_a_time(calls))}
 
 
@@ -185,8 +211,17 @@ def test_smoke_flag_combinations(name, smoke_runs):
     run_dir = tmp_path / "runs" / "smoke"
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [2, 4]
-    for key in ("losses/L_enc", "losses/D", "losses/G", "eval/real_psnr", "eval/real_ssim", "eval/fake_psnr",
-                "eval/fake_ssim", "charts/latent_entropy", "charts/dims_90pct_scale"):  # fmt: skip
+    for key in (
+        "losses/L_enc",
+        "losses/D",
+        "losses/G",
+        "eval/real_psnr",
+        "eval/real_ssim",
+        "eval/fake_psnr",
+        "eval/fake_ssim",
+        "charts/latent_entropy",
+        "charts/dims_90pct_scale",
+    ):
         assert math.isfinite(rows[-1][key]), key
     for png in ("samples.png", "reconstructions.png", "fig17_top_dim.png"):
         assert (run_dir / png).stat().st_size > 100
@@ -207,8 +242,12 @@ def test_smoke_flag_combinations(name, smoke_runs):
 
 @pytest.mark.parametrize("arch", ["stylegan2", "dcgan"])
 def test_resume_is_exact(arch, tmp_path):
-    two_at_a_time([lambda: run([*TINY, "--arch", arch, "--dg", "--images", "48", "--run-name", "full"], tmp_path),
-                   lambda: run([*TINY, "--arch", arch, "--dg", "--images", "24", "--run-name", "part"], tmp_path)])
+    two_at_a_time(
+        [
+            lambda: run([*TINY, "--arch", arch, "--dg", "--images", "48", "--run-name", "full"], tmp_path),
+            lambda: run([*TINY, "--arch", arch, "--dg", "--images", "24", "--run-name", "part"], tmp_path),
+        ]
+    )
     r = run([*TINY, "--arch", arch, "--dg", "--images", "48", "--resume", "runs/part/checkpoint.pt"], tmp_path)
     assert "step 6/6" in r.stdout
     full = common.load_checkpoint(str(tmp_path / "runs/full/checkpoint.pt"))
@@ -224,9 +263,23 @@ def test_resume_is_exact(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
 def test_ddp_two_ranks_identical(arch, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "dlsgan.py"), *TINY, "--arch", arch, "--dg", "--images", "32", "--run-name", "ddp"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        os.path.join(ROOT, "dlsgan.py"),
+        *TINY,
+        "--arch",
+        arch,
+        "--dg",
+        "--images",
+        "32",
+        "--run-name",
+        "ddp",
+    ]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parameters, BatchNorm statistics and latent scale identical on 2 ranks" in r.stdout
     assert "4 steps of 8" in r.stdout  # global batch 8 = 2 ranks x 4
@@ -235,8 +288,12 @@ def test_ddp_two_ranks_identical(arch, tmp_path):
 
 
 def test_lazy_r1_takes_its_own_adam_step(tmp_path):
-    two_at_a_time([lambda: run([*TINY, "--images", "40", "--r1-interval", "4", "--run-name", "r1"], tmp_path),
-                   lambda: run([*TINY, "--images", "40", "--r1-interval", "1", "--run-name", "r1_every"], tmp_path)])
+    two_at_a_time(
+        [
+            lambda: run([*TINY, "--images", "40", "--r1-interval", "4", "--run-name", "r1"], tmp_path),
+            lambda: run([*TINY, "--images", "40", "--r1-interval", "1", "--run-name", "r1_every"], tmp_path),
+        ]
+    )
     # run r1: 5 steps, R1 at 0 and 4
     ckpt = common.load_checkpoint(str(tmp_path / "runs/r1/checkpoint.pt"))
     d_steps = {int(state["step"]) for state in ckpt["optimizers"]["D"]["state"].values()}
@@ -257,9 +314,8 @@ def test_ema_generator_has_its_own_batchnorm_statistics(tmp_path):
     assert saved, "the DCGAN generator has BatchNorm"
     s = ckpt["inversion"]["latent_scale"]
     args = dlsgan.parse_args([*TINY, "--arch", "dcgan"])
-    dlsgan.recalibrate(
-        G_ema, s, args, torch.device("cpu")
-    )  # the statistics of the EMA weights themselves, recomputed here
+    # the statistics of the EMA weights themselves, recomputed here
+    common.recalibrate_generator(G_ema, args.latent_dim, args.seed, torch.device("cpu"), args.dist, scale=s)
     for k, t in saved.items():
         assert torch.allclose(t, G_ema.state_dict()[k], atol=1e-5), k
         assert not torch.allclose(t, ckpt["state_dicts"]["G"][k], atol=1e-3), k  # not the live G's
@@ -276,11 +332,14 @@ def test_resume_with_other_architecture_flags_or_over_a_run_is_refused(tmp_path)
     """The generic one-line refusals are the table in test_bad_input.py; these need a real run first."""
     run([*TINY, "--images", "16", "--run-name", "a"], tmp_path)
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
-    other_flags, other_lr, overwrite = run_cases([  # the refusals in one process (conftest.run_cases)
-        ("dlsgan.py", [*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"]),
-        ("dlsgan.py", [*TINY, "--images", "32", "--lr", "0.5", "--resume", "runs/a/checkpoint.pt"]),
-        ("dlsgan.py", [*TINY, "--images", "16", "--run-name", "a"]),  # would overwrite run a
-    ], cwd=tmp_path)  # fmt: skip
+    other_flags, other_lr, overwrite = run_cases(
+        [  # the refusals in one process (conftest.run_cases)
+            ("dlsgan.py", [*TINY, "--images", "32", "--latent-dim", "32", "--resume", "runs/a/checkpoint.pt"]),
+            ("dlsgan.py", [*TINY, "--images", "32", "--lr", "0.5", "--resume", "runs/a/checkpoint.pt"]),
+            ("dlsgan.py", [*TINY, "--images", "16", "--run-name", "a"]),  # would overwrite run a
+        ],
+        cwd=tmp_path,
+    )
     assert other_flags["status"] != 0 and "Traceback" not in other_flags["stderr"]
     assert "--latent-dim is 32 but the checkpoint was trained with 16" in other_flags["stderr"]
     # Adam's restored state would silently keep the old lr and betas: a changed one is refused
@@ -294,8 +353,12 @@ def test_resume_continues_in_the_checkpoints_directory_not_a_namesake(tmp_path):
     """A checkpoint copied to x/t0 and resumed from a directory whose runs/t0 holds another run: the resumed run
     writes to x/t0 (its own checkpoint is updated) and runs/t0 is left byte for byte."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    two_at_a_time([lambda: run([*TINY, "--images", "16", "--run-name", "t0"], tmp_path / "a"),
-                   lambda: run([*TINY, "--images", "16", "--seed", "2", "--run-name", "t0"], tmp_path / "b")])
+    two_at_a_time(
+        [
+            lambda: run([*TINY, "--images", "16", "--run-name", "t0"], tmp_path / "a"),
+            lambda: run([*TINY, "--images", "16", "--seed", "2", "--run-name", "t0"], tmp_path / "b"),
+        ]
+    )
     # b/runs/t0 is another run of the same name
     (tmp_path / "x/t0").mkdir(parents=True)
     shutil.copy(tmp_path / "a/runs/t0/checkpoint.pt", tmp_path / "x/t0/checkpoint.pt")
@@ -325,8 +388,9 @@ def test_ablation_reuses_only_runs_of_the_same_configuration(tmp_path):
     ckpt["args"]["lambda_enc"] = 0.5
     common.save_checkpoint(ckpt, str(ckpt_path))
     # other settings go to another ablation directory
-    refused, other = run_cases([("dlsgan.py", args), ("dlsgan.py", [*args, "--latent-dim", "8", "--images", "8"])],
-                               cwd=tmp_path)  # fmt: skip
+    refused, other = run_cases(
+        [("dlsgan.py", args), ("dlsgan.py", [*args, "--latent-dim", "8", "--images", "8"])], cwd=tmp_path
+    )
     assert refused["status"] != 0
     assert "was run with --lambda-enc 0.5 but this ablation asks for 1.0" in refused["stderr"]
     assert other["status"] == 0, other["stdout"][-1500:] + other["stderr"][-3000:]

@@ -14,21 +14,51 @@ import pytest
 import scipy.linalg
 import scipy.stats
 import torch
+from conftest import run_cases, two_at_a_time
 
 import common
-from conftest import run_cases, two_at_a_time
 import eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch", "stylegan2", "--resolution", "16", "--width", "8", "--latent-dim", "16", "--w-dim", "16", "--n-mapping", "2",
-        "--batch-size", "8", "--eval-images", "16", "--eval-every", "1000", "--save-every", "1000",
-        "--log-every", "1000", "--v-window", "32", "--no-track"]  # fmt: skip
+TINY = [
+    "--arch",
+    "stylegan2",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "16",
+    "--w-dim",
+    "16",
+    "--n-mapping",
+    "2",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--eval-every",
+    "1000",
+    "--save-every",
+    "1000",
+    "--log-every",
+    "1000",
+    "--v-window",
+    "32",
+    "--no-track",
+]
 
 
 def run(script, args, cwd, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, check=False,
-                       capture_output=True, text=True, timeout=400)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -39,9 +69,11 @@ def tiny_ckpts(tmp_path_factory):
     """Two tiny MNIST 16px checkpoints from dlsgan.py (StyleGAN2-lite and DCGAN), trained for 200 and 100 steps, and
     a 32px one (2 steps) for the resolution-mismatch error: two runs at a time, one thread each."""
     d = tmp_path_factory.mktemp("ckpts")
-    jobs = [[*TINY, "--images", "1600", "--run-name", "sg"],
-            [*TINY, "--arch", "dcgan", "--images", "800", "--run-name", "dc"],
-            [*TINY, "--resolution", "32", "--images", "16", "--run-name", "res32"]]  # fmt: skip
+    jobs = [
+        [*TINY, "--images", "1600", "--run-name", "sg"],
+        [*TINY, "--arch", "dcgan", "--images", "800", "--run-name", "dc"],
+        [*TINY, "--resolution", "32", "--images", "16", "--run-name", "res32"],
+    ]
     two_at_a_time([lambda args=args: run("dlsgan.py", args, d) for args in jobs])
     return d, str(d / "runs/sg/checkpoint.pt"), str(d / "runs/dc/checkpoint.pt")
 
@@ -94,8 +126,12 @@ def test_nv_bilinear_matches_a_hand_written_resampler():
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, 6), np.minimum(x0 + 1, 4)
     wy, wx = (ys - y0)[:, None], (xs - x0)[None, :]
-    ref = (img[y0][:, x0] * (1 - wy) * (1 - wx) + img[y0][:, x1] * (1 - wy) * wx
-           + img[y1][:, x0] * wy * (1 - wx) + img[y1][:, x1] * wy * wx)  # fmt: skip
+    ref = (
+        img[y0][:, x0] * (1 - wy) * (1 - wx)
+        + img[y0][:, x1] * (1 - wy) * wx
+        + img[y1][:, x0] * wy * (1 - wx)
+        + img[y1][:, x1] * wy * wx
+    )
     got = ev.nv_bilinear(torch.from_numpy(img)[None, None], out_size)[0, 0].numpy()
     assert np.abs(got - ref).max() < 1e-12
     # and it is not F.interpolate's grid (the reason it is pinned)
@@ -122,8 +158,12 @@ def test_fid_features_are_pinned():
     or x / 127.5 - 1 instead moves them by up to 1.2, 21 and 0.013: each fails here."""
     net = ev.FIDInception(torch.device("cpu"))
     feats = net(mnist_uint8(2))
-    pinned = np.array([[2.17809215e-01, 2.04086959e-01, 0.0, 1.81550264e-01, 7.74027348e-01],
-                       [3.35295320e-01, 1.30106971e-01, 1.29093346e-03, 3.33416462e-02, 1.42534375e+00]])  # fmt: skip
+    pinned = np.array(
+        [
+            [2.17809215e-01, 2.04086959e-01, 0.0, 1.81550264e-01, 7.74027348e-01],
+            [3.35295320e-01, 1.30106971e-01, 1.29093346e-03, 3.33416462e-02, 1.42534375e00],
+        ]
+    )
     assert np.allclose(feats[:, [0, 1, 100, 1000, 2047]], pinned, atol=2e-5)
     assert np.allclose(np.linalg.norm(feats, axis=1), [19.6831905, 20.79913741], rtol=1e-5)
     with pytest.raises(SystemExit, match="takes uint8 images"):  # RGBA, or floats, get a one-line error
@@ -202,8 +242,9 @@ def test_swd_descriptors_equal_a_loop_over_patches():
     desc = ev.normalize_descriptors(ev.random_neighbourhoods(level, 7, 5, np.random.RandomState(9)))
     rng = np.random.RandomState(9)
     ys, xs = rng.randint(3, 13, size=(3, 5)), rng.randint(3, 13, size=(3, 5))
-    patches = np.stack([level[i, :, ys[i, j] - 3 : ys[i, j] + 4, xs[i, j] - 3 : xs[i, j] + 4]
-                        for i in range(3) for j in range(5)])  # fmt: skip
+    patches = np.stack(
+        [level[i, :, ys[i, j] - 3 : ys[i, j] + 4, xs[i, j] - 3 : xs[i, j] + 4] for i in range(3) for j in range(5)]
+    )
     for c in range(2):
         values = patches[:, c]
         patches[:, c] = (values - values.mean()) / values.std()
@@ -295,8 +336,10 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
         assert torch.allclose(ev.inversion_loss(inv, "z", code, x, indomain_weight=2.0), mse + 2.0 * reg, rtol=1e-5)
         assert torch.allclose(ev.inversion_loss(inv, "z", code, x), mse, rtol=1e-6)
     # and it acts: codes optimized with it stay closer to where the encoder maps their images
-    codes = {w: ev.invert_by_optimization(inv, x, "z", "encoder", steps=50, lr=0.05, indomain_weight=w)[0]
-             for w in (0.0, 20.0)}  # fmt: skip
+    codes = {
+        w: ev.invert_by_optimization(inv, x, "z", "encoder", steps=50, lr=0.05, indomain_weight=w)[0]
+        for w in (0.0, 20.0)
+    }
     with torch.no_grad():
         gap = {w: (c - inv.encode(inv.synthesize("z", c))).square().mean().item() for w, c in codes.items()}
     assert gap[20.0] < 0.5 * gap[0.0], gap
@@ -344,16 +387,50 @@ def test_semantic_table_is_invgans_2x2_protocol():
 
 def test_comparison_end_to_end(tiny_ckpts):
     d, sg, dc = tiny_ckpts
-    r = run("eval.py", ["--ckpt", sg, "--ckpt", dc, "--dataset", "mnist", "--n-recon", "4", "--n-fid", "4",
-                        "--kid-subset-size", "4", "--kid-subsets", "5", "--opt-steps", "5", "--run-name", "cmp",
-                        "--classifier-images", "2000", "--semantic-table",
-                        "--baselines", "opt-z-mean", "opt-wplus-mean", "hybrid-w", "indomain-z"], d)  # fmt: skip
+    r = run(
+        "eval.py",
+        [
+            "--ckpt",
+            sg,
+            "--ckpt",
+            dc,
+            "--dataset",
+            "mnist",
+            "--n-recon",
+            "4",
+            "--n-fid",
+            "4",
+            "--kid-subset-size",
+            "4",
+            "--kid-subsets",
+            "5",
+            "--opt-steps",
+            "5",
+            "--run-name",
+            "cmp",
+            "--classifier-images",
+            "2000",
+            "--semantic-table",
+            "--baselines",
+            "opt-z-mean",
+            "opt-wplus-mean",
+            "hybrid-w",
+            "indomain-z",
+        ],
+        d,
+    )
     out = d / "runs/cmp"
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
     assert methods[0].startswith("real mnist test images")
-    for expected in ("dlsgan:sg encoder", "dlsgan:sg opt-wplus-mean", "dlsgan:sg indomain-z", "dlsgan:dc encoder",
-                     "dlsgan:dc opt-z-mean", "dlsgan:dc indomain-z"):  # fmt: skip
+    for expected in (
+        "dlsgan:sg encoder",
+        "dlsgan:sg opt-wplus-mean",
+        "dlsgan:sg indomain-z",
+        "dlsgan:dc encoder",
+        "dlsgan:dc opt-z-mean",
+        "dlsgan:dc indomain-z",
+    ):
         assert expected in methods, methods
     assert "dlsgan:dc opt-wplus-mean" not in methods and "skipped" in r.stdout  # DCGAN has no W+
     assert results["config"]["n_fid"] == 4 and results["config"]["fid_ref"] == "train" and results["complete"]
@@ -402,8 +479,9 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
     # every case, then a run and the same run name again, as ``python eval.py ARGS`` in tmp_path, in one process
     keep = ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--baselines", "--run-name", "keep"]
     again = ["--ckpt", sg, "--n-fid", "0", "--n-recon", "4", "--run-name", "keep"]
-    *results, kept, refused = run_cases([("eval.py", args) for args in [*(a for a, _ in cases), keep, again]],
-                                        cwd=tmp_path)  # fmt: skip
+    *results, kept, refused = run_cases(
+        [("eval.py", args) for args in [*(a for a, _ in cases), keep, again]], cwd=tmp_path
+    )
     for (args, message), r in zip(cases, results):
         assert r["status"] != 0 and message in r["stderr"], (args, r["stderr"][-500:])
         assert r["stderr"].strip().count("\n") == 0, r["stderr"]  # one line, no traceback
@@ -422,18 +500,96 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     the speed / quality plot and the baselines on the chosen generator; a second call trains nothing."""
     tiny = {
         "dlsgan": [*TINY, "--arch", "dcgan", "--images", "16"],
-        "invgan": ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "8",
-                   "--eval-images", "16", "--eval-every", "2", "--edit-images", "2", "--images", "16", "--no-track"],
-        "lia": ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2", "--encoder-width", "8",
-                "--batch-size", "8", "--eval-images", "16", "--eval-every", "2", "--ppl-samples", "20",
-                "--refine-images", "4", "--refine-steps", "2", "--images", "16", "--no-track"],
-        "regressor_inversion": ["--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "8",
-                                "--encoder-width", "4", "--batch-size", "8", "--eval-images", "16", "--eval-every", "2",
-                                "--images", "16", "--no-track"],
-    }  # fmt: skip
-    args = ["--defaults", "--dataset", "mnist", "--n-recon", "8", "--n-fid", "8", "--kid-subset-size", "8",
-            "--kid-subsets", "2", "--opt-steps", "2", "--classifier-images", "2000", "--baselines", "opt-w-mean",
-            "hybrid-w"] + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]  # fmt: skip
+        "invgan": [
+            "--resolution",
+            "16",
+            "--width",
+            "8",
+            "--latent-dim",
+            "8",
+            "--w-dim",
+            "8",
+            "--batch-size",
+            "8",
+            "--eval-images",
+            "16",
+            "--eval-every",
+            "2",
+            "--edit-images",
+            "2",
+            "--images",
+            "16",
+            "--no-track",
+        ],
+        "lia": [
+            "--resolution",
+            "16",
+            "--width",
+            "8",
+            "--latent-dim",
+            "8",
+            "--n-mapping",
+            "2",
+            "--encoder-width",
+            "8",
+            "--batch-size",
+            "8",
+            "--eval-images",
+            "16",
+            "--eval-every",
+            "2",
+            "--ppl-samples",
+            "20",
+            "--refine-images",
+            "4",
+            "--refine-steps",
+            "2",
+            "--images",
+            "16",
+            "--no-track",
+        ],
+        "regressor_inversion": [
+            "--resolution",
+            "16",
+            "--width",
+            "8",
+            "--d-width",
+            "8",
+            "--latent-dim",
+            "8",
+            "--encoder-width",
+            "4",
+            "--batch-size",
+            "8",
+            "--eval-images",
+            "16",
+            "--eval-every",
+            "2",
+            "--images",
+            "16",
+            "--no-track",
+        ],
+    }
+    args = [
+        "--defaults",
+        "--dataset",
+        "mnist",
+        "--n-recon",
+        "8",
+        "--n-fid",
+        "8",
+        "--kid-subset-size",
+        "8",
+        "--kid-subsets",
+        "2",
+        "--opt-steps",
+        "2",
+        "--classifier-images",
+        "2000",
+        "--baselines",
+        "opt-w-mean",
+        "hybrid-w",
+    ] + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
     trained = run("eval.py", [*args, "--run-name", "first", "--train-only"], tmp_path)
     assert trained.stdout.count("training: ") == 5 and "reusing" not in trained.stdout  # regressor: gan, then regressor
     assert not (tmp_path / "runs/first").exists()  # --train-only evaluates nothing
@@ -441,10 +597,14 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     assert first.stdout.count("reusing") == 5 and "training: " not in first.stdout
     results = json.loads((tmp_path / "runs/first/results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
-    for expected in ("dlsgan:default__dlsgan__mnist encoder", "invgan:default__invgan__mnist encoder",
-                     "lia:default__lia__mnist__encoder encoder", "lia:default__lia__mnist__encoder opt-w-mean",
-                     "lia:default__lia__mnist__encoder hybrid-w",
-                     "regressor_inversion:default__regressor_inversion__mnist encoder"):  # fmt: skip
+    for expected in (
+        "dlsgan:default__dlsgan__mnist encoder",
+        "invgan:default__invgan__mnist encoder",
+        "lia:default__lia__mnist__encoder encoder",
+        "lia:default__lia__mnist__encoder opt-w-mean",
+        "lia:default__lia__mnist__encoder hybrid-w",
+        "regressor_inversion:default__regressor_inversion__mnist encoder",
+    ):
         assert expected in methods, methods
     assert not any(m.startswith(("dlsgan", "invgan", "regressor")) and "opt-" in m for m in methods)  # lia's only
     encoders = [row for row in results["rows"] if row["method"].endswith(" encoder")]
@@ -465,8 +625,18 @@ def test_inpainting_columns_sit_before_the_timing_columns():
     rows = [
         {"method": "m", "space": "z", "psnr": 1.0, "seconds_per_image": 0.1, "train_seconds": 9.0, "hole_psnr": 2.0}
     ]
-    config = {"mask": "center", "n_fid": 0, "dataset": "mnist", "n_recon": 4, "resolution": 32, "opt_steps": 1,
-              "opt_lr": 0.1, "opt_loss": "mse", "device": "cpu", "seed": 0}  # fmt: skip
+    config = {
+        "mask": "center",
+        "n_fid": 0,
+        "dataset": "mnist",
+        "n_recon": 4,
+        "resolution": 32,
+        "opt_steps": 1,
+        "opt_lr": 0.1,
+        "opt_loss": "mse",
+        "device": "cpu",
+        "seed": 0,
+    }
     for with_train in (True, False):
         header = [line for line in ev.markdown_table(rows, config).splitlines() if line.startswith("| method")][0]
         titles = [t.strip() for t in header.strip("|").split("|")]

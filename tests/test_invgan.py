@@ -13,20 +13,41 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port, two_at_a_time
 
 import common
-from conftest import free_port, two_at_a_time
 import invgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--w-dim", "8", "--batch-size", "8", "--eval-images", "16",
-        "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--edit-images", "2", "--no-track"]  # fmt: skip
+TINY = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--w-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-images",
+    "16",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+    "--edit-images",
+    "2",
+    "--no-track",
+]
 
 
-def run(args, cwd, check=True, script=None, timeout=300):
+def run(args, cwd, check=True, script=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     cmd = [sys.executable, script or os.path.join(ROOT, "invgan.py"), *args]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check:
         assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     return r
@@ -56,10 +77,10 @@ def mmd_by_hand(x, y):
     def k(a, b):
         return sum(math.exp(-((a - b) ** 2).sum() / (2 * (s * m) ** 2)) for s in (0.25, 0.5, 1, 2, 4))
 
-    n, l = len(x), len(y)
+    n, n_y = len(x), len(y)
     xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-    yy = sum(k(y[i], y[j]) for i in range(l) for j in range(l) if i != j) / (l * (l - 1))
-    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(l)) / (n * l)
+    yy = sum(k(y[i], y[j]) for i in range(n_y) for j in range(n_y) if i != j) / (n_y * (n_y - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(n_y)) / (n * n_y)
     return xx + yy - 2 * xy
 
 
@@ -234,16 +255,21 @@ def test_tiles_round_trip_in_row_major_order_and_tiled_inversion_is_per_tile():
     codes = invgan.encode(D, x, tile=8)
     assert codes.shape == (3, 4, 8)
     with torch.no_grad():
-        by_hand = [G.synthesis(D(x[i : i + 1, :, r : r + 8, c : c + 8])[1]).clamp(-1, 1) for i in range(3)
-                   for r in (0, 8) for c in (0, 8)]  # fmt: skip
+        by_hand = [
+            G.synthesis(D(x[i : i + 1, :, r : r + 8, c : c + 8])[1]).clamp(-1, 1)
+            for i in range(3)
+            for r in (0, 8)
+            for c in (0, 8)
+        ]
     x_rec = invgan.reconstruct(G, D, x, tile=8)
     assert x_rec.shape == x.shape
     torch.testing.assert_close(x_rec[1:2, :, 8:, :8], by_hand[4 + 2], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(x_rec[2:3, :, :8, 8:], by_hand[8 + 1], atol=1e-5, rtol=1e-4)
     torch.manual_seed(0)
     crops = invgan.random_crops(x, 8)
-    assert crops.shape == (3, 1, 8, 8) and any(torch.equal(crops[0], x[0, :, r : r + 8, c : c + 8])
-                                               for r in range(9) for c in range(9))  # fmt: skip
+    assert crops.shape == (3, 1, 8, 8) and any(
+        torch.equal(crops[0], x[0, :, r : r + 8, c : c + 8]) for r in range(9) for c in range(9)
+    )
 
 
 def test_tiled_training_run(tmp_path):
@@ -308,8 +334,14 @@ def test_smoke_run_per_variant(variant, ablation):
     keys += ["losses/L_fm_G", "losses/L_cycle_G", "losses/L_mmd_G"] if variant == "full" else []
     assert all(math.isfinite(rows[-1][k]) for k in keys)
     assert (variant == "full") == ("losses/L_fm_G" in rows[-1])
-    for png in ("samples.png", "reconstructions.png", "edit_inpaint.png", "edit_merge.png", "edit_interp.png",
-                "edit_deblur.png"):  # fmt: skip
+    for png in (
+        "samples.png",
+        "reconstructions.png",
+        "edit_inpaint.png",
+        "edit_merge.png",
+        "edit_interp.png",
+        "edit_deblur.png",
+    ):
         assert (run_dir / png).stat().st_size > 100, png
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["images_per_sec"] > 0 and summary["peak_memory_mb"] > 0
@@ -353,7 +385,8 @@ torch.manual_seed(0)
 G, D = common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
 opt_g, opt_d, opt_dr = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (G, D, D))  # SGD: no Adam sign noise
 g = torch.Generator().manual_seed(0)
-x, z_d, z_g = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1, torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+x = torch.rand(8, 1, 16, 16, generator=g) * 2 - 1
+z_d, z_g = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
 if info.enabled:  # each rank: its real half (codes w_R) first, then the rest of its share; half of the z
     r = info.rank
     x = torch.cat([x[:4][r * 2 : r * 2 + 2], x[4:][r * 2 : r * 2 + 2]])
@@ -375,15 +408,22 @@ def test_two_gloo_ranks_equal_one_process_on_the_global_batch(tmp_path):
     flags = [*TINY, "--lambda-mmd", "0"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     out = str(tmp_path / "state")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), out, *flags]  # fmt: skip
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        out,
+        *flags,
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     s0, s1 = (torch.load(f"{out}.rank{i}", weights_only=True) for i in (0, 1))
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
-    r = subprocess.run([sys.executable, str(script), out + ".one", *flags], env=env, capture_output=True, text=True,
-                       timeout=240)  # fmt: skip
+    r = subprocess.run([sys.executable, str(script), out + ".one", *flags], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     single = torch.load(out + ".one.rank0", weights_only=True)
     assert set(single) == set(s1)
@@ -395,10 +435,26 @@ def test_torchrun_training_with_stylegan2_keeps_ranks_identical(tmp_path):
     """The script under torchrun (with the StyleGAN2 architecture and its plain-lr D, so those run too): ranks checked
     identical, and the style-mixing grids written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           os.path.join(ROOT, "invgan.py"), *TINY, "--arch", "stylegan2", "--n-mapping", "2", "--images", "16",
-           "--d-lr-mode", "plain", "--run-name", "ddp"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        os.path.join(ROOT, "invgan.py"),
+        *TINY,
+        "--arch",
+        "stylegan2",
+        "--n-mapping",
+        "2",
+        "--images",
+        "16",
+        "--d-lr-mode",
+        "plain",
+        "--run-name",
+        "ddp",
+    ]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identical on 2 ranks" in r.stdout and "2 steps of 8" in r.stdout
     ckpt = common.load_checkpoint(str(tmp_path / "runs/ddp/checkpoint.pt"))

@@ -18,9 +18,35 @@ import common
 import lia
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--resolution", "16", "--width", "8", "--latent-dim", "8", "--n-mapping", "2", "--encoder-width", "8",
-        "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--eval-images", "16",
-        "--ppl-samples", "20", "--refine-images", "4", "--refine-steps", "3", "--no-track"]  # fmt: skip
+TINY = [
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--n-mapping",
+    "2",
+    "--encoder-width",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+    "--eval-images",
+    "16",
+    "--ppl-samples",
+    "20",
+    "--refine-images",
+    "4",
+    "--refine-steps",
+    "3",
+    "--no-track",
+]
 
 
 def command(args, script=None, nproc=1):
@@ -50,8 +76,22 @@ def trained_shaped(G, std=0.3):
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
 @pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
 def test_phi_is_exact_and_is_the_generators_mapping(arch, coupling):
-    args = lia.parse_args(["--stage", "gan", "--arch", arch, "--coupling", coupling, "--latent-dim", "32",
-                           "--resolution", "16", "--width", "8"])  # fmt: skip
+    args = lia.parse_args(
+        [
+            "--stage",
+            "gan",
+            "--arch",
+            arch,
+            "--coupling",
+            coupling,
+            "--latent-dim",
+            "32",
+            "--resolution",
+            "16",
+            "--width",
+            "8",
+        ]
+    )
     G = trained_shaped(common.build_from_spec(lia.gan_specs(args, 1)["G"]).eval(), std=0.15)
     assert len(G.mapping.steps) == 8  # the paper's 8 layers by default
     z = torch.randn(512, 32)
@@ -107,8 +147,28 @@ def test_perceptual_term_is_conv4_3_of_the_real_vgg16_on_0_255_input():
 
 
 def tiny_models(mapping="invertible", arch="dcgan"):
-    args = lia.parse_args(["--stage", "encoder", "--gan", "x", "--mapping", mapping, "--arch", arch, "--latent-dim",
-                           "8", "--n-mapping", "2", "--resolution", "16", "--width", "8", "--encoder-width", "8"])  # fmt: skip
+    args = lia.parse_args(
+        [
+            "--stage",
+            "encoder",
+            "--gan",
+            "x",
+            "--mapping",
+            mapping,
+            "--arch",
+            arch,
+            "--latent-dim",
+            "8",
+            "--n-mapping",
+            "2",
+            "--resolution",
+            "16",
+            "--width",
+            "8",
+            "--encoder-width",
+            "8",
+        ]
+    )
     specs = lia.gan_specs(args, 1)
     torch.manual_seed(0)
     G = common.build_from_spec(specs["G"])
@@ -165,8 +225,9 @@ def test_encoder_loss_term_by_term(mapping):
 def test_gan_step_term_by_term():
     """Stage 1's losses as the step computes them: D on softplus(c(g(z1))) + softplus(-c(x)) + R1, G on
     softplus(-c(g(z2))) with fresh z2 (the non-saturating logistic loss); R1 = E ||grad_x c(x)||^2 by autograd."""
-    args = lia.parse_args(["--stage", "gan", "--latent-dim", "8", "--n-mapping", "2", "--resolution", "16",
-                           "--width", "8"])  # fmt: skip
+    args = lia.parse_args(
+        ["--stage", "gan", "--latent-dim", "8", "--n-mapping", "2", "--resolution", "16", "--width", "8"]
+    )
     specs = lia.gan_specs(args, 1)
     torch.manual_seed(0)
     G, D = trained_shaped(common.build_from_spec(specs["G"])).eval(), Recording(common.build_from_spec(specs["D"]))
@@ -279,22 +340,45 @@ def runs(tmp_path_factory):
     copy.mkdir()
     for f in ("lia.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), copy / f)
-    results = run_all({
-        "all": (command([*TINY, "--images", "32", "--run-name", "t"], str(copy / "lia.py")), copy),
-        "mlp": (command([*TINY, "--images", "16", "--mapping", "mlp", "--run-name", "mlp"]), d),
-    })  # fmt: skip
+    results = run_all(
+        {
+            "all": (command([*TINY, "--images", "32", "--run-name", "t"], str(copy / "lia.py")), copy),
+            "mlp": (command([*TINY, "--images", "16", "--mapping", "mlp", "--run-name", "mlp"]), d),
+        }
+    )
     gan, enc = str(copy / "runs/t__gan/checkpoint.pt"), str(copy / "runs/t__encoder/checkpoint.pt")
-    results.update(run_all({
-        "sg2": (command([*TINY, "--images", "16", "--arch", "stylegan2", "--run-name", "sg2"]), d),
-        "gan_part": (command([*TINY, "--stage", "gan", "--images", "16", "--run-name", "gan_part"]), d),
-        "enc_part": (command([*TINY, "--stage", "encoder", "--gan", gan, "--images", "16", "--run-name", "enc_part"]), d),
-    }))  # fmt: skip
-    results.update(run_all({
-        "gan_resumed": (command([*TINY, "--stage", "gan", "--images", "32", "--resume", "runs/gan_part/checkpoint.pt"]), d),
-        "enc_resumed": (command([*TINY, "--stage", "encoder", "--images", "32", "--resume", "runs/enc_part/checkpoint.pt"]), d),
-        "all_ddp": (command([*TINY, "--images", "32", "--refine-steps", "1", "--run-name", "ddp"], nproc=2), d),
-        "refine_ddp": (command([*TINY, "--stage", "refine", "--ckpt", enc, "--run-name", "refine_ddp"], nproc=2), d),
-    }, jobs_at_once=1))  # fmt: skip
+    results.update(
+        run_all(
+            {
+                "sg2": (command([*TINY, "--images", "16", "--arch", "stylegan2", "--run-name", "sg2"]), d),
+                "gan_part": (command([*TINY, "--stage", "gan", "--images", "16", "--run-name", "gan_part"]), d),
+                "enc_part": (
+                    command([*TINY, "--stage", "encoder", "--gan", gan, "--images", "16", "--run-name", "enc_part"]),
+                    d,
+                ),
+            }
+        )
+    )
+    results.update(
+        run_all(
+            {
+                "gan_resumed": (
+                    command([*TINY, "--stage", "gan", "--images", "32", "--resume", "runs/gan_part/checkpoint.pt"]),
+                    d,
+                ),
+                "enc_resumed": (
+                    command([*TINY, "--stage", "encoder", "--images", "32", "--resume", "runs/enc_part/checkpoint.pt"]),
+                    d,
+                ),
+                "all_ddp": (command([*TINY, "--images", "32", "--refine-steps", "1", "--run-name", "ddp"], nproc=2), d),
+                "refine_ddp": (
+                    command([*TINY, "--stage", "refine", "--ckpt", enc, "--run-name", "refine_ddp"], nproc=2),
+                    d,
+                ),
+            },
+            jobs_at_once=1,
+        )
+    )
     return d, copy, results
 
 
@@ -302,9 +386,11 @@ def test_all_stages_copied_alone_write_their_outputs(runs):
     _, copy, results = runs
     out = ok(results["all"])["stdout"]
     assert "stage gan" in out and "stage encoder" in out and "stage refine" in out
-    expected = {"t__gan": ["checkpoint.pt", "metrics.jsonl", "samples.png", "ppl.json", "summary.json"],
-                "t__encoder": ["checkpoint.pt", "metrics.jsonl", "reconstructions.png", "interpolation_y.png", "summary.json"],
-                "t__refine": ["checkpoint.pt", "refine.json", "fig11_inits.png", "fig10_y_vs_z.png", "refine_grid.png"]}  # fmt: skip
+    expected = {
+        "t__gan": ["checkpoint.pt", "metrics.jsonl", "samples.png", "ppl.json", "summary.json"],
+        "t__encoder": ["checkpoint.pt", "metrics.jsonl", "reconstructions.png", "interpolation_y.png", "summary.json"],
+        "t__refine": ["checkpoint.pt", "refine.json", "fig11_inits.png", "fig10_y_vs_z.png", "refine_grid.png"],
+    }
     for run, files in expected.items():
         for f in files:
             assert (copy / "runs" / run / f).is_file(), f"{run}/{f}"
@@ -359,8 +445,11 @@ def test_resume_is_exact(runs, stage):
 def test_refine_resume_skips_finished_runs_and_matches(runs, tmp_path):
     _, copy, _ = runs
     full = common.load_checkpoint(str(copy / "runs/t__refine/checkpoint.pt"))
-    partial = dict(full, results={k: v for k, v in list(full["results"].items())[:2]},
-                   finals={k: v for k, v in list(full["finals"].items())[:2]})  # fmt: skip
+    partial = dict(
+        full,
+        results={k: v for k, v in list(full["results"].items())[:2]},
+        finals={k: v for k, v in list(full["finals"].items())[:2]},
+    )
     (tmp_path / "runs/part").mkdir(parents=True)
     common.save_checkpoint(partial, str(tmp_path / "runs/part/checkpoint.pt"))
     r = ok(
@@ -409,9 +498,12 @@ def test_wrong_stage_checkpoints_fail_in_one_line(runs, tmp_path):
     gan, enc = str(copy / "runs/t__gan/checkpoint.pt"), str(copy / "runs/t__encoder/checkpoint.pt")
     cases = {
         "enc_on_enc": ([*TINY, "--stage", "encoder", "--gan", enc], "is a 'encoder'-stage lia checkpoint, not a 'gan'"),
-        "refine_on_gan": ([*TINY, "--stage", "refine", "--ckpt", gan], "is a 'gan'-stage lia checkpoint, not a 'encoder'"),
+        "refine_on_gan": (
+            [*TINY, "--stage", "refine", "--ckpt", gan],
+            "is a 'gan'-stage lia checkpoint, not a 'encoder'",
+        ),
         "resume_stage": ([*TINY, "--stage", "gan", "--resume", enc], "resume it with --stage encoder"),
-    }  # fmt: skip
+    }
     results = run_all({k: (command(a), tmp_path) for k, (a, _) in cases.items()})
     for name, (_, message) in cases.items():
         r = results[name]

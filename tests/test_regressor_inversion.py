@@ -17,11 +17,44 @@ import common
 import regressor_inversion as ri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GAN_TINY = ["--stage", "gan", "--resolution", "16", "--width", "8", "--d-width", "8", "--latent-dim", "8",
-            "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--eval-images", "16",
-            "--no-track"]  # fmt: skip
-REG_TINY = ["--encoder-width", "4", "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--log-every", "1",
-            "--eval-images", "16", "--no-track"]  # fmt: skip
+GAN_TINY = [
+    "--stage",
+    "gan",
+    "--resolution",
+    "16",
+    "--width",
+    "8",
+    "--d-width",
+    "8",
+    "--latent-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+    "--eval-images",
+    "16",
+    "--no-track",
+]
+REG_TINY = [
+    "--encoder-width",
+    "4",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+    "--eval-images",
+    "16",
+    "--no-track",
+]
 
 
 def command(args, script=None, nproc=1):
@@ -44,14 +77,36 @@ def runs(tmp_path_factory):
     for f in ("regressor_inversion.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), copy / f)
     base = [*REG_TINY, "--generator", gen]
-    results = run_all({  # the longest (two ranks) first; resumed as soon as part has finished
-        "ddp": (command([*base, "--images", "32", "--run-name", "ddp"], nproc=2), d),
-        "part": (command([*base, "--images", "16", "--run-name", "part"]), d),
-        "resumed": (command([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"]), d, "part"),
-        "full": (command([*base, "--images", "32", "--run-name", "full"], str(copy / "regressor_inversion.py")), copy),
-        "variant": (command([*base, "--images", "16", "--no-mask", "--encoder", "resnet", "--latent-loss", "cos",
-                             "--perceptual", "vgg", "--run-name", "variant"]), d),
-    })  # fmt: skip
+    results = run_all(
+        {  # the longest (two ranks) first; resumed as soon as part has finished
+            "ddp": (command([*base, "--images", "32", "--run-name", "ddp"], nproc=2), d),
+            "part": (command([*base, "--images", "16", "--run-name", "part"]), d),
+            "resumed": (command([*base, "--images", "32", "--resume", "runs/part/checkpoint.pt"]), d, "part"),
+            "full": (
+                command([*base, "--images", "32", "--run-name", "full"], str(copy / "regressor_inversion.py")),
+                copy,
+            ),
+            "variant": (
+                command(
+                    [
+                        *base,
+                        "--images",
+                        "16",
+                        "--no-mask",
+                        "--encoder",
+                        "resnet",
+                        "--latent-loss",
+                        "cos",
+                        "--perceptual",
+                        "vgg",
+                        "--run-name",
+                        "variant",
+                    ]
+                ),
+                d,
+            ),
+        }
+    )
     results["gan"] = gan
     return d, gen, copy, results
 
@@ -135,8 +190,10 @@ def tiny(*flags, resolution=16):
     with torch.no_grad():  # a generator with BatchNorm statistics of its own, then frozen as in the script
         G.train()(torch.randn(64, 8))
     G = G.eval().requires_grad_(False)
-    gen = {"spec": common.model_spec(common.DCGANGenerator, z_dim=8, resolution=resolution, img_channels=1, width=8),
-           "z_dim": 8}  # fmt: skip
+    gen = {
+        "spec": common.model_spec(common.DCGANGenerator, z_dim=8, resolution=resolution, img_channels=1, width=8),
+        "z_dim": 8,
+    }
     E = common.build_from_spec(ri.regressor_spec(args, gen, 1))
     return args, G, E
 
@@ -176,7 +233,7 @@ def test_the_mask_reaches_the_regressor_and_hides_the_hole():
     opt = torch.optim.Adam(E.parameters(), lr=0.0)
     s = torch.ones(8)
     torch.manual_seed(7)
-    z = ri.sample_z(8, 8, "normal", "cpu")
+    z = common.sample_z(8, 8, "normal", "cpu")
     mask = common.random_masks(8, 16)[0]
     torch.manual_seed(7)
     out = ri.regressor_step(G, E, opt, s, 8, None, args, torch.device("cpu"))
@@ -193,7 +250,7 @@ def test_the_mask_reaches_the_regressor_and_hides_the_hole():
     args, G, E = tiny("--no-mask")
     E = Recording(E)
     torch.manual_seed(7)
-    z = ri.sample_z(8, 8, "normal", "cpu")
+    z = common.sample_z(8, 8, "normal", "cpu")
     torch.manual_seed(7)
     ri.regressor_step(G, E, torch.optim.Adam(E.parameters(), lr=0.0), s, 8, None, args, torch.device("cpu"))
     assert E.inputs[0].shape == (8, 1, 16, 16)
@@ -258,8 +315,11 @@ def test_gan_step_d_gradient_is_bce_plus_r1_and_the_papers_recipe_is_reachable()
         xr = x_real.clone().requires_grad_(True)
         real_logit = D_ref(xr)[0]
         (grad,) = torch.autograd.grad(real_logit.sum(), xr, create_graph=True)
-        loss = (F.softplus(-real_logit).mean() + F.softplus(D_ref(G_ref(z).detach())[0]).mean()
-                + r1_weight * grad.square().sum((1, 2, 3)).mean())  # fmt: skip
+        loss = (
+            F.softplus(-real_logit).mean()
+            + F.softplus(D_ref(G_ref(z).detach())[0]).mean()
+            + r1_weight * grad.square().sum((1, 2, 3)).mean()
+        )
         expected = torch.autograd.grad(loss, list(D_ref.parameters()))
         G_run, D_run = common.build_from_spec(specs["G"]), common.build_from_spec(specs["D"])
         G_run.load_state_dict(G.state_dict()), D_run.load_state_dict(D.state_dict())
@@ -292,8 +352,14 @@ def test_regressor_smoke_copied_alone_and_the_generator_is_unchanged(runs):
     run_dir = copy / "runs/full"
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]
-    for key in ("losses/pixel", "losses/perceptual", "losses/latent", "eval/real_psnr", "eval/fake_z_cos",
-                "eval/real_train_mask_hole_psnr"):  # fmt: skip
+    for key in (
+        "losses/pixel",
+        "losses/perceptual",
+        "losses/latent",
+        "eval/real_psnr",
+        "eval/fake_z_cos",
+        "eval/real_train_mask_hole_psnr",
+    ):
         assert math.isfinite(rows[-1][key]), key
     final = json.load(open(run_dir / "final_metrics.json"))
     for family in ("train", "center", "lower"):
@@ -374,8 +440,17 @@ def test_eval_rebuilds_the_regressor_with_its_mask_channel(runs):
 def test_unusable_generators_fail_in_one_line(runs, tmp_path):
     _, gen, copy, _ = runs
     no_gen = str(tmp_path / "no_gen.pt")
-    common.save_checkpoint({"format": common.CHECKPOINT_FORMAT, "method": "dlsgan", "inversion": {"generator": None},
-                            "model_specs": {}, "state_dicts": {}, "args": {}}, no_gen)  # fmt: skip
+    common.save_checkpoint(
+        {
+            "format": common.CHECKPOINT_FORMAT,
+            "method": "dlsgan",
+            "inversion": {"generator": None},
+            "model_specs": {},
+            "state_dicts": {},
+            "args": {},
+        },
+        no_gen,
+    )
     in_process = [
         (["--generator", no_gen], "holds no usable generator"),
         (["--generator", gen, "--resolution", "32"], "makes 16px images but --resolution is 32"),
@@ -391,9 +466,9 @@ def test_unusable_generators_fail_in_one_line(runs, tmp_path):
     with pytest.raises(SystemExit, match="--mask-low \\+ --mask-span must be in"):
         ri.parse_args([*REG_TINY, "--generator", gen, "--mask-low", "0.5"])
     with pytest.raises(SystemExit, match="is a 'gan'-stage checkpoint, not a 'regressor'-stage one"):
-        ri.load_resume(ri.parse_args([*REG_TINY, "--resume", gen]))
+        ri.parse_args([*REG_TINY, "--stage", "regressor", "--resume", gen])
     with pytest.raises(SystemExit, match="is a 'regressor'-stage checkpoint, not a 'gan'-stage one"):
-        ri.load_resume(ri.parse_args([*GAN_TINY, "--images", "16", "--resume", str(copy / "runs/full/checkpoint.pt")]))
+        ri.parse_args([*GAN_TINY, "--images", "16", "--resume", str(copy / "runs/full/checkpoint.pt")])
     by_subprocess = [  # exit status, one line on stderr, nothing created
         (["--generator", gen, "--resolution", "32"], "makes 16px images but --resolution is 32"),
         (["--resume", no_gen], "is a 'dlsgan' checkpoint, not a 'regressor_inversion' one"),
