@@ -1672,6 +1672,45 @@ def args_to_dict(args) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
+def add_run_arguments(
+    p,
+    exp_name,
+    images,
+    eval_every,
+    log_every,
+    dataset="mnist",
+    resolution=32,
+    amp=False,
+    images_help="training budget in images when --epochs is 0",
+):
+    """The flags every training script shares: the run, its data, its budget and cadence (a script adds its own)."""
+    import argparse
+
+    on_off = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run, data, budget")
+    g.add_argument("--exp-name", default=exp_name, help="experiment name, part of the default run name")
+    g.add_argument("--run-name", default=None, help="run directory under runs/ (default: dataset__exp__seed__time)")
+    g.add_argument("--resume", default=None, help="checkpoint.pt to continue: in its directory, with its flags")
+    g.add_argument("--seed", type=int, default=1, help="random seed, in [0, 2**32)")
+    g.add_argument("--deterministic", action=on_off, default=True, help="deterministic kernels")
+    g.add_argument("--cuda", action=on_off, default=True, help="use CUDA when available")
+    if amp:
+        g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    g.add_argument("--track", action=on_off, default=True, help="TensorBoard logs if installed")
+    default_note = "" if dataset else " (default: mnist, or the generator's)"
+    g.add_argument("--dataset", default=dataset, help=f"one of {DATASETS}{default_note}")
+    g.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
+    default_note = "" if resolution else "; default: 32, or the generator's"
+    g.add_argument("--resolution", type=int, default=resolution, help=f"image size, a power of two{default_note}")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
+    g.add_argument("--images", type=int, default=images, help=images_help)
+    g.add_argument("--eval-every", type=int, default=eval_every, help="evaluate and log every N steps")
+    g.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--log-every", type=int, default=log_every, help="progress line every N steps")
+
+
 def given_flags(parser, argv) -> set:
     """The dests of the flags written on the command line (not those left at their defaults)."""
     import argparse

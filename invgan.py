@@ -541,20 +541,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    # experiment
-    p.add_argument("--exp-name", default="invgan", help="experiment name, part of the run name")
-    p.add_argument("--run-name", default=None, help="run directory under runs/ (default: dataset__exp__seed__time)")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    common.add_run_arguments(p, "invgan", images=64_000, eval_every=500, log_every=50, amp=True)
     # model
     p.add_argument(
         "--arch",
@@ -630,11 +617,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--ema-rampup", type=float, default=0.05, help="EMA half-life capped at this fraction of images seen"
     )
-    p.add_argument("--epochs", type=float, default=0.0, help="training budget in epochs (0: use --images)")
-    p.add_argument("--images", type=int, default=64_000, help="training budget in images when --epochs is 0")
     # evaluation, figures and saving
-    p.add_argument("--eval-every", type=int, default=500, help="evaluate, log and draw the figures every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images (and fresh fakes) per evaluation")
     p.add_argument("--edit-images", type=int, default=8, help="rows of the editing grids")
     p.add_argument(
         "--crop",
@@ -646,8 +629,6 @@ def parse_args(argv=None):
     p.add_argument(
         "--inpaint-size", type=float, default=0.375, help="side of the zeroed square, as a fraction of the image"
     )
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     # ablation driver
     p.add_argument("--ablation", action="store_true", help="train naive / augmented / full at these settings: table")
     p.add_argument("--jobs", type=int, default=1, help="ablation runs at once (CPU threads are split between them)")

@@ -830,6 +830,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    common.add_run_arguments(
+        p,
+        "lia",
+        images=None,
+        eval_every=500,
+        log_every=100,
+        images_help="budget in images (default: gan 700 steps of 64, encoder 300 steps of 16)",
+    )
     p.add_argument(
         "--stage",
         default="all",
@@ -839,21 +847,6 @@ def parse_args(argv=None):
     )
     p.add_argument("--gan", default=None, help="encoder stage: the gan stage's checkpoint.pt")
     p.add_argument("--ckpt", default=None, help="refine stage: the encoder stage's checkpoint.pt")
-    # experiment
-    p.add_argument("--exp-name", default="lia", help="experiment name, part of the run name")
-    p.add_argument(
-        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
-    )
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt of any stage to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default="mnist", help=f"one of {common.DATASETS}")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument("--resolution", type=int, default=32, help="image size (power of two); MNIST 28 is padded to 32")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     # generator and phi (gan stage)
     p.add_argument(
         "--arch",
@@ -936,18 +929,6 @@ def parse_args(argv=None):
         default=None,
         help="Adam betas (default: gan (0, 0.99), StyleGAN's; encoder (0.9, 0.99), the code's; refine (0.9, 0.999))",
     )
-    p.add_argument("--epochs", type=float, default=0.0, help="gan / encoder: budget in epochs (0: use --images)")
-    p.add_argument(
-        "--images",
-        type=int,
-        default=None,
-        help="budget in images (default: gan 44800 = 700 steps of 64, encoder 4800 = 300 steps of 16)",
-    )
-    # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=500, help="evaluate and log every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=100, help="progress line every N steps")
     return common.parse_run_args(p, argv, validate_args, METHOD)
 
 

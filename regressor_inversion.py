@@ -477,6 +477,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    common.add_run_arguments(
+        p,
+        None,
+        images=None,
+        eval_every=100,
+        log_every=25,
+        dataset=None,
+        resolution=None,
+        images_help="budget in images (default: gan 600 steps of 128, regressor 200 steps of 32)",
+    )
     p.add_argument(
         "--stage",
         default="regressor",
@@ -488,26 +498,6 @@ def parse_args(argv=None):
         default=None,
         help="regressor stage: any ganinv/1 checkpoint of this project; its inversion.generator is used",
     )
-    # experiment
-    p.add_argument("--exp-name", default=None, help="experiment name, part of the run name (default: by stage)")
-    p.add_argument(
-        "--run-name", default=None, help="run directory name under runs/ (default: dataset__exp__seed__time)"
-    )
-    p.add_argument("--seed", type=int, default=1, help="random seed")
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True, help="deterministic kernels")
-    p.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True, help="use CUDA when available")
-    p.add_argument("--track", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs if installed")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume from (same run directory)")
-    # data
-    p.add_argument("--dataset", default=None, help=f"one of {common.DATASETS} (default: mnist, or the generator's)")
-    p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="image size, power of two >= 16 (default: 32, or the generator's; MNIST 28 is padded to 32)",
-    )
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (gan stage)")
     # generator (gan stage)
     p.add_argument(
         "--arch",
@@ -575,18 +565,6 @@ def parse_args(argv=None):
         default=None,
         help="Adam betas (default: gan 0 0.99, paper 0.5 0.999; regressor 0.5 0.999, Chai et al.'s)",
     )
-    p.add_argument("--epochs", type=float, default=0.0, help="gan stage: budget in epochs (0: use --images)")
-    p.add_argument(
-        "--images",
-        type=int,
-        default=None,
-        help="budget in images (default: gan 76800 = 600 steps of 128; regressor 6400 = 200 steps of 32)",
-    )
-    # evaluation and saving
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate and log every N steps")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out test images per evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=25, help="progress line every N steps")
     return common.parse_run_args(p, argv, validate_args, METHOD)
 
 
