@@ -2198,6 +2198,19 @@ def build_from_spec(spec: dict) -> nn.Module:
         fail(f"checkpoint's {name} arguments do not fit this common.py ({e}); is it from another version?")
 
 
+def build(spec: dict, device, state_dict=None, what="the network", path="", frozen=False) -> nn.Module:
+    """A network from its checkpoint spec, on ``device``; with ``state_dict`` loaded (one line if it does not fit).
+    ``frozen``: eval mode, no gradients; otherwise made identical on every DDP rank (rank 0's weights)."""
+    net = build_from_spec(spec)
+    if state_dict is not None:
+        load_state_strict(net, state_dict, what, path)
+    net = net.to(device)
+    if frozen:
+        return net.eval().requires_grad_(False)
+    broadcast_module(net)
+    return net
+
+
 def load_state_strict(module: nn.Module, state_dict, what: str, path: str):
     try:
         module.load_state_dict(state_dict)

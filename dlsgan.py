@@ -98,6 +98,15 @@ def latent_entropy(s: torch.Tensor, dist: str) -> float:
     return float(torch.log(2 * math.sqrt(3) * s).sum())
 
 
+def scale_charts(s: torch.Tensor, dist: str) -> dict:
+    """What the scale has done to the latent: its entropy, how many dimensions carry 90 % of it, its largest value."""
+    return {
+        "charts/latent_entropy": latent_entropy(s, dist),
+        "charts/dims_90pct_scale": dims_carrying(s, 0.9),
+        "charts/s_max": s.max().item(),
+    }
+
+
 def dims_carrying(s: torch.Tensor, fraction=0.9) -> int:
     """How many latent dimensions carry ``fraction`` of sum(s^2) (= d)."""
     share = torch.sort(s.double() ** 2, descending=True).values.cumsum(0) / (s.double() ** 2).sum()
@@ -198,8 +207,7 @@ def train(args):
     run = common.Run(args, METHOD, test_split=args.eval_images)
     device, bs, x_test = run.device, args.batch_size, run.x_test
     specs = model_specs(args, run.img_channels)
-    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    common.broadcast_module(G), common.broadcast_module(D)
+    G, D = common.build(specs["G"], device), common.build(specs["D"], device)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     # the mapper's 0.01 lr multiplier lives inside its equalized-lr layers (as in StyleGAN2): one Adam lr fits all
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
@@ -237,16 +245,8 @@ def train(args):
             common.recalibrate_generator(G_ema.model, args.latent_dim, args.seed, device, args.dist, scale=s)
         if run.due("eval"):
             metrics, x_real_rec = evaluate(G_ema.model, D, s, x_test, args, device)
-            row = run.log(
-                {
-                    **metrics,
-                    "charts/lr": opt_g.param_groups[0]["lr"],
-                    "charts/ema_decay": G_ema.decay(step * bs, bs),
-                    "charts/latent_entropy": latent_entropy(s, args.dist),
-                    "charts/dims_90pct_scale": dims_carrying(s, 0.9),
-                    "charts/s_max": s.max().item(),
-                }
-            )
+            charts = {"charts/lr": opt_g.param_groups[0]["lr"], "charts/ema_decay": G_ema.decay(step * bs, bs)}
+            row = run.log({**metrics, **charts, **scale_charts(s, args.dist)})
             if run.is_main:
                 save_figures(G_ema.model, D, s, x_test, x_real_rec, args, run.run_dir, device)
                 print(

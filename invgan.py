@@ -380,8 +380,7 @@ def train(args):
     run = common.Run(args, METHOD, test_split=args.eval_images, batch_divisor=2)  # each rank: prior + real codes
     device, bs, x_test = run.device, args.batch_size, run.x_test
     specs = model_specs(args, run.img_channels)
-    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    common.broadcast_module(G), common.broadcast_module(D)
+    G, D = common.build(specs["G"], device), common.build(specs["D"], device)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)

@@ -153,14 +153,6 @@ def load_stage_checkpoint(path, stage, flag):
     return ckpt
 
 
-def frozen_generator(spec, state_dict, path, device):
-    """A generator frozen for stages 2 and 3: no gradients to its weights, eval mode (BatchNorm uses the statistics
-    recalibrated at the end of stage 1 and never updates them)."""
-    G = common.build_from_spec(spec)
-    common.load_state_strict(G, state_dict, "the generator", path)
-    return G.to(device).eval().requires_grad_(False)
-
-
 @torch.no_grad()
 def generate_batched(G, z, batch=250):
     return torch.cat([G(chunk).clamp(-1, 1) for chunk in z.split(batch)])
@@ -451,12 +443,10 @@ def train_encoder(args):
         source.update(ckpt=ckpt, gan_args=ckpt["gan_args"] if run.ckpt else ckpt["args"])
         source["path"] = ckpt["gan_source"] if run.ckpt else os.path.abspath(args.gan)
         take_source_flags(args, source["gan_args"], args.resume or args.gan, (*GAN_FLAGS, "loss"))  # c keeps its loss
-        source["G"] = frozen_generator(
-            ckpt["model_specs"]["G"],
-            ckpt["state_dicts"]["G" if run.ckpt else "G_ema"],
-            args.resume or args.gan,
-            run.device,
-        )
+        # frozen: no gradients, eval mode (BatchNorm keeps the statistics recalibrated at the end of stage 1)
+        weights = ckpt["state_dicts"]["G" if run.ckpt else "G_ema"]
+        path = args.resume or args.gan
+        source["G"] = common.build(ckpt["model_specs"]["G"], run.device, weights, "the generator", path, frozen=True)
 
     run = common.Run(args, METHOD, stage="encoder", prepare=prepare, test_split=args.eval_images)
     device, G, ckpt, x_test = run.device, source["G"], source["ckpt"], run.x_test
@@ -471,10 +461,9 @@ def train_encoder(args):
             width=args.encoder_width,
         ),
     }
-    E, D = common.build_from_spec(specs["E"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    if run.ckpt is None:  # the discriminator starts from stage 1's and keeps training (Eq. 12)
-        common.load_state_strict(D, ckpt["state_dicts"]["D"], "the discriminator", args.gan)
-    common.broadcast_module(E), common.broadcast_module(D)
+    E = common.build(specs["E"], device)
+    # the discriminator starts from stage 1's and keeps training (Eq. 12); a resumed run restores its own
+    D = common.build(specs["D"], device, None if run.ckpt else ckpt["state_dicts"]["D"], "the discriminator", args.gan)
     opt_e = torch.optim.Adam(E.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
     opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas)
@@ -510,31 +499,38 @@ def train_encoder(args):
                 model_specs=specs,
                 gan_args=source["gan_args"],
                 gan_source=source["path"],
-                # eval.py: images are G.synthesis(E(x)) for LIA (encoder_space w = y), G(E(x)) for the MLP arm
-                inversion={
-                    "generator": "G",
-                    "encoder": "E",
-                    "encoder_output": "output",
-                    "encoder_space": "w" if args.mapping == "invertible" else "z",
-                    "latent_scale": None,
-                    "latent_dist": "normal",
-                },
+                inversion=encoder_contract(args),
             )
-    final = {}
-    if run.is_main:
-        E.eval()
-        train_wall = time.time() - run.t_start
-        final, _ = evaluate_encoder(G, E, x_test, args, lpips=common.LPIPS().to(device))
-        t0 = time.perf_counter()
-        encode_batched(E, x_test)
-        final["eval/encoder_seconds_per_image"] = (time.perf_counter() - t0) / len(x_test)
-        print(
-            "final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()),
-            flush=True,
-        )
-    return run.finish(
-        {"train_wall_s": train_wall if run.is_main else None, "final": final}, identical="encoder and discriminator"
+    train_wall = time.time() - run.t_start
+    final = final_evaluation(G, E, x_test, args) if run.is_main else {}
+    return run.finish({"train_wall_s": train_wall, "final": final}, identical="encoder and discriminator")
+
+
+def encoder_contract(args):
+    """How eval.py inverts with this checkpoint: G.synthesis(E(x)) for LIA (the encoder's space is w = y),
+    G(E(x)) for the MLP arm (its encoder outputs z)."""
+    space = "w" if args.mapping == "invertible" else "z"
+    return {
+        "generator": "G",
+        "encoder": "E",
+        "encoder_output": "output",
+        "encoder_space": space,
+        "latent_scale": None,
+        "latent_dist": "normal",
+    }
+
+
+def final_evaluation(G, E, x_test, args):
+    """The held-out reconstructions at the end, with LPIPS, and the encoder's time per image."""
+    E.eval()
+    final, _ = evaluate_encoder(G, E, x_test, args, lpips=common.LPIPS().to(x_test.device))
+    t0 = time.perf_counter()
+    encode_batched(E, x_test)
+    final["eval/encoder_seconds_per_image"] = (time.perf_counter() - t0) / len(x_test)
+    print(
+        "final, held-out test images: " + ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in final.items()), flush=True
     )
+    return final
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -582,6 +578,29 @@ def refine(G, x, y0, space, loss_fn, args):
     return torch.stack(pixel_curve), torch.stack(perceptual_curve), x_final.detach()
 
 
+def refine_shares(G, E, x_all, space, init, loss_fn, args, info):
+    """Each rank refines its share of the images; the curves' summary and the results, gathered in order."""
+    t0 = time.time()
+    # the same start for y and z (Fig. 10); drawn for all images, so DDP ranks refine what one process would
+    y0 = initial_codes(G, E, x_all, init, init_seed(args, init))[info.rank :: info.world_size]
+    pixel, perceptual, x_final = refine(G, x_all[info.rank :: info.world_size], y0, space, loss_fn, args)
+    pixel, perceptual = gather_images(pixel, info), gather_images(perceptual, info)
+    result = {
+        "pixel": summarize_curve(pixel.cpu()),
+        "perceptual": summarize_curve(perceptual.cpu()),
+        "total_final_mean": float((pixel[-1] + args.beta1 * perceptual[-1]).mean()),
+        "seconds": time.time() - t0,
+    }
+    if info.is_main:
+        r = result
+        print(
+            f"  {space}/{init:>7}: pixel {r['pixel']['mean'][0]:.4f} -> {r['pixel']['mean'][-1]:.4f} | perceptual "
+            f"{r['perceptual']['mean'][0]:.1f} -> {r['perceptual']['mean'][-1]:.1f} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+    return result, gather_images(x_final, info)
+
+
 def gather_images(t, dist_info):
     """Concatenate each rank's images (dim 1 of a curve, dim 0 of images) back into the original order."""
     if not dist_info.enabled:
@@ -621,7 +640,7 @@ def train_refine(args):
         if n_test < args.refine_images:
             common.fail(f"--refine-images {args.refine_images} is more than the {n_test} test images")
         source["G"], source["E"] = (
-            frozen_generator(ckpt["model_specs"][k], ckpt["state_dicts"][k], source["path"], run.device)
+            common.build(ckpt["model_specs"][k], run.device, ckpt["state_dicts"][k], k, source["path"], frozen=True)
             for k in ("G", "E")
         )
 
@@ -637,7 +656,6 @@ def train_refine(args):
         metrics=False,
     )
     device, G, E, x_all, info = run.device, source["G"], source["E"], run.x_test, run.dist
-    x = x_all[info.rank :: info.world_size]  # each rank refines its share; gathered back in order
     loss_fn = ReconstructionLoss(args.vgg_input).to(device)
     done = dict(run.ckpt["results"]) if run.ckpt is not None else {}
     finals = {k: v.to(device) for k, v in run.ckpt["finals"].items()} if run.ckpt is not None else {}
@@ -652,42 +670,29 @@ def train_refine(args):
         key = f"{space}/{init}"
         if key in done:
             continue
-        t0 = time.time()
-        # the same start for y and z (Fig. 10); drawn for all images, so DDP ranks refine what one process would
-        y0 = initial_codes(G, E, x_all, init, init_seed(args, init))[info.rank :: info.world_size]
-        pixel, perceptual, x_final = refine(G, x, y0, space, loss_fn, args)
-        pixel, perceptual = gather_images(pixel, info), gather_images(perceptual, info)
-        finals[key] = gather_images(x_final, info)
-        done[key] = {
-            "pixel": summarize_curve(pixel.cpu()),
-            "perceptual": summarize_curve(perceptual.cpu()),
-            "total_final_mean": float((pixel[-1] + args.beta1 * perceptual[-1]).mean()),
-            "seconds": time.time() - t0,
-        }
+        done[key], finals[key] = refine_shares(G, E, x_all, space, init, loss_fn, args, info)
         run.step = len(done)
-        if run.is_main:
-            r = done[key]
-            print(
-                f"  {key:>10}: pixel {r['pixel']['mean'][0]:.4f} -> {r['pixel']['mean'][-1]:.4f} | perceptual "
-                f"{r['perceptual']['mean'][0]:.1f} -> {r['perceptual']['mean'][-1]:.1f} ({r['seconds']:.0f} s)",
-                flush=True,
-            )
         run.save(encoder_source=source["path"], results=done, finals={k: v.cpu() for k, v in finals.items()})
     if run.is_main:
-        report = {
-            "images": args.refine_images,
-            "steps": args.refine_steps,
-            "lr": args.lr,
-            "beta1": args.beta1,
-            "vgg_input": args.vgg_input,
-            "encoder_source": source["path"],
-            "results": done,
-        }
-        with open(os.path.join(run.run_dir, "refine.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        save_refine_figures(report, finals, G, E, x_all, args, run.run_dir)
-        print_refine_table(report)
+        write_refine_report(done, finals, G, E, x_all, args, run.run_dir, source["path"])
     return run.finish({"results": {k: v["total_final_mean"] for k, v in done.items()}}, identical="refined images")
+
+
+def write_refine_report(done, finals, G, E, x_all, args, run_dir, source_path):
+    """refine.json (every curve), the figures of Figs. 10 and 11, the grid, and the table on stdout."""
+    report = {
+        "images": args.refine_images,
+        "steps": args.refine_steps,
+        "lr": args.lr,
+        "beta1": args.beta1,
+        "vgg_input": args.vgg_input,
+        "encoder_source": source_path,
+        "results": done,
+    }
+    with open(os.path.join(run_dir, "refine.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    save_refine_figures(report, finals, G, E, x_all, args, run_dir)
+    print_refine_table(report)
 
 
 def print_refine_table(report):

@@ -293,8 +293,7 @@ def train_gan(args):
     run = common.Run(args, METHOD, stage="gan", prepare=prepare)
     device, bs = run.device, args.batch_size
     specs = gan_specs(args, run.img_channels)
-    G, D = common.build_from_spec(specs["G"]).to(device), common.build_from_spec(specs["D"]).to(device)
-    common.broadcast_module(G), common.broadcast_module(D)
+    G, D = common.build(specs["G"], device), common.build(specs["D"], device)
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
@@ -383,8 +382,7 @@ def train_regressor(args):
     )
     device, x_test, G, s = run.device, run.x_test, gen["G"], gen["latent_scale"]
     specs = {"G": gen["spec"], "E": regressor_spec(args, gen, G.img_channels)}
-    E = common.build_from_spec(specs["E"]).to(device)
-    common.broadcast_module(E)
+    E = common.build(specs["E"], device)
     opt = torch.optim.Adam(E.parameters(), lr=args.lr, betas=args.betas)
     perceptual = build_perceptual(args.perceptual, device) if args.lambda_p > 0 else None
     run.restore({"E": E}, {"E": opt}, frozen={"G": G})
