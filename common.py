@@ -1725,13 +1725,25 @@ def given_flags(parser, argv) -> set:
             a.default = default
 
 
+def _never_saved(path: str) -> bool:
+    """--resume runs/x/checkpoint.pt of a run killed before its first save: run.json is there, and neither the
+    checkpoint nor a summary (a mistyped path to a run that did save is an error, never a restart)."""
+    run_dir = os.path.dirname(os.path.abspath(path))
+    return (
+        os.path.basename(path) == "checkpoint.pt"
+        and not os.path.exists(path)
+        and os.path.isfile(os.path.join(run_dir, "run.json"))
+        and not os.path.exists(os.path.join(run_dir, "summary.json"))
+    )
+
+
 def _recorded_run(path: str, method: str) -> dict:
     """What --resume PATH resumes: the checkpoint, or -- when the run was killed before its first save wrote one --
     the run.json beside it (the run then starts again from step 0 with its recorded flags)."""
     key = os.path.abspath(path)
     if key not in _RESUME_CACHE:
-        run_json = os.path.join(os.path.dirname(key), "run.json")
-        if not os.path.exists(key) and os.path.isfile(run_json):
+        if _never_saved(path):
+            run_json = os.path.join(os.path.dirname(key), "run.json")
             try:
                 with open(run_json) as f:
                     recorded = json.load(f)
@@ -1758,10 +1770,8 @@ def parse_run_args(parser, argv, validate, method: str):
     args = parser.parse_args(argv)
     args._given = given_flags(parser, argv)
     recorded = None
-    if getattr(args, "resume", None) and (
-        os.path.exists(args.resume)
-        or os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.resume)), "run.json"))
-    ):  # else: refused after validate
+    if getattr(args, "resume", None) and (os.path.exists(args.resume) or _never_saved(args.resume)):
+        # (else: refused after validate, so that a bad flag is named first)
         recorded = _recorded_run(args.resume, method)
         stage = recorded.get("stage")
         if "stage" in args._given and stage is not None and args.stage != stage:
@@ -1779,12 +1789,20 @@ def parse_run_args(parser, argv, validate, method: str):
         recorded = _recorded_run(args.resume, method)  # a one-line error: the checkpoint does not exist
     if recorded is not None:
         for k, v in recorded["args"].items():
-            if k not in RESUMABLE_FLAGS and hasattr(args, k) and getattr(args, k) != v:
+            if k not in RESUMABLE_FLAGS and hasattr(args, k) and not _same_value(getattr(args, k), v):
                 fail(
                     f"--{k.replace('_', '-')} is {getattr(args, k)!r} but the checkpoint was trained with {v!r}; "
                     "pass the same value (or leave it out) to resume"
                 )
     return args
+
+
+def _same_value(given, recorded) -> bool:
+    """Equal, or two spellings of one existing file (a relative and an absolute --generator path)."""
+    if given == recorded:
+        return True
+    paths = isinstance(given, str) and isinstance(recorded, str) and os.path.exists(given) and os.path.exists(recorded)
+    return paths and os.path.samefile(given, recorded)
 
 
 def run_dir_of(args, root="runs") -> str:
@@ -1878,6 +1896,9 @@ class RunDirectory:
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                 },
             )
+        except SystemExit:
+            self.abandon()
+            raise
         except OSError as e:
             self.abandon()
             fail(
@@ -1912,9 +1933,16 @@ def _truncate_metrics(run_dir: str, step: int):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+
+    def logged_by_then(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # the torn last line of a process killed while writing it
+            return False
+
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if logged_by_then(line)]
     if len(kept) != len(lines):
         tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
@@ -1965,8 +1993,6 @@ class Run:
         self._agree(lambda: self._start(prepare, data, test_split, steps, batch_divisor))
         outcome = self._agree(self._claim)
         self.run_dir = outcome[0]  # rank 0's (a default name may have had to take a suffix)
-        if self.is_main and args.resume:
-            _truncate_metrics(self.run_dir, self.step)
         if self.is_main and metrics:
             self.logger = RunLogger(
                 self.run_dir,
@@ -2019,6 +2045,8 @@ class Run:
             self.directory = RunDirectory(
                 self.run_dir, record, bool(args.resume), args.run_name is not None, _taken_hint(args, self.run_dir)
             )
+            if args.resume:
+                _truncate_metrics(self.directory.path, self.step)
             return self.directory.path
         return None
 
@@ -2041,11 +2069,11 @@ class Run:
             return [r for _, r in outcome]
         if self.directory is not None:
             self.directory.abandon()
+        cleanup_distributed()  # every rank, the failing one too: none waits in a barrier for a rank that is gone
         if exc is not None:
             raise exc
         if not self.dist.enabled:
             raise SystemExit(first)
-        cleanup_distributed()
         os.write(2, (first + "\n").encode())  # one write: the ranks' lines never interleave
         raise SystemExit(1)
 
@@ -2269,8 +2297,13 @@ def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, 
         run_dir = run_dirs[label] = os.path.join("runs", run_name)
         argv = [*base_argv, *flags, "--run-name", run_name]
         ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-        if os.path.exists(ckpt_path):
-            wanted, found = run_config(args_to_dict(parse_args(argv))), run_config(load_checkpoint(ckpt_path)["args"])
+        if os.path.exists(ckpt_path) or _never_saved(ckpt_path):  # finished, or to resume (from step 0 if never saved)
+            if os.path.exists(ckpt_path):
+                found = load_checkpoint(ckpt_path)["args"]
+            else:
+                with open(os.path.join(run_dir, "run.json")) as f:
+                    found = json.load(f)["args"]
+            wanted, found = run_config(args_to_dict(parse_args(argv))), run_config(found)
             diff = sorted(k for k in set(wanted) | set(found) if wanted.get(k) != found.get(k))
             if diff:
                 k = diff[0]
@@ -2282,7 +2315,7 @@ def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, 
                 print(f"[ablation] {label}: reusing the finished run {run_dir} (same configuration)", flush=True)
                 continue
             argv = [*argv, "--resume", ckpt_path]
-        elif os.path.isdir(run_dir) and os.listdir(run_dir):
+        elif _holds_files(run_dir):
             fail(f"{run_dir} holds files but no checkpoint; move it away and rerun the ablation")
         pending.append((label, [sys.executable, os.path.abspath(script), *argv]))
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))

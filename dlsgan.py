@@ -357,15 +357,10 @@ def run_ablation(args, argv):
 
 
 def write_ablation_report(results, args, out_dir):
-    keys = [
-        "losses/L_enc",
-        "eval/real_psnr",
-        "eval/real_ssim",
-        "eval/fake_psnr",
-        "eval/fake_ssim",
-        "charts/latent_entropy",
-        "charts/dims_90pct_scale",
-    ]
+    keys = (
+        "losses/L_enc eval/real_psnr eval/real_ssim eval/fake_psnr eval/fake_ssim charts/latent_entropy "
+        "charts/dims_90pct_scale"
+    ).split()
     header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
     lines = [
         f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, "

@@ -1030,6 +1030,7 @@ def compare(args, train_seconds=None):
         common.fail(f"--n-fid {args.n_fid} is too few for a covariance; use at least 2 (or 0 to skip FID)")
     # loaded before the run directory exists, so asking for too many images fails without leaving anything
     test_images = held_out_images(dataset, resolution, args.data_root, max(args.n_recon, args.n_fid))
+    lpips = LPIPS().to(device)  # missing weights stop the comparison before its directory exists
     # claimed and locked: two comparisons started at once never share a directory
     directory = common.claim_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed),
@@ -1052,7 +1053,6 @@ def compare(args, train_seconds=None):
 
     x_test = test_images.float().div(127.5).sub(1).to(device)
     x_recon, x_fid = x_test[: args.n_recon], x_test[: args.n_fid]
-    lpips = LPIPS().to(device)
     fid_net, ref = None, None
     config = {
         "dataset": dataset,
@@ -1216,20 +1216,9 @@ def speed_quality_plot(rows, config, path):
 QUICK_ARGS = {  # --quick: at most 100 steps per stage; exercises every stage of every method, says nothing of quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
     "invgan": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
-    "lia": [
-        "--images",
-        "1600",
-        "--ppl-samples",
-        "50",
-        "--refine-images",
-        "4",
-        "--refine-steps",
-        "20",
-        "--eval-every",
-        "50",
-        "--eval-images",
-        "100",
-    ],
+    "lia": (
+        "--images 1600 --ppl-samples 50 --refine-images 4 --refine-steps 20 --eval-every 50 --eval-images 100"
+    ).split(),
     "regressor_inversion": ["--images", "3200", "--eval-every", "50", "--eval-images", "100"],
 }
 

@@ -26,107 +26,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden_numbers.json")
 TIMING_KEYS = ("images_per_sec", "peak_memory_mb", "seconds", "wall_s", "seconds_per_image")
 COMMON = ["--no-track", "--seed", "3", "--log-every", "2"]
-DLSGAN = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--v-window",
-    "32",
-    "--images",
-    "48",
-    "--eval-every",
-    "3",
-    "--save-every",
-    "3",
-    "--dist",
-    "uniform",
-    "--dg",
-]
-INVGAN = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--w-dim",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--edit-images",
-    "2",
-    "--images",
-    "48",
-    "--eval-every",
-    "3",
-    "--save-every",
-    "3",
-]
-LIA = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--n-mapping",
-    "2",
-    "--encoder-width",
-    "8",
-    "--eval-images",
-    "16",
-    "--eval-every",
-    "3",
-    "--save-every",
-    "3",
-    "--ppl-samples",
-    "10",
-]
-REG_GAN = [
-    "--stage",
-    "gan",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--d-width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--images",
-    "48",
-    "--eval-every",
-    "3",
-    "--save-every",
-    "3",
-]
-REG = [
-    "--encoder-width",
-    "4",
-    "--batch-size",
-    "8",
-    "--images",
-    "32",
-    "--eval-images",
-    "16",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-]
+DLSGAN = (
+    "--resolution 16 --width 8 --latent-dim 16 --batch-size 8 --eval-images 16 --v-window 32 --images "
+    "48 --eval-every 3 --save-every 3 --dist uniform --dg"
+).split()
+INVGAN = (
+    "--resolution 16 --width 8 --latent-dim 8 --w-dim 8 --batch-size 8 --eval-images 16 --edit-images "
+    "2 --images 48 --eval-every 3 --save-every 3"
+).split()
+LIA = (
+    "--resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --encoder-width 8 --eval-images 16 "
+    "--eval-every 3 --save-every 3 --ppl-samples 10"
+).split()
+REG_GAN = (
+    "--stage gan --resolution 16 --width 8 --d-width 8 --latent-dim 8 --batch-size 8 --eval-images 16 "
+    "--images 48 --eval-every 3 --save-every 3"
+).split()
+REG = "--encoder-width 4 --batch-size 8 --images 32 --eval-images 16 --eval-every 2 --save-every 2".split()
 
 # name: [(script, args)], run in order in one working directory; later runs read earlier runs' checkpoints
 RUNS = {

@@ -14,80 +14,20 @@ from conftest import run_cases
 import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DLSGAN_TINY = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--v-window",
-    "32",
-    "--no-track",
-    "--images",
-    "16",
-]
-INVGAN_TINY = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--w-dim",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--no-track",
-    "--images",
-    "16",
-]
-REGRESSOR_TINY = [
-    "--stage",
-    "gan",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--d-width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--no-track",
-    "--images",
-    "16",
-]
-LIA_TINY = [
-    "--stage",
-    "gan",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--n-mapping",
-    "2",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--ppl-samples",
-    "0",
-    "--no-track",
-    "--images",
-    "16",
-]
+DLSGAN_TINY = (
+    "--resolution 16 --width 8 --latent-dim 16 --batch-size 8 --eval-images 16 --v-window 32 --no-track --images 16"
+).split()
+INVGAN_TINY = (
+    "--resolution 16 --width 8 --latent-dim 8 --w-dim 8 --batch-size 8 --eval-images 16 --no-track --images 16"
+).split()
+REGRESSOR_TINY = (
+    "--stage gan --resolution 16 --width 8 --d-width 8 --latent-dim 16 --batch-size 8 --eval-images "
+    "16 --no-track --images 16"
+).split()
+LIA_TINY = (
+    "--stage gan --resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --batch-size 8 --eval-images "
+    "16 --ppl-samples 0 --no-track --images 16"
+).split()
 SCRIPTS = {
     "dlsgan.py": DLSGAN_TINY,
     "invgan.py": INVGAN_TINY,

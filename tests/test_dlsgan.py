@@ -16,33 +16,10 @@ import common
 import dlsgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--arch",
-    "stylegan2",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--w-dim",
-    "16",
-    "--n-mapping",
-    "2",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-    "--log-every",
-    "1",
-    "--v-window",
-    "32",
-    "--no-track",
-]
+TINY = (
+    "--arch stylegan2 --resolution 16 --width 8 --latent-dim 16 --w-dim 16 --n-mapping 2 --batch-size "
+    "8 --eval-images 16 --eval-every 2 --save-every 2 --log-every 1 --v-window 32 --no-track"
+).split()
 
 
 def run(args, cwd, check=True, script=None):

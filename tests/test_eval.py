@@ -20,33 +20,10 @@ import common
 import eval as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--arch",
-    "stylegan2",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--w-dim",
-    "16",
-    "--n-mapping",
-    "2",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--eval-every",
-    "1000",
-    "--save-every",
-    "1000",
-    "--log-every",
-    "1000",
-    "--v-window",
-    "32",
-    "--no-track",
-]
+TINY = (
+    "--arch stylegan2 --resolution 16 --width 8 --latent-dim 16 --w-dim 16 --n-mapping 2 --batch-size "
+    "8 --eval-images 16 --eval-every 1000 --save-every 1000 --log-every 1000 --v-window 32 --no-track"
+).split()
 
 
 def run(script, args, cwd, check=True):
@@ -500,96 +477,24 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     the speed / quality plot and the baselines on the chosen generator; a second call trains nothing."""
     tiny = {
         "dlsgan": [*TINY, "--arch", "dcgan", "--images", "16"],
-        "invgan": [
-            "--resolution",
-            "16",
-            "--width",
-            "8",
-            "--latent-dim",
-            "8",
-            "--w-dim",
-            "8",
-            "--batch-size",
-            "8",
-            "--eval-images",
-            "16",
-            "--eval-every",
-            "2",
-            "--edit-images",
-            "2",
-            "--images",
-            "16",
-            "--no-track",
-        ],
-        "lia": [
-            "--resolution",
-            "16",
-            "--width",
-            "8",
-            "--latent-dim",
-            "8",
-            "--n-mapping",
-            "2",
-            "--encoder-width",
-            "8",
-            "--batch-size",
-            "8",
-            "--eval-images",
-            "16",
-            "--eval-every",
-            "2",
-            "--ppl-samples",
-            "20",
-            "--refine-images",
-            "4",
-            "--refine-steps",
-            "2",
-            "--images",
-            "16",
-            "--no-track",
-        ],
-        "regressor_inversion": [
-            "--resolution",
-            "16",
-            "--width",
-            "8",
-            "--d-width",
-            "8",
-            "--latent-dim",
-            "8",
-            "--encoder-width",
-            "4",
-            "--batch-size",
-            "8",
-            "--eval-images",
-            "16",
-            "--eval-every",
-            "2",
-            "--images",
-            "16",
-            "--no-track",
-        ],
+        "invgan": (
+            "--resolution 16 --width 8 --latent-dim 8 --w-dim 8 --batch-size 8 --eval-images 16 --eval-every "
+            "2 --edit-images 2 --images 16 --no-track"
+        ).split(),
+        "lia": (
+            "--resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --encoder-width 8 --batch-size 8 "
+            "--eval-images 16 --eval-every 2 --ppl-samples 20 --refine-images 4 --refine-steps 2 --images 16 "
+            "--no-track"
+        ).split(),
+        "regressor_inversion": (
+            "--resolution 16 --width 8 --d-width 8 --latent-dim 8 --encoder-width 4 --batch-size 8 "
+            "--eval-images 16 --eval-every 2 --images 16 --no-track"
+        ).split(),
     }
-    args = [
-        "--defaults",
-        "--dataset",
-        "mnist",
-        "--n-recon",
-        "8",
-        "--n-fid",
-        "8",
-        "--kid-subset-size",
-        "8",
-        "--kid-subsets",
-        "2",
-        "--opt-steps",
-        "2",
-        "--classifier-images",
-        "2000",
-        "--baselines",
-        "opt-w-mean",
-        "hybrid-w",
-    ] + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
+    args = (
+        "--defaults --dataset mnist --n-recon 8 --n-fid 8 --kid-subset-size 8 --kid-subsets 2 --opt-steps "
+        "2 --classifier-images 2000 --baselines opt-w-mean hybrid-w"
+    ).split() + [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
     trained = run("eval.py", [*args, "--run-name", "first", "--train-only"], tmp_path)
     assert trained.stdout.count("training: ") == 5 and "reusing" not in trained.stdout  # regressor: gan, then regressor
     assert not (tmp_path / "runs/first").exists()  # --train-only evaluates nothing

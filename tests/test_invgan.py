@@ -19,29 +19,10 @@ import common
 import invgan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--w-dim",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-    "--log-every",
-    "1",
-    "--edit-images",
-    "2",
-    "--no-track",
-]
+TINY = (
+    "--resolution 16 --width 8 --latent-dim 8 --w-dim 8 --batch-size 8 --eval-images 16 --eval-every "
+    "2 --save-every 2 --log-every 1 --edit-images 2 --no-track"
+).split()
 
 
 def run(args, cwd, check=True, script=None):

@@ -18,35 +18,11 @@ import common
 import lia
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--n-mapping",
-    "2",
-    "--encoder-width",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-    "--log-every",
-    "1",
-    "--eval-images",
-    "16",
-    "--ppl-samples",
-    "20",
-    "--refine-images",
-    "4",
-    "--refine-steps",
-    "3",
-    "--no-track",
-]
+TINY = (
+    "--resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --encoder-width 8 --batch-size 8 "
+    "--eval-every 2 --save-every 2 --log-every 1 --eval-images 16 --ppl-samples 20 --refine-images 4 "
+    "--refine-steps 3 --no-track"
+).split()
 
 
 def command(args, script=None, nproc=1):

@@ -11,33 +11,14 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, SUBPROCESS_ENV, run_cases, script_command
+from conftest import ROOT, SUBPROCESS_ENV, run_cases, script_command, two_at_a_time
 
 import common
 
-TINY = [
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--latent-dim",
-    "16",
-    "--batch-size",
-    "8",
-    "--eval-images",
-    "16",
-    "--v-window",
-    "32",
-    "--no-track",
-    "--seed",
-    "3",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "4",
-    "--log-every",
-    "1",
-]
+TINY = (
+    "--resolution 16 --width 8 --latent-dim 16 --batch-size 8 --eval-images 16 --v-window 32 "
+    "--no-track --seed 3 --eval-every 2 --save-every 4 --log-every 1"
+).split()
 DLSGAN = os.path.join(ROOT, "dlsgan.py")
 TIMING = ("images_per_sec", "peak_memory_mb")
 
@@ -85,28 +66,40 @@ def assert_same_checkpoint(a, b):
 def trained(tmp_path_factory):
     """runs/plain: 4 steps without --dg; runs/full: 8 uninterrupted steps (the reference of the resume tests)."""
     cwd = tmp_path_factory.mktemp("trained")
-    dlsgan(cwd, "--images", "32", "--run-name", "plain")
-    dlsgan(cwd, "--images", "64", "--run-name", "full")
+    two_at_a_time(
+        [
+            lambda: dlsgan(cwd, "--images", "32", "--run-name", "plain"),
+            lambda: dlsgan(cwd, "--images", "64", "--run-name", "full"),
+        ]
+    )
     return cwd
 
 
 # 3: every flag but the budget, cadence, workers and tracking is the checkpoint's; a changed one is refused
-@pytest.mark.parametrize(
-    "flag,value,recorded",
-    [
-        ("--dg", None, "False"),
-        ("--seed", "5", "3"),
-        ("--loss", "hinge", "'logistic'"),
-        ("--r1", "1", "10.0"),
-        ("--lambda-enc", "2", "1.0"),
-        ("--ema-kimg", "1", "10.0"),
-        ("--dist", "uniform", "'normal'"),
-    ],
-)
-def test_resume_with_a_flag_that_changes_training_is_refused(trained, flag, value, recorded):
-    ckpt = "runs/plain/checkpoint.pt"
-    args = [*TINY, "--resume", ckpt, flag, *([value] if value else [])]
-    [r] = run_cases([("dlsgan.py", args)], cwd=trained)
+CHANGED_FLAGS = [
+    ("--dg", None, "False"),
+    ("--seed", "5", "3"),
+    ("--loss", "hinge", "'logistic'"),
+    ("--r1", "1", "10.0"),
+    ("--lambda-enc", "2", "1.0"),
+    ("--ema-kimg", "1", "10.0"),
+    ("--dist", "uniform", "'normal'"),
+]
+
+
+@pytest.fixture(scope="module")
+def changed_flag_results(trained):
+    """Every case of CHANGED_FLAGS in one child process (conftest.run_cases)."""
+    cases = [
+        ("dlsgan.py", [*TINY, "--resume", "runs/plain/checkpoint.pt", flag, *([value] if value else [])])
+        for flag, value, _ in CHANGED_FLAGS
+    ]
+    return dict(zip([c[0] for c in CHANGED_FLAGS], run_cases(cases, cwd=trained)))
+
+
+@pytest.mark.parametrize("flag,value,recorded", CHANGED_FLAGS)
+def test_resume_with_a_flag_that_changes_training_is_refused(changed_flag_results, flag, value, recorded):
+    r = changed_flag_results[flag]
     assert r["status"] != 0 and len(r["stderr"].strip().splitlines()) == 1, r["stderr"]
     assert f"{flag} is" in r["stderr"] and f"the checkpoint was trained with {recorded}" in r["stderr"], r["stderr"]
     assert r["changed"] == []
@@ -125,6 +118,28 @@ def test_resume_takes_the_recorded_flags_and_may_change_the_budget(trained, tmp_
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "runs/plain/checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["args"]["latent_dim"] == 16 and ckpt["args"]["dg"] is False
+    assert [row["step"] for row in rows(tmp_path / "runs/plain")] == [2, 4, 6]
+
+
+def test_a_mistyped_resume_path_never_restarts_a_run_that_saved(trained, tmp_path):
+    """The restart of a never-saved run needs run.json and no checkpoint.pt or summary.json: a typo is an error."""
+    shutil.copytree(trained / "runs" / "plain", tmp_path / "runs" / "plain")
+    (tmp_path / "runs" / "gone").mkdir()
+    shutil.copy(trained / "runs/plain/run.json", tmp_path / "runs/gone/run.json")
+    (tmp_path / "runs/gone/summary.json").write_text("{}")  # finished, then its checkpoint was deleted
+    cases = [
+        ("dlsgan.py", ["--resume", "runs/plain/checkpoint.pth"]),
+        ("dlsgan.py", ["--resume", "runs/gone/checkpoint.pt"]),
+    ]
+    for r in run_cases(cases, cwd=tmp_path):
+        assert r["status"] != 0 and "does not exist" in r["stderr"] and r["changed"] == [], r["stderr"]
+
+
+def test_resume_accepts_written_flags_of_the_same_value_and_a_torn_last_row(trained, tmp_path):
+    shutil.copytree(trained / "runs" / "plain", tmp_path / "runs" / "plain")
+    with open(tmp_path / "runs/plain/metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "losses/D": 1.')  # killed while writing a row
+    dlsgan(tmp_path, "--resume", "runs/plain/checkpoint.pt", "--images", "48", "--latent-dim", "16", "--lr", "1e-3")
     assert [row["step"] for row in rows(tmp_path / "runs/plain")] == [2, 4, 6]
 
 
@@ -235,21 +250,7 @@ def test_torchrun_refusals_are_one_line_on_every_rank(tmp_path):
 
 # 8: a stage trained on another data set than its generator is refused
 def test_lia_encoder_on_another_dataset_than_its_gan_is_refused(tmp_path):
-    lia = [
-        "--resolution",
-        "16",
-        "--width",
-        "8",
-        "--latent-dim",
-        "8",
-        "--n-mapping",
-        "2",
-        "--no-track",
-        "--eval-images",
-        "16",
-        "--ppl-samples",
-        "0",
-    ]
+    lia = ("--resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --no-track --eval-images 16 --ppl-samples 0").split()
     r = subprocess.run(
         script_command(
             os.path.join(ROOT, "lia.py"),
@@ -274,25 +275,32 @@ def test_lia_encoder_on_another_dataset_than_its_gan_is_refused(tmp_path):
 
 
 # 9: eval.py checks its flags and inputs before its output directory exists
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--n-recon", "0"], "--n-recon must be > 0"),
-        (["--n-recon", "-3"], "--n-recon must be > 0"),
-        (["--batch-size", "0"], "--batch-size must be > 0"),
-        (["--grid-images", "0"], "--grid-images must be > 0"),
-        (["--kid-subsets", "0"], "--kid-subsets must be > 0"),
-        (["--opt-lr", "nan"], "--opt-lr must be > 0"),
-        (["--opt-steps", "-1"], "--opt-steps must be >= 0"),
-        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
-        (["--baselines"], "has no encoder and no --baselines apply to it"),
-    ],
-)
-def test_eval_refuses_before_writing(trained, tmp_path, args, message):
+EVAL_CASES = [
+    (["--n-recon", "0"], "--n-recon must be > 0"),
+    (["--n-recon", "-3"], "--n-recon must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--grid-images", "0"], "--grid-images must be > 0"),
+    (["--kid-subsets", "0"], "--kid-subsets must be > 0"),
+    (["--opt-lr", "nan"], "--opt-lr must be > 0"),
+    (["--opt-steps", "-1"], "--opt-steps must be >= 0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--baselines"], "has no encoder and no --baselines apply to it"),
+]
+
+
+@pytest.fixture(scope="module")
+def eval_results(trained, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("eval_refusals")
     ckpt = common.load_checkpoint(str(trained / "runs/plain/checkpoint.pt"))
     ckpt["inversion"]["encoder"] = None  # a generator-only checkpoint
-    common.save_checkpoint(ckpt, str(tmp_path / "gan.pt"))
-    [r] = run_cases([("eval.py", ["--ckpt", "gan.pt", "--n-fid", "0", "--no-semantic", *args])], cwd=tmp_path)
+    common.save_checkpoint(ckpt, str(cwd / "gan.pt"))
+    cases = [("eval.py", ["--ckpt", "gan.pt", "--n-fid", "0", "--no-semantic", *args]) for args, _ in EVAL_CASES]
+    return run_cases(cases, cwd=cwd)
+
+
+@pytest.mark.parametrize("case", range(len(EVAL_CASES)), ids=[" ".join(a) for a, _ in EVAL_CASES])
+def test_eval_refuses_before_writing(eval_results, case):
+    r, message = eval_results[case], EVAL_CASES[case][1]
     assert r["status"] != 0 and message in r["stderr"], r["stderr"]
     assert "Traceback" not in r["stderr"] and r["changed"] == []
 

@@ -17,44 +17,13 @@ import common
 import regressor_inversion as ri
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GAN_TINY = [
-    "--stage",
-    "gan",
-    "--resolution",
-    "16",
-    "--width",
-    "8",
-    "--d-width",
-    "8",
-    "--latent-dim",
-    "8",
-    "--batch-size",
-    "8",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-    "--log-every",
-    "1",
-    "--eval-images",
-    "16",
-    "--no-track",
-]
-REG_TINY = [
-    "--encoder-width",
-    "4",
-    "--batch-size",
-    "8",
-    "--eval-every",
-    "2",
-    "--save-every",
-    "2",
-    "--log-every",
-    "1",
-    "--eval-images",
-    "16",
-    "--no-track",
-]
+GAN_TINY = (
+    "--stage gan --resolution 16 --width 8 --d-width 8 --latent-dim 8 --batch-size 8 --eval-every 2 "
+    "--save-every 2 --log-every 1 --eval-images 16 --no-track"
+).split()
+REG_TINY = (
+    "--encoder-width 4 --batch-size 8 --eval-every 2 --save-every 2 --log-every 1 --eval-images 16 --no-track"
+).split()
 
 
 def command(args, script=None, nproc=1):
