@@ -4,12 +4,13 @@ non-zero with exactly one line on stderr naming the problem, and leave the worki
 cases to EXTRA_CASES."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import run_cases
+from conftest import run_cases, two_at_a_time
 
 import common
 
@@ -110,26 +111,28 @@ def case_results(inputs, tmp_path_factory):
     runpy as __main__, cwd = the prepared directory); ``changed`` lists the paths of the prepared directory that the
     case created, removed or modified (sha256 before and after). The same process then runs the script's tiny
     flags in a directory whose ``runs`` is a file: {(script, "runs is a file"): (result, that directory)}."""
-    out = {}
-    for script in SCRIPTS:
+
+    def one_script(script):  # in a copy of the inputs of its own, so two scripts' cases can run at once
+        tmp = tmp_path_factory.mktemp(script.replace(".py", ""))
+        shutil.copytree(inputs, tmp, dirs_exist_ok=True, symlinks=True)
         cases = [
-            [a.replace("{tmp}", str(inputs)) for a in [*SCRIPTS[script], *args]] for s, args, _ in CASES if s == script
+            [a.replace("{tmp}", str(tmp)) for a in [*SCRIPTS[script], *args]] for s, args, _ in CASES if s == script
         ]
         runs_file = tmp_path_factory.mktemp("runs_file")
         (runs_file / "runs").write_text("not a directory")
-        *results, last = run_cases(
-            [*((script, args) for args in cases), (script, SCRIPTS[script], runs_file)], cwd=inputs
-        )
-        for args, result in zip(cases, results):
-            out[(script, tuple(args))] = result
-        out[(script, "runs is a file")] = last, runs_file
+        *results, last = run_cases([*((script, args) for args in cases), (script, SCRIPTS[script], runs_file)], cwd=tmp)
+        keys = [(script, tuple(args)) for s, args, _ in CASES if s == script]
+        return {**dict(zip(keys, results)), (script, "runs is a file"): (last, runs_file)}
+
+    out = {}
+    for part in two_at_a_time([lambda script=script: one_script(script) for script in SCRIPTS]):
+        out.update(part)
     return out
 
 
 @pytest.mark.parametrize("script,args,message", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
 def test_refused_in_one_line_and_nothing_written(script, args, message, inputs, case_results):
-    full = [a.replace("{tmp}", str(inputs)) for a in [*SCRIPTS[script], *args]]
-    result = case_results[(script, tuple(full))]
+    result = case_results[(script, tuple(args))]
     assert result["status"] != 0, result
     stderr = result["stderr"]
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr[-2000:]

@@ -316,36 +316,35 @@ def runs(tmp_path_factory):
     copy.mkdir()
     for f in ("lia.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), copy / f)
+    gan, enc = str(copy / "runs/t__gan/checkpoint.pt"), str(copy / "runs/t__encoder/checkpoint.pt")
+    # one queue, two at a time; a job that reads another's checkpoint waits for it (``after``); the DDP jobs last,
+    # each alone on the two cores
     results = run_all(
         {
             "all": (command([*TINY, "--images", "32", "--run-name", "t"], str(copy / "lia.py")), copy),
             "mlp": (command([*TINY, "--images", "16", "--mapping", "mlp", "--run-name", "mlp"]), d),
+            "sg2": (command([*TINY, "--images", "16", "--arch", "stylegan2", "--run-name", "sg2"]), d),
+            "gan_part": (command([*TINY, "--stage", "gan", "--images", "16", "--run-name", "gan_part"]), d),
+            "gan_resumed": (
+                command([*TINY, "--stage", "gan", "--images", "32", "--resume", "runs/gan_part/checkpoint.pt"]),
+                d,
+                "gan_part",
+            ),
+            "enc_part": (
+                command([*TINY, "--stage", "encoder", "--gan", gan, "--images", "16", "--run-name", "enc_part"]),
+                d,
+                "all",
+            ),
+            "enc_resumed": (
+                command([*TINY, "--stage", "encoder", "--images", "32", "--resume", "runs/enc_part/checkpoint.pt"]),
+                d,
+                "enc_part",
+            ),
         }
     )
-    gan, enc = str(copy / "runs/t__gan/checkpoint.pt"), str(copy / "runs/t__encoder/checkpoint.pt")
     results.update(
         run_all(
             {
-                "sg2": (command([*TINY, "--images", "16", "--arch", "stylegan2", "--run-name", "sg2"]), d),
-                "gan_part": (command([*TINY, "--stage", "gan", "--images", "16", "--run-name", "gan_part"]), d),
-                "enc_part": (
-                    command([*TINY, "--stage", "encoder", "--gan", gan, "--images", "16", "--run-name", "enc_part"]),
-                    d,
-                ),
-            }
-        )
-    )
-    results.update(
-        run_all(
-            {
-                "gan_resumed": (
-                    command([*TINY, "--stage", "gan", "--images", "32", "--resume", "runs/gan_part/checkpoint.pt"]),
-                    d,
-                ),
-                "enc_resumed": (
-                    command([*TINY, "--stage", "encoder", "--images", "32", "--resume", "runs/enc_part/checkpoint.pt"]),
-                    d,
-                ),
                 "all_ddp": (command([*TINY, "--images", "32", "--refine-steps", "1", "--run-name", "ddp"], nproc=2), d),
                 "refine_ddp": (
                     command([*TINY, "--stage", "refine", "--ckpt", enc, "--run-name", "refine_ddp"], nproc=2),
