@@ -2285,6 +2285,25 @@ def strip_flags(argv: list[str], flags: tuple[str, ...], valued: tuple[str, ...]
     return out
 
 
+def ablation(script, parse_args, argv, variants, prefix, jobs=1, variant_flags=(), variant_valued=(), variant_keys=()):
+    """An ablation driver's whole run: the command line without the driver's and the variants' flags; the output
+    directory runs/{prefix}__{digest}, the digest of the settings the variants share (an ablation at other settings
+    never reuses these runs); every variant trained, reused or resumed (``run_ablation``). Returns the variants' run
+    directories, the output directory and the flags the first variant recorded (a report is titled from them)."""
+    import argparse
+    import hashlib
+
+    driver = ("--jobs", "--run-name", "--resume")
+    base_argv = strip_flags(argv, ("--ablation", *variant_flags), valued=(*driver, *variant_valued))
+    base = parse_args(base_argv)
+    shared = {k: v for k, v in run_config(args_to_dict(base)).items() if k not in variant_keys}
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
+    out_dir = os.path.join("runs", f"{prefix}__{digest}")
+    run_dirs = run_ablation(script, parse_args, base_argv, variants, out_dir, jobs)
+    recorded = load_checkpoint(os.path.join(next(iter(run_dirs.values())), "checkpoint.pt"))["args"]
+    return run_dirs, out_dir, argparse.Namespace(**recorded)
+
+
 def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, out_dir: str, jobs: int = 1) -> dict:
     """Run ``script`` once per variant (label -> extra flags), ``jobs`` at a time with the CPU threads split
     between them, each in runs/{basename(out_dir)}__{label}. A finished run is reused, and an interrupted one

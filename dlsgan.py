@@ -28,7 +28,6 @@ fig17_top_dim.png, checkpoint.pt (rebuildable by eval.py without importing this 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -337,23 +336,22 @@ VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"
 def run_ablation(args, argv):
     """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
     ablation with other settings never reuses (or overwrites) these."""
-    base_argv = common.strip_flags(
-        argv, ("--ablation", "--dg", "--no-dls"), valued=("--jobs", "--run-name", "--resume")
-    )
-    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
-    digest = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if k not in ("dg", "no_dls")}, sort_keys=True).encode()
-    )
     slug = args.dataset.replace(":", "_").replace("/", "_")
-    out_dir = os.path.join("runs", f"ablation__{slug}__{args.dist}__{args.seed}__{digest.hexdigest()[:8]}")
-    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, VARIANTS, out_dir, args.jobs)
+    run_dirs, out_dir, recorded = common.ablation(
+        os.path.abspath(__file__),
+        parse_args,
+        argv,
+        VARIANTS,
+        f"ablation__{slug}__{args.dist}__{args.seed}",
+        jobs=args.jobs,
+        variant_flags=("--dg", "--no-dls"),
+        variant_keys=("dg", "no_dls"),
+    )
     results = {}
     for label, run_dir in run_dirs.items():
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             results[label] = [json.loads(line) for line in f]
-    # the table is titled from the settings the runs recorded, not from this command line
-    recorded = common.load_checkpoint(os.path.join(run_dirs["DLS, DG"], "checkpoint.pt"))["args"]
-    write_ablation_report(results, argparse.Namespace(**recorded), out_dir)
+    write_ablation_report(results, recorded, out_dir)  # titled from the settings the runs recorded
 
 
 def write_ablation_report(results, args, out_dir):

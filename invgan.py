@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -453,18 +452,18 @@ INGREDIENT_VALUED = ("--variant", "--lambda-fm", "--lambda-cycle", "--lambda-mmd
 def run_ablation(args, argv):
     """The three variants at the settings of ``argv`` (ingredient flags dropped: the variants set them); runs are
     named by a digest of those settings, so an ablation with other settings never reuses these."""
-    base_argv = common.strip_flags(
-        argv, ("--ablation", *INGREDIENT_FLAGS), valued=("--jobs", "--run-name", "--resume", *INGREDIENT_VALUED)
-    )
-    config = common.run_config(common.args_to_dict(parse_args(base_argv)))
-    ingredients = ("variant", *VARIANTS["full"])
-    digest = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if k not in ingredients}, sort_keys=True).encode()
-    ).hexdigest()[:8]
     slug = args.dataset.replace(":", "_").replace("/", "_")
-    out_dir = os.path.join("runs", f"ablation__invgan__{slug}__{args.seed}__{digest}")
-    variants = {name: ["--variant", name] for name in VARIANTS}
-    run_dirs = common.run_ablation(os.path.abspath(__file__), parse_args, base_argv, variants, out_dir, args.jobs)
+    run_dirs, out_dir, _ = common.ablation(
+        os.path.abspath(__file__),
+        parse_args,
+        argv,
+        {name: ["--variant", name] for name in VARIANTS},
+        f"ablation__invgan__{slug}__{args.seed}",
+        jobs=args.jobs,
+        variant_flags=INGREDIENT_FLAGS,
+        variant_valued=INGREDIENT_VALUED,
+        variant_keys=("variant", *VARIANTS["full"]),
+    )
     write_ablation_report(run_dirs, out_dir)
 
 
