@@ -2304,6 +2304,58 @@ def ablation(script, parse_args, argv, variants, prefix, jobs=1, variant_flags=(
     return run_dirs, out_dir, argparse.Namespace(**recorded)
 
 
+def write_ablation_table(out_dir, title, cells: dict, final_rows: dict) -> str:
+    """table.md: ``title``, then one row per variant of ``cells`` ({label: {column: formatted value}}); table.json:
+    ``final_rows`` ({label: every number of the variant}). Printed too; returns the table."""
+    columns = list(next(iter(cells.values())))
+    lines = [title, "", "| variant | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {label} | " + " | ".join(row[c] for c in columns) + " |" for label, row in cells.items()]
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "table.json"), "w") as f:
+        json.dump(final_rows, f, indent=1)
+    print(table)
+    return table
+
+
+def plot_ablation_curves(path, rows: dict, panels, x="charts/epoch") -> bool:
+    """One panel per (metrics key, y label, title), a curve per variant over ``x`` ({label: metrics.jsonl rows});
+    False (and a note) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[ablation] matplotlib not installed: no plot")
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        for label, variant_rows in rows.items():
+            ax.plot([r[x] for r in variant_rows], [r[key] for r in variant_rows], label=label, marker=".")
+        ax.set(xlabel=x.split("/")[-1], ylabel=ylabel, title=title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def labelled_panels(panels, path):
+    """Images side by side, each under its label ((a) name, (b) name, ...): [(label, uint8 grid)] -> one PNG."""
+    from PIL import Image, ImageDraw
+
+    images = [(label, Image.fromarray(grid).convert("RGB")) for label, grid in panels]
+    w, h = images[0][1].size
+    canvas = Image.new("RGB", (len(images) * (w + 8), h + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, im) in enumerate(images):
+        canvas.paste(im, (i * (w + 8), 16))
+        draw.text((i * (w + 8) + 4, 2), f"({'abc'[i] if i < 3 else i}) {label}", fill="black")
+    canvas.save(path)
+
+
 def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, out_dir: str, jobs: int = 1) -> dict:
     """Run ``script`` once per variant (label -> extra flags), ``jobs`` at a time with the CPU threads split
     between them, each in runs/{basename(out_dir)}__{label}. A finished run is reused, and an interrupted one

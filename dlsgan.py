@@ -355,47 +355,29 @@ def run_ablation(args, argv):
 
 
 def write_ablation_report(results, args, out_dir):
-    keys = (
-        "losses/L_enc eval/real_psnr eval/real_ssim eval/fake_psnr eval/fake_ssim charts/latent_entropy "
-        "charts/dims_90pct_scale"
-    ).split()
-    header = "| variant | L_enc | real PSNR | real SSIM | fake PSNR | fake SSIM | latent entropy | dims (90% of s^2) |"
-    lines = [
+    """table.md / table.json of each variant's final evaluation, and l_enc.png: L_enc and real PSNR over epochs."""
+    columns = {
+        "L_enc": "losses/L_enc",
+        "real PSNR": "eval/real_psnr",
+        "real SSIM": "eval/real_ssim",
+        "fake PSNR": "eval/fake_psnr",
+        "fake SSIM": "eval/fake_ssim",
+        "latent entropy": "charts/latent_entropy",
+        "dims (90% of s^2)": "charts/dims_90pct_scale",
+    }
+    title = (
         f"{args.dataset} {args.resolution}px, {args.arch} width {args.width}, {args.dist} prior, "
-        f"d = {args.latent_dim}, final evaluation "
-        f"({results[next(iter(results))][-1]['step']} steps of {args.batch_size}, {args.eval_images} test images)",
-        "",
-        header,
-        "|" + "---|" * (len(keys) + 1),
+        f"d = {args.latent_dim}, final evaluation ({results[next(iter(results))][-1]['step']} steps of "
+        f"{args.batch_size}, {args.eval_images} test images)"
+    )
+    cells = {label: {c: f"{rows[-1][k]:.4g}" for c, k in columns.items()} for label, rows in results.items()}
+    common.write_ablation_table(out_dir, title, cells, {label: rows[-1] for label, rows in results.items()})
+    panels = [
+        ("losses/L_enc", "average L_enc", f"L_enc, {args.dataset}, {args.dist} prior"),
+        ("eval/real_psnr", "dB", "real (test) reconstruction PSNR"),
     ]
-    for label, rows in results.items():
-        last = rows[-1]
-        lines.append(f"| {label} | " + " | ".join(f"{last[k]:.4g}" for k in keys) + " |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, "table.json"), "w") as f:
-        json.dump({label: rows[-1] for label, rows in results.items()}, f, indent=1)
-    print(table)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[ablation] matplotlib not installed: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, rows in results.items():
-        epochs = [r["charts/epoch"] for r in rows]
-        axes[0].plot(epochs, [r["losses/L_enc"] for r in rows], label=label, marker=".")
-        axes[1].plot(epochs, [r["eval/real_psnr"] for r in rows], label=label, marker=".")
-    axes[0].set(xlabel="epoch", ylabel="average L_enc", title=f"L_enc, {args.dataset}, {args.dist} prior")
-    axes[1].set(xlabel="epoch", ylabel="dB", title="real (test) reconstruction PSNR")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "l_enc.png"), dpi=110)
-    print(f"[ablation] wrote {out_dir}/table.md and l_enc.png")
+    if common.plot_ablation_curves(os.path.join(out_dir, "l_enc.png"), results, panels):
+        print(f"[ablation] wrote {out_dir}/table.md and l_enc.png")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -471,8 +471,6 @@ def run_ablation(args, argv):
 def write_ablation_report(run_dirs, out_dir, n_grid=12):
     """table.md / table.json (test MAE, MSE, PSNR, SSIM, LPIPS of each final checkpoint on the same held-out images)
     and fig5.png (per variant: test image, reconstruction, |difference| in groups of three)."""
-    from PIL import Image, ImageDraw
-
     device = torch.device("cpu")
     results, panels, recorded = {}, [], None
     try:
@@ -497,38 +495,27 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
         with open(os.path.join(run_dir, "summary.json")) as f:
             row["wall_s"] = json.load(f)["wall_s"]
         results[label] = row
-        grid = common.image_grid(triples(x[:n_grid], x_rec[:n_grid]), nrow=6)
-        panels.append((label, Image.fromarray(grid).convert("RGB")))
+        panels.append((label, common.image_grid(triples(x[:n_grid], x_rec[:n_grid]), nrow=6)))
     a = argparse.Namespace(**recorded)
     budget = f"{a.epochs} epochs" if a.epochs else f"{a.images // a.batch_size} steps"
-    lines = [
+    title = (
         f"{a.dataset} {a.resolution}px, {a.arch} width {a.width}, z {a.latent_dim}, w {a.w_dim}, {budget} of "
-        f"{a.batch_size}; test reconstruction G(D_w(x)) of the first "
-        f"{results[label]['n']} test images (MAE / MSE per pixel per channel on [-1, 1], PSNR / SSIM with "
-        "data range 2, LPIPS-VGG v0.1)",
-        "",
-        "| variant | MAE | MSE | PSNR | SSIM | LPIPS | wall s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, r in results.items():
-        lp = f"{r['lpips']:.4f}" if "lpips" in r else "--"
-        lines.append(
-            f"| {label} | {r['mae']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {lp} | "
-            f"{r['wall_s']:.0f} |"
-        )
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, "table.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    w, h = panels[0][1].size
-    canvas = Image.new("RGB", (len(panels) * (w + 8), h + 16), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, im) in enumerate(panels):
-        canvas.paste(im, (i * (w + 8), 16))
-        draw.text((i * (w + 8) + 4, 2), f"({'abc'[i] if i < 3 else i}) {label}", fill="black")
-    canvas.save(os.path.join(out_dir, "fig5.png"))
-    print(table)
+        f"{a.batch_size}; test reconstruction G(D_w(x)) of the first {results[label]['n']} test images (MAE / "
+        "MSE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, LPIPS-VGG v0.1)"
+    )
+    cells = {
+        label: {
+            "MAE": f"{r['mae']:.4f}",
+            "MSE": f"{r['mse']:.4f}",
+            "PSNR": f"{r['psnr']:.2f}",
+            "SSIM": f"{r['ssim']:.3f}",
+            "LPIPS": f"{r['lpips']:.4f}" if "lpips" in r else "--",
+            "wall s": f"{r['wall_s']:.0f}",
+        }
+        for label, r in results.items()
+    }
+    common.write_ablation_table(out_dir, title, cells, results)
+    common.labelled_panels(panels, os.path.join(out_dir, "fig5.png"))
     print(f"[ablation] wrote {out_dir}/table.md, table.json and fig5.png")
 
 
