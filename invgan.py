@@ -449,21 +449,24 @@ INGREDIENT_FLAGS = ("--real-codes", "--no-real-codes", "--grad-through-wr", "--n
 INGREDIENT_VALUED = ("--variant", "--lambda-fm", "--lambda-cycle", "--lambda-mmd")
 
 
-def run_ablation(args, argv):
+def ablation_plan(args, argv):
     """The three variants at the settings of ``argv`` (ingredient flags dropped: the variants set them); runs are
     named by a digest of those settings, so an ablation with other settings never reuses these."""
     slug = args.dataset.replace(":", "_").replace("/", "_")
-    run_dirs, out_dir, _ = common.ablation(
+    return common.ablation_plan(
         os.path.abspath(__file__),
         parse_args,
         argv,
-        {name: ["--variant", name] for name in VARIANTS},
+        {v: ["--variant", v] for v in VARIANTS},
         f"ablation__invgan__{slug}__{args.seed}",
-        jobs=args.jobs,
         variant_flags=INGREDIENT_FLAGS,
         variant_valued=INGREDIENT_VALUED,
         variant_keys=("variant", *VARIANTS["full"]),
     )
+
+
+def run_ablation(args, argv):
+    run_dirs, out_dir, _ = common.ablation(ablation_plan(args, argv), jobs=args.jobs)
     write_ablation_report(run_dirs, out_dir)
 
 

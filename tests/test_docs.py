@@ -1,0 +1,143 @@
+"""Every documented command runs as written: each shell command of README.md, docs/*.md and the scripts' docstrings
+that runs one of the scripts is parsed by that script's own parser (a flag that does not exist, or a value of the
+wrong kind, fails here), and every checkpoint under runs/ that a command reads must be one that a documented command
+writes (a placeholder such as runs/<run>/checkpoint.pt is the reader's to fill in)."""
+
+import argparse
+import ast
+import contextlib
+import functools
+import glob
+import io
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("dlsgan.py", "invgan.py", "lia.py", "regressor_inversion.py", "eval.py")
+READ_FLAGS = ("--resume", "--gan", "--ckpt", "--generator")
+METHODS = ("dlsgan", "invgan", "lia", "regressor_inversion")
+
+
+def shell_lines(text):
+    """Lines of the ```bash blocks, backslash continuations joined, comments dropped."""
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").split("\n"):
+            yield line
+
+
+def docstring_lines(path):
+    doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+    yield from doc.replace("\\\n", " ").split("\n")
+
+
+VENVS = set()  # interpreters a documented command creates (python -m venv DIR)
+
+
+def documented_commands():
+    """(where, argv of one command) for every command that runs a script."""
+    sources = [
+        (os.path.relpath(p, ROOT), shell_lines(open(p).read()))
+        for p in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    ]
+    sources += [(s, docstring_lines(os.path.join(ROOT, s))) for s in SCRIPTS]
+    out = []
+    for where, lines in sources:
+        for line in lines:
+            for part in re.split(r"&&|;", line.split(" #")[0]):
+                if not re.match(r"\s*(\S*python3?|torchrun)\s", part):  # prose that names a script
+                    continue
+                venv = re.match(r"\s*python3? -m venv (?:--\S+ )*(\S+)", part)
+                if venv:
+                    VENVS.add(os.path.join(venv.group(1), "bin", "python"))
+                part = re.sub(r"<[^>]*>", lambda m: m.group(0).replace(" ", "_"), part)  # <run A>: one token
+                tokens = shlex.split(part.strip())
+                scripts = [i for i, t in enumerate(tokens) if t in SCRIPTS]
+                if scripts:
+                    out.append((where, tokens[: scripts[0]], tokens[scripts[0]], tokens[scripts[0] + 1 :]))
+    return out
+
+
+COMMANDS = documented_commands()
+
+
+def parser_of(script):
+    """The script's own ArgumentParser, caught at its first parse_args call (nothing is validated or read)."""
+    caught = {}
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, *a, **k):
+        caught["parser"] = self
+        raise Caught
+
+    sys.path.insert(0, ROOT)
+    module = __import__(script[:-3])
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        module.parse_args([])
+    except Caught:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return caught["parser"]
+
+
+@functools.lru_cache(maxsize=None)
+def written_runs():
+    """The run directories documented commands write: --run-name N (lia's --stage all: N__gan, N__encoder,
+    N__refine), and eval.py --defaults' runs/{default|quick}__METHOD__DATASET[__stage]."""
+    names = set()
+    for _, _, script, argv in COMMANDS:
+        if "--run-name" in argv:
+            name = argv[argv.index("--run-name") + 1]
+            stage = argv[argv.index("--stage") + 1] if "--stage" in argv else "all"
+            names |= (
+                {f"{name}__{s}" for s in ("gan", "encoder", "refine")}
+                if script == "lia.py" and stage == "all"
+                else {name}
+            )
+        if script in ("dlsgan.py", "invgan.py") and "--ablation" in argv:  # the variants' directories
+            module = __import__(script[:-3])
+            names |= {
+                os.path.basename(d) for d in module.ablation_plan(module.parse_args(argv), argv)["run_dirs"].values()
+            }
+        if script == "eval.py" and "--defaults" in argv:
+            dataset = argv[argv.index("--dataset") + 1] if "--dataset" in argv else "mnist"
+            for prefix in ("quick",) if "--quick" in argv else ("default",):
+                for method in METHODS:
+                    base = f"{prefix}__{method}__{dataset}"
+                    names |= {base, f"{base}__gan", f"{base}__encoder", f"{base}__refine"}
+    return names
+
+
+@pytest.mark.parametrize(
+    "where,launcher,script,argv", COMMANDS, ids=[f"{c[0]}:{c[2]} {' '.join(c[3])}" for c in COMMANDS]
+)
+def test_documented_command_parses_and_reads_what_is_written(where, launcher, script, argv):
+    assert (
+        launcher[-1:] in (["python"], ["python3"])
+        or launcher[:1] == ["torchrun"]
+        or launcher[-1:]
+        and launcher[-1] in VENVS
+    ), f"{where}: '{' '.join(launcher)}' is not an interpreter a documented command sets up"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            parser_of(script).parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: {script} {' '.join(argv)}: {err.getvalue().strip().splitlines()[-1]}")
+    if script == "lia.py" and launcher[:1] == ["torchrun"] and "--stage" not in argv:
+        assert "--run-name" in argv, f"{where}: lia.py --stage all under torchrun needs --run-name"
+    written = written_runs()
+    for flag in READ_FLAGS:
+        for i, token in enumerate(argv[:-1]):
+            value = argv[i + 1]
+            if token == flag and value.startswith("runs/") and "<" not in value:
+                name = value.split("/")[1]
+                assert name in written, f"{where}: {flag} {value}: no documented command writes runs/{name}"
