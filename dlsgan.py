@@ -9,7 +9,7 @@ predictions, so dimensions the generator ignores shrink and the encoder's MSE lo
 
 What it reproduces (paper Figs. 3-4, 7-15): without DLS (``--no-dls``, s = 1) L_enc stays near 1; with DLS it
 falls well below. The CPU default is a DCGAN; the paper's StyleGAN2 is ``--arch stylegan2``. The measured tables,
-with their dates, machines and commands, are in the README's DLSGAN section.
+with their dates, machines and commands, are in docs/dlsgan.md.
 
 Usage:
     python dlsgan.py --dist uniform --dg                    # the main job: MNIST 32x32, 2000 steps

@@ -16,7 +16,7 @@ w_R: the self-supervised signal that teaches D to encode real images. Each term 
 images (its weights get no gradient from them); the only path from G's losses into D's weights is w_R, used only
 with --grad-through-wr, and then D's encoder takes its own Adam step on that gradient. The adversarial term's
 share of it is dropped unless --wr-adv-grad: D's encoder is taught to infer codes that help G *reproduce* the
-image (the paper's reading), not codes that help G fool D itself (the README says why).
+image (the paper's reading), not codes that help G fool D itself (docs/invgan.md says why).
 
 The ablation of section 4.4 (Fig. 5), ``--variant``:
     naive      L_GAN + L_lat on fakes only (G's batch is all M(z))

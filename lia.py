@@ -9,7 +9,7 @@ layers, Eqs. 5-6), so the intermediate latent y and the prior's z are exact inve
                     L = ||x - x~||^2 + beta1 ||VGG16 conv4_3(x) - conv4_3(x~)||^2 + beta2 softplus(-c(x~))  (Eqs. 7, 12)
     stage refine    y* = argmin_y L(x, g(y))   (Eq. 13), from three inits (random, mean y, f(x)), in y and in z
 
-What it reproduces (README, "LIA"): Fig. 11 (the encoder's init converges faster and lower), Fig. 10 / section 6.4
+What it reproduces (docs/lia.md): Fig. 11 (the encoder's init converges faster and lower), Fig. 10 / section 6.4
 (refinement in y beats refinement in z from the same start), Table 2 (perceptual path length in z and in y), Table 3
 (reconstruction of held-out images against the "StyleGAN + encoder" arm, ``--mapping mlp``, and eval.py's
 optimization baseline), exactness of phi, real-image interpolation in y and style mixing (``--arch stylegan2``).
@@ -200,7 +200,7 @@ def randomize_phi(G):
 def variance_preserving_mlp(G):
     """He init (leaky ReLU 0.2) for the DCGAN generator's MLP, as StyleGAN's equalized layers have it. nn.Linear's
     default init shrinks the signal about 3x per layer: through 8 layers w varied by 1e-3 across z, below
-    BatchNorm's epsilon, and the generator collapsed to one image (measured; README)."""
+    BatchNorm's epsilon, and the generator collapsed to one image (measured; docs/lia.md)."""
     for layer in G.mapping:
         if isinstance(layer, torch.nn.Linear):
             torch.nn.init.kaiming_normal_(layer.weight, a=0.2, nonlinearity="leaky_relu")
@@ -877,7 +877,7 @@ def parse_args(argv=None):
         "--mapping-lr-mul",
         type=float,
         default=0.01,
-        help="learning-rate multiplier of phi (or the MLP), StyleGAN's for its mapping (README: why)",
+        help="learning-rate multiplier of phi (or the MLP), StyleGAN's for its mapping (docs/lia.md: why)",
     )
     p.add_argument("--width", type=int, default=32, help="feature maps of g and c (paper-sized StyleGAN2: 512)")
     p.add_argument(

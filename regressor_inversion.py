@@ -128,8 +128,8 @@ def regressor_spec(args, gen, img_channels):
 
 # ---------------------------------------------------------------------------------------------------------
 # The paper's generator: DCGAN (or ProGAN blocks), BCE loss. Its recipe -- D with BatchNorm, Adam(2e-4, (0.5, 0.999)),
-# no regularizer -- collapsed here (README), so the defaults are this project's: D without normalization, lazy R1,
-# Adam(1e-3, (0, 0.99)); the paper's recipe is --d-norm bn --r1 0 --lr 2e-4 --betas 0.5 0.999
+# no regularizer -- collapsed here (docs/regressor_inversion.md), so the defaults are this project's: D without
+# normalization, lazy R1, Adam(1e-3, (0, 0.99)); the paper's recipe is --d-norm bn --r1 0 --lr 2e-4 --betas 0.5 0.999
 # ---------------------------------------------------------------------------------------------------------
 def gan_specs(args, img_channels):
     if args.arch == "progan":
@@ -510,7 +510,7 @@ def parse_args(argv=None):
         "--d-norm",
         default="none",
         choices=["none", "bn"],
-        help="gan stage: D's normalization (paper: bn; the README says why the default is none)",
+        help="gan stage: D's normalization (paper: bn; docs/regressor_inversion.md: why none)",
     )
     p.add_argument("--r1", type=float, default=10.0, help="gan stage: R1 weight (gamma / 2; paper: 0, none)")
     p.add_argument("--r1-interval", type=int, default=4, help="gan stage: lazy R1 every k steps (1 = every step)")
