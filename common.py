@@ -940,8 +940,8 @@ def unequalized_lr_groups(module: nn.Module, lr: float) -> list[dict]:
     equalized layer's effective weight (raw * scale) moves by only lr / sqrt(fan_in): 17-23x less than an
     nn.Conv2d / nn.Linear at the same lr for fan-ins of 288-512. With these groups it moves like a plain layer's;
     init and forward are unchanged. StyleGAN2 does not do this (its training is long enough); it is for an
-    equalized discriminator whose latent head must learn within a short budget (docs/dlsgan.md, "StyleGAN2-lite as an
-    encoder"). Not for a mapping network: its 0.01 lr multiplier lives in the scale and would be undone."""
+    equalized discriminator whose latent head must learn within a short budget (docs/dlsgan.md, the
+    StyleGAN2-lite table). Not for a mapping network: its 0.01 lr multiplier lives in the scale and would be undone."""
     groups = []
     for mod in module.modules():
         for name, p in mod.named_parameters(recurse=False):
