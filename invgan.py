@@ -483,8 +483,9 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
         lpips = None
     for label, run_dir in run_dirs.items():
         G, D, recorded = load_networks(os.path.join(run_dir, "checkpoint.pt"), device)
-        test_set = common.build_dataset(recorded["dataset"], recorded["resolution"], False, recorded["data_root"])
-        x = torch.stack([test_set[i][0] for i in range(min(recorded["eval_images"], len(test_set)))])
+        x = common.test_images(
+            recorded["dataset"], recorded["resolution"], recorded["eval_images"], device, recorded["data_root"]
+        )
         x_rec = reconstruct(G, D, x, recorded.get("crop", 0))
         row = {
             "mae": common.mae(x, x_rec).item(),
