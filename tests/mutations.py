@@ -1,0 +1,273 @@
+"""Break the methods on purpose and watch the tests fail: each mutation below changes one line of a method's central
+equation or wiring (a detach in the wrong place, a weight ignored, a network left unfrozen, the wrong init), in a
+copy of the repository; the tests that should see it are run on the copy. A mutation the tests survive is a hole.
+
+    python tests/mutations.py                 # all, about 3 minutes on 2 CPU cores
+    python tests/mutations.py invgan lia      # the mutations of some files only
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["tests/test_gradients.py"]
+
+# (name, file, original text, mutated text, the test files to run when the fast ones do not fail)
+MUTATIONS = [
+    # --- the mutations an independent review found surviving (issue 26)
+    (
+        "InvGAN D step ignores --lambda-latent",
+        "invgan.py",
+        "loss = adv + args.lambda_latent * l_lat",
+        "loss = adv + l_lat",
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN MMD with M(z) detached",
+        "invgan.py",
+        'terms["mmd"] = common.mmd_rbf(w.float(), w_r.float())',
+        'terms["mmd"] = common.mmd_rbf(w.detach().float(), w_r.float())',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN G-step latent target M(z) detached",
+        "invgan.py",
+        '"latent": latent_loss(w_all, w_tilde)}',
+        '"latent": latent_loss(torch.cat([w.detach(), w_all[len(w):]]), w_tilde)}',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN G-step prediction w~ detached",
+        "invgan.py",
+        '"latent": latent_loss(w_all, w_tilde)}',
+        '"latent": latent_loss(w_all, w_tilde.detach())}',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN D-step latent target D_w(x_real) not held fixed",
+        "invgan.py",
+        "        x_gen = G.synthesis(w)\n    x_real = x_real.detach()",
+        "        x_gen = G.synthesis(w)\n    w = torch.cat([w[:n_prior], D(x_real[:n_real])[1]]) if n_real else w\n"
+        "    x_real = x_real.detach()",
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN L_fm with f(x_real) not detached",
+        "invgan.py",
+        "w_r, f_real = (w_r if args.grad_through_wr else w_r.detach()), f_real.detach()",
+        "w_r, f_real = (w_r if args.grad_through_wr else w_r.detach()), f_real",
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN cycle term with w~ detached (target)",
+        "invgan.py",
+        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])',
+        'terms["cycle"] = latent_loss(w_tilde.detach(), D_fixed(G.synthesis(w_tilde))[1])',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN cycle term with w~ detached (input)",
+        "invgan.py",
+        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])',
+        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde.detach()))[1])',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "regressor: generator unfrozen inside train_regressor",
+        "regressor_inversion.py",
+        'device, x_test, G, s = run.device, run.x_test, gen["G"], gen["latent_scale"]',
+        'device, x_test, G, s = run.device, run.x_test, gen["G"].requires_grad_(True), gen["latent_scale"]',
+        ["tests/test_regressor_inversion.py"],
+    ),
+    (
+        "LIA refine init 'encoder' returns the mean code",
+        "lia.py",
+        '        if init == "encoder":\n            return E(x)',
+        '        if init == "encoder":\n            return E(x).mean(0, keepdim=True).repeat(n, 1)',
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA mean init is phi^-1(mean z)",
+        "lia.py",
+        "return torch.cat([phi_inverse(G, c) for c in z.split(1000)]).mean(0, keepdim=True).repeat(n, 1)",
+        "return phi_inverse(G, z.mean(0, keepdim=True)).repeat(n, 1)",
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA random init is a raw z",
+        "lia.py",
+        '        return phi_inverse(\n            G, common.sample_z(n, d, "normal", "cpu", '
+        "torch.Generator().manual_seed(seed + 1)).to(device)\n"
+        "        )",
+        '        return common.sample_z(n, d, "normal", "cpu", torch.Generator().manual_seed(seed + 1)).to(device)',
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA stage-2 discriminator not loaded from stage 1",
+        "lia.py",
+        'None if run.ckpt else ckpt["state_dicts"]["D"], "the discriminator"',
+        'None, "the discriminator"',
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA randomize_phi not called",
+        "lia.py",
+        '    if args.mapping == "invertible":\n        randomize_phi(G)\n',
+        '    if args.mapping == "invertible":\n        pass\n',
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA phi trained without its lr multiplier",
+        "lia.py",
+        '"lr": args.lr * (1.0 if builtin else args.mapping_lr_mul)}',
+        '"lr": args.lr}',
+        ["tests/test_lia.py"],
+    ),
+    (
+        "coupling non-linearity replaced by the identity",
+        "common.py",
+        "nn.Linear(half, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, half",
+        "nn.Linear(half, hidden), nn.Identity(), nn.Linear(hidden, half",
+        ["tests/test_lia.py", "tests/test_common.py"],
+    ),
+    # --- this project's own
+    (
+        "DLSGAN D step ignores --lambda-enc",
+        "dlsgan.py",
+        "+ args.lambda_enc * l_enc\n    r1",
+        "+ l_enc\n    r1",
+        ["tests/test_dlsgan.py"],
+    ),
+    (
+        "DLSGAN L_enc without the s^2 weights",
+        "dlsgan.py",
+        "return ((z - z_hat.float()).square() * s.square()).mean()",
+        "return (z - z_hat.float()).square().mean()",
+        ["tests/test_dlsgan.py"],
+    ),
+    (
+        "DLSGAN G step leaves D trainable",
+        "dlsgan.py",
+        "    D.requires_grad_(False)\n    z = common.sample_z(batch",
+        "    z = common.sample_z(batch",
+        ["tests/test_dlsgan.py"],
+    ),
+    (
+        "DLSGAN --dg term with the prediction detached",
+        "dlsgan.py",
+        "            loss = loss + args.lambda_enc * l_enc\n",
+        "            loss = loss + args.lambda_enc * l_enc.detach()\n",
+        ["tests/test_dlsgan.py"],
+    ),
+    (
+        "InvGAN MMD with w_R detached",
+        "invgan.py",
+        'terms["mmd"] = common.mmd_rbf(w.float(), w_r.float())',
+        'terms["mmd"] = common.mmd_rbf(w.float(), w_r.detach().float())',
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "LIA c learns on a live reconstruction (f gets c's gradient)",
+        "lia.py",
+        "fake_logit, _ = D(x_rec.detach())",
+        "fake_logit, _ = D(x_rec)",
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA encoder step ignores beta1",
+        "lia.py",
+        "loss = pixel.mean() + args.beta1 * perceptual.mean()",
+        "loss = pixel.mean() + 5e-5 * perceptual.mean()",
+        ["tests/test_lia.py"],
+    ),
+    (
+        "LIA c trainable during f's step",
+        "lia.py",
+        "    D.requires_grad_(False)\n    x_rec = decode(G, E(x_real), args.mapping)",
+        "    x_rec = decode(G, E(x_real), args.mapping)",
+        ["tests/test_lia.py"],
+    ),
+    (
+        "regressor ignores lambda_p",
+        "regressor_inversion.py",
+        "args.lambda_p * l_p",
+        "l_p",
+        ["tests/test_regressor_inversion.py"],
+    ),
+    (
+        "regressor's reconstruction with z_hat detached",
+        "regressor_inversion.py",
+        "x_hat = G(z_hat * s)",
+        "x_hat = G(z_hat.detach() * s)",
+        ["tests/test_regressor_inversion.py"],
+    ),
+    (
+        "regressor GAN's G step leaves D trainable",
+        "regressor_inversion.py",
+        '    D.requires_grad_(False)\n    g_loss = common.g_adv_loss("logistic"',
+        '    g_loss = common.g_adv_loss("logistic"',
+        ["tests/test_regressor_inversion.py"],
+    ),
+    (
+        "regressor GAN's G step on a detached fake",
+        "regressor_inversion.py",
+        'g_loss = common.g_adv_loss("logistic", D(x_fake)[0])',
+        'g_loss = common.g_adv_loss("logistic", D(x_fake.detach())[0])',
+        ["tests/test_regressor_inversion.py"],
+    ),
+    (
+        "LIA stage-1 R1 weight ignored",
+        "lia.py",
+        "(d_loss + r1_weight * r1).backward()\n    common.sync_gradients(D)\n    opt_d.step()\n\n"
+        "    D.requires_grad_(False)",
+        "(d_loss + r1).backward()\n    common.sync_gradients(D)\n    opt_d.step()\n\n    D.requires_grad_(False)",
+        ["tests/test_lia.py"],
+    ),
+    (
+        "InvGAN encoder step through w_R never taken",
+        "invgan.py",
+        "    if args.grad_through_wr:\n        opt_dr.step()",
+        "    if False:\n        opt_dr.step()",
+        ["tests/test_invgan.py"],
+    ),
+]
+
+
+def pytest(copy, files):
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+    r = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    failed = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED ")]
+    return r.returncode, failed
+
+
+def main(only):
+    chosen = [m for m in MUTATIONS if not only or any(m[1].startswith(o) for o in only)]
+    survived, t0 = [], time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "repo")
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("runs", ".git", "__pycache__", "*.png", "docs"))
+        for name, path, original, mutated, slow in chosen:
+            source = open(os.path.join(ROOT, path)).read()
+            if source.count(original) != 1:
+                sys.exit(f"mutation '{name}': its original text is in {path} {source.count(original)} times, not once")
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(source.replace(original, mutated))
+            rc, failed = pytest(copy, FAST)
+            if rc == 0:
+                rc, failed = pytest(copy, slow)
+            with open(os.path.join(copy, path), "w") as f:
+                f.write(source)
+            verdict = f"caught by {failed[0]}" if failed else ("caught (exit %d)" % rc if rc else "SURVIVED")
+            print(f"{name:<62} {verdict}", flush=True)
+            if rc == 0:
+                survived.append(name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} mutations caught ({time.time() - t0:.0f} s)")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
