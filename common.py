@@ -105,6 +105,16 @@ def _to_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def zero_border(dataset: str, resolution: int) -> int:
+    """The zero border that ``_to_resolution`` puts around a 28 px data set shown at 32 px (2), else 0. A metric on
+    the images' own pixels crops it away: at 32 px a quarter of the pixels are that easy border."""
+    return 2 if dataset in ("mnist", "fashion-mnist") and resolution == 32 else 0
+
+
+def unpadded(x: torch.Tensor, border: int) -> torch.Tensor:
+    return x[..., border:-border, border:-border] if border else x
+
+
 def _torchvision_dataset(cls, name: str, data_root: str | None, **kwargs):
     """Look in the offline cache first, then --data-root, then let torchvision download (needs internet)."""
     roots = [DATA_DIR] + ([data_root] if data_root else [])
@@ -1126,14 +1136,17 @@ def region_metrics(x, x_rec, mask, lpips, batch=50):
     return out
 
 
-def random_masks(n, resolution, generator=None, device="cpu", grid=6, low=0.3, span=0.7):
+def random_masks(n, resolution, generator=None, device="cpu", grid=6, low=0.3, span=0.7, keep="below"):
     """Chai et al.'s training masks: uniform noise on a ``grid`` x ``grid`` grid, bilinearly upsampled to the image,
-    keep (1) where the noise is below a cutoff drawn once per call (per batch) as ``rand * span + low``.
+    keep (1) where the noise is below a cutoff drawn once per call (per batch) as ``rand * span + low`` (their code;
+    about 2/3 kept on average); ``keep="above"`` keeps the rest, as paper 004's text reads ("masked out at all
+    pixels where this upsampled noise is smaller than a sampled threshold"; about 1/3 kept).
     Returns (masks (n, 1, R, R) in {0, 1}, the cutoff)."""
     noise = torch.rand(n, 1, grid, grid, generator=generator, device=device)
     cutoff = torch.rand((), generator=generator, device=device) * span + low
     up = F.interpolate(noise, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return (up < cutoff).float(), float(cutoff)
+    kept = up < cutoff if keep == "below" else up >= cutoff
+    return kept.float(), float(cutoff)
 
 
 def fixed_masks(family, n, resolution, seed=0, device="cpu"):

@@ -14,7 +14,14 @@ w_R: the self-supervised signal that teaches D to encode real images. Each term 
 
 "mean ||a - b||^2" is the mean over samples and dimensions. In G's step D is a fixed function of the generated
 images (its weights get no gradient from them); the only path from G's losses into D's weights is w_R, used only
-with --grad-through-wr, and then D's encoder takes its own Adam step on that gradient. The adversarial term's
+with --grad-through-wr, and then D's encoder takes its own Adam step on that gradient.
+
+Two readings differ from Eq. 3 as printed, each with a flag for the literal form (measured in docs/invgan.md):
+- L_fm pairs each real image with its own reconstruction, mean ||f(x) - f(G(D_w(x)))||^2; Eq. 2 puts the
+  expectation inside the norm, ||E_x [f(x) - f(G(D_w(x)))]||^2 (``--fm-form eq2``).
+- D learns L_lat, L_cyc, L_fm and MMD in G's step only through w_R (its codes and features of G's images come from a
+  frozen copy), while Eq. 3 puts all of them under min_D; ``--min-d-on-fakes`` lets those passes train D too (its
+  logit of G's images still trains G only). D's own step learns L_lat on G's batch either way. The adversarial term's
 share of it is dropped unless --wr-adv-grad: D's encoder is taught to infer codes that help G *reproduce* the
 image (the paper's reading), not codes that help G fool D itself (docs/invgan.md says why).
 
@@ -129,9 +136,12 @@ def latent_loss(w, w_tilde):
     return (w.float() - w_tilde.float()).square().mean()
 
 
-def feature_matching_loss(f_real, f_rec):
-    """L_fm (Eq. 2) with the real image and its own reconstruction paired: mean ||f(x) - f(G(D_w(x)))||^2."""
-    return (f_real.float() - f_rec.float()).square().mean()
+def feature_matching_loss(f_real, f_rec, form="paired"):
+    """L_fm with the real image and its own reconstruction paired, mean ||f(x) - f(G(D_w(x)))||^2 (the default), or
+    Eq. 2 as printed, the expectation inside the norm: ||E_x [f(x) - f(G(D_w(x)))]||^2 ('eq2', a first-moment match
+    over the batch that a per-image error can hide in). Both are means over feature dimensions, so one lambda fits."""
+    diff = f_real.float() - f_rec.float()
+    return (diff.mean(0) if form == "eq2" else diff).square().mean()
 
 
 def split_sizes(batch, args):
@@ -174,6 +184,7 @@ def g_losses(G, D, x_real, args, z):
     w_R = D_w(x_real[:n_real]), and only with --grad-through-wr; D's features of x_real are a fixed target."""
     n_prior, n_real = len(z), split_sizes(len(x_real), args)[1]
     D_fixed = copy.deepcopy(D).requires_grad_(False)  # D as a fixed function of the generated images
+    D_enc = D if args.min_d_on_fakes else D_fixed  # --min-d-on-fakes: Eq. 3's min_D over G's images as well
     with common.autocast(x_real.device, args.amp):
         w = G.mapping(z)
         if n_real:
@@ -185,13 +196,15 @@ def g_losses(G, D, x_real, args, z):
             w_all = w
         x_gen = G.synthesis(w_all)
         gen_logit, w_tilde, f_gen = d_all(D_fixed, x_gen)
+        if args.min_d_on_fakes:  # D's codes and features of G's images are live; its logit never trains D here
+            _, w_tilde, f_gen = d_all(D, x_gen)
         terms = {"adv": common.g_adv_loss(args.loss, gen_logit.float()), "latent": latent_loss(w_all, w_tilde)}
         total = terms["adv"] + (args.lambda_latent * terms["latent"] if args.latent_in_g else 0.0)
         if args.lambda_cycle > 0:  # encode the reconstruction again: w~ -> G -> D_w -> w~~
-            terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])
+            terms["cycle"] = latent_loss(w_tilde, D_enc(G.synthesis(w_tilde))[1])
             total = total + args.lambda_cycle * terms["cycle"]
         if args.lambda_fm > 0:
-            terms["fm"] = feature_matching_loss(f_real, f_gen[n_prior:])
+            terms["fm"] = feature_matching_loss(f_real, f_gen[n_prior:], args.fm_form)
             total = total + args.lambda_fm * terms["fm"]
         if args.lambda_mmd > 0:
             terms["mmd"] = common.mmd_rbf(w.float(), w_r.float())
@@ -280,8 +293,14 @@ def evaluate(G, D, x_test, args, device):
     w_real = encode(D, x_test, args.crop)
     x_rec = decode(G, w_real)
     n = min(len(w), 256)
+    border = common.zero_border(args.dataset, x_test.shape[-1])  # the paper's MAE is on 28 x 28 digits
     return {
         "eval/real_mae": common.mae(x_test, x_rec).item(),
+        **(
+            {"eval/real_mae_28px": common.mae(*(common.unpadded(t, border) for t in (x_test, x_rec))).item()}
+            if border
+            else {}
+        ),
         "eval/real_mse": common.mse(x_test, x_rec).item(),
         "eval/real_psnr": common.psnr(x_test, x_rec).item(),
         "eval/real_ssim": common.ssim(x_test, x_rec).item(),
@@ -487,8 +506,14 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
             recorded["dataset"], recorded["resolution"], recorded["eval_images"], device, recorded["data_root"]
         )
         x_rec = reconstruct(G, D, x, recorded.get("crop", 0))
+        border = common.zero_border(recorded["dataset"], x.shape[-1])
         row = {
             "mae": common.mae(x, x_rec).item(),
+            **(
+                {"mae_28px": common.mae(common.unpadded(x, border), common.unpadded(x_rec, border)).item()}
+                if border
+                else {}
+            ),
             "mse": common.mse(x, x_rec).item(),
             "psnr": common.psnr(x, x_rec).item(),
             "ssim": common.ssim(x, x_rec).item(),
@@ -510,6 +535,7 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
     cells = {
         label: {
             "MAE": f"{r['mae']:.4f}",
+            **({"MAE 28px": f"{r['mae_28px']:.4f}"} if "mae_28px" in r else {}),
             "MSE": f"{r['mse']:.4f}",
             "PSNR": f"{r['psnr']:.2f}",
             "SSIM": f"{r['ssim']:.3f}",
@@ -595,6 +621,19 @@ def parse_args(argv=None):
     p.add_argument("--lambda-fm", type=float, default=None, help="weight of L_fm (default: from --variant)")
     p.add_argument("--lambda-cycle", type=float, default=None, help="weight of L_cyc (default: from --variant)")
     p.add_argument("--lambda-mmd", type=float, default=None, help="weight of MMD{w, w_R} (default: from --variant)")
+    p.add_argument(
+        "--fm-form",
+        default="paired",
+        choices=["paired", "eq2"],
+        help="L_fm per (image, reconstruction) pair, or Eq. 2 as printed: the batch mean inside the norm",
+    )
+    p.add_argument(
+        "--min-d-on-fakes",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Eq. 3 literally: G-step terms also train D through its codes and features of G's images (needs "
+        "--grad-through-wr); off: only through w_R",
+    )
     # optimization
     p.add_argument("--loss", default="logistic", choices=common.GAN_LOSSES, help="adversarial loss (paper: NSGAN)")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (split over DDP ranks)")
@@ -686,6 +725,8 @@ def validate_args(args):
                 common.fail(f"{flag} needs the real codes w_R in G's batch; add --real-codes or drop {flag}")
     if args.inpaint_size <= 0:
         common.fail(f"--inpaint-size must be in (0, 1) (got {args.inpaint_size})")
+    if args.min_d_on_fakes and not args.grad_through_wr:
+        common.fail("--min-d-on-fakes trains D in G's step, which only --grad-through-wr does; add it or drop the flag")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def training_masks(n, args, device, generator=None):
     """A batch of training masks (1 = kept), Chai et al.'s recipe; all ones with --no-mask."""
     if args.no_mask:
         return torch.ones(n, 1, args.resolution, args.resolution, device=device)
-    return common.random_masks(n, args.resolution, generator, device, args.mask_grid, args.mask_low, args.mask_span)[0]
+    grid, low, span = args.mask_grid, args.mask_low, args.mask_span
+    return common.random_masks(n, args.resolution, generator, device, grid, low, span, args.mask_keep)[0]
 
 
 def regressor_input(x, mask, with_mask_channel: bool):
@@ -536,6 +537,13 @@ def parse_args(argv=None):
     p.add_argument("--mask-grid", type=int, default=6, help="mask noise grid (Chai et al.: 6 x 6)")
     p.add_argument("--mask-low", type=float, default=0.3, help="cutoff = rand * mask-span + mask-low, per batch")
     p.add_argument("--mask-span", type=float, default=0.7, help="see --mask-low")
+    p.add_argument(
+        "--mask-keep",
+        default="below",
+        choices=["below", "above"],
+        help="keep pixels whose noise is below the cutoff (Chai et al.'s code, ~2/3 kept) or above it (paper 004's "
+        "text, ~1/3 kept)",
+    )
     p.add_argument(
         "--perceptual",
         default="lpips",

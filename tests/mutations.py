@@ -185,10 +185,10 @@ MUTATIONS = [
         ["tests/test_lia.py"],
     ),
     (
-        "LIA c trainable during f's step",
+        "LIA f's adversarial term on the real images, not on x~",
         "lia.py",
-        "    D.requires_grad_(False)\n    x_rec = decode(G, E(x_real), args.mapping)",
-        "    x_rec = decode(G, E(x_real), args.mapping)",
+        "    fake_logit, _ = D(x_rec)\n    adv = common.g_adv_loss(args.loss, fake_logit)",
+        "    fake_logit, _ = D(x_real)\n    adv = common.g_adv_loss(args.loss, fake_logit)",
         ["tests/test_lia.py"],
     ),
     (
@@ -201,8 +201,8 @@ MUTATIONS = [
     (
         "regressor's reconstruction with z_hat detached",
         "regressor_inversion.py",
-        "x_hat = G(z_hat * s)",
-        "x_hat = G(z_hat.detach() * s)",
+        "    x_hat = G(z_hat * s)\n    l_pix",
+        "    x_hat = G(z_hat.detach() * s)\n    l_pix",
         ["tests/test_regressor_inversion.py"],
     ),
     (

@@ -624,3 +624,26 @@ def test_equalized_discriminator_learns_a_regression_slowly_unless_its_lr_is_une
     (lr_conv,) = [g["lr"] for g in groups if g["params"][0] is conv.weight]
     (lr_bias,) = [g["lr"] for g in groups if g["params"][0] is conv.bias]
     assert lr_conv == pytest.approx(1e-3 * 12) and lr_bias == 1e-3
+
+
+def test_zero_border_is_exactly_the_padding_of_28_px_data_at_32():
+    x = common.test_images("mnist", 32, 64, "cpu")
+    b = common.zero_border("mnist", 32)
+    assert b == 2 and common.zero_border("mnist", 28) == 0 and common.zero_border("cifar10", 32) == 0
+    inner = torch.ones_like(x, dtype=torch.bool)
+    inner[..., b:-b, b:-b] = False
+    assert (x[inner] == -1).all() and common.unpadded(x, b).shape[-1] == 28  # the border is black padding, all of it
+    x_rec = x.clone()
+    x_rec[..., b:-b, b:-b] += 0.1
+    # the same error on the digits' own pixels reads 1.31 times smaller over the padded image: 28^2 / 32^2
+    assert common.mae(x, x_rec).item() * 32**2 / 28**2 == pytest.approx(
+        common.mae(*(common.unpadded(t, b) for t in (x, x_rec))).item(), rel=1e-4
+    )
+
+
+def test_random_masks_keep_below_or_above_the_cutoff_are_complements():
+    below, c1 = common.random_masks(256, 32, torch.Generator().manual_seed(4))
+    above, c2 = common.random_masks(256, 32, torch.Generator().manual_seed(4), keep="above")
+    assert c1 == c2 and torch.equal(below + above, torch.ones_like(below))
+    kept = [common.random_masks(64, 32, torch.Generator().manual_seed(s))[0].mean().item() for s in range(200)]
+    assert 0.6 < sum(kept) / len(kept) < 0.72  # Chai et al.'s code keeps about two thirds; paper 004's text a third

@@ -96,22 +96,25 @@ def invgan_groups(G, D):
     return {"M": G.mapping, "synthesis": G.synthesis, **d_groups(D)}
 
 
-def invgan_eq3(G, D, x, z):
+def invgan_eq3(G, D, x, z, fm_form="paired", min_d_on_fakes=False):
     """Eq. 3's G-side terms from the paper: G's batch is [M(z); w_R], w_R = D_w(x_real) the one live pass through D;
-    D judges and encodes G's images as a fixed function (a frozen copy); f(x_real) is a fixed target."""
+    D judges and encodes G's images as a fixed function (a frozen copy); f(x_real) is a fixed target. With
+    ``min_d_on_fakes`` D's codes and features of G's images are live too (its logit still is not)."""
     n_real = len(x) // 2
-    D_fixed = copy.deepcopy(D).requires_grad_(False)
+    D_judge = copy.deepcopy(D).requires_grad_(False)
+    D_fixed = D if min_d_on_fakes else D_judge
     w = G.mapping(z)
     w_r = D(x[:n_real])[1]
     f_real = D.features(x[:n_real]).detach()
     w_all = torch.cat([w, w_r])
     x_gen = G.synthesis(w_all)
-    logit, w_tilde = D_fixed(x_gen)
+    logit, w_tilde = D_judge(x_gen)[0], D_fixed(x_gen)[1]
+    fm_diff = f_real - D_fixed.features(x_gen[len(z) :])
     return {
         "adv": F.softplus(-logit).mean(),
         "latent": (w_all - w_tilde).square().mean(),
         "cycle": (w_tilde - D_fixed(G.synthesis(w_tilde))[1]).square().mean(),
-        "fm": (f_real - D_fixed.features(x_gen[len(z) :])).square().mean(),
+        "fm": (fm_diff.mean(0) if fm_form == "eq2" else fm_diff).square().mean(),
         "mmd": common.mmd_rbf(w, w_r),
     }
 
@@ -142,6 +145,25 @@ def test_invgan_each_g_term_reaches_exactly_its_groups(term, through_wr):
     if not through_wr:
         reference = invgan_eq3(G, copy.deepcopy(D), x, z)[term]  # w_R a constant: D's own copy gets the gradient
     same_gradients(terms[term], reference, [G] + ([D] if through_wr else []))
+
+
+@pytest.mark.parametrize("term", ["latent", "cycle", "fm", "mmd"])
+def test_invgan_literal_forms_of_eq2_and_eq3(term):
+    """--fm-form eq2 (the batch mean inside the norm) and --min-d-on-fakes (D minimizes the G-step terms through its
+    codes and features of G's images as well): each term's whole gradient against the literal equation."""
+    args, G, D = invgan_nets("--fm-form", "eq2", "--min-d-on-fakes")
+    x, z = invgan_batch()
+    _, terms = invgan.g_losses(G, D, x, args, z)
+    assert reached(terms[term], invgan_groups(G, D)) == INVGAN_REACHES[term]
+    same_gradients(terms[term], invgan_eq3(G, D, x, z, "eq2", min_d_on_fakes=True)[term], [G, D])
+    if term in ("latent", "cycle", "fm"):  # and the literal form is another gradient for D than the default's
+        default = invgan_eq3(G, D, x, z, "eq2")[term]
+        d_params = list(D.parameters())
+        assert any(
+            (a - b).abs().max() > 1e-9 for a, b in zip(gradients(terms[term], d_params), gradients(default, d_params))
+        )
+    with pytest.raises(SystemExit, match="--grad-through-wr"):
+        invgan_nets("--min-d-on-fakes", "--no-grad-through-wr")
 
 
 @pytest.mark.parametrize("wr_adv_grad", [False, True])
