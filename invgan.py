@@ -21,9 +21,10 @@ Two readings differ from Eq. 3 as printed, each with a flag for the literal form
   expectation inside the norm, ||E_x [f(x) - f(G(D_w(x)))]||^2 (``--fm-form eq2``).
 - D learns L_lat, L_cyc, L_fm and MMD in G's step only through w_R (its codes and features of G's images come from a
   frozen copy), while Eq. 3 puts all of them under min_D; ``--min-d-on-fakes`` lets those passes train D too (its
-  logit of G's images still trains G only). D's own step learns L_lat on G's batch either way. The adversarial term's
-share of it is dropped unless --wr-adv-grad: D's encoder is taught to infer codes that help G *reproduce* the
-image (the paper's reading), not codes that help G fool D itself (docs/invgan.md says why).
+  logit of G's images still trains G only). D's own step learns L_lat on G's batch either way.
+Through w_R the adversarial term's share of G's gradient is dropped unless --wr-adv-grad: D's encoder is taught to
+infer codes that help G *reproduce* the image (the paper's reading), not codes that help G fool D itself
+(docs/invgan.md says why).
 
 The ablation of section 4.4 (Fig. 5), ``--variant``:
     naive      L_GAN + L_lat on fakes only (G's batch is all M(z))
@@ -243,25 +244,12 @@ def random_crops(x, size):
     return torch.stack([img[:, t : t + size, c : c + size] for img, t, c in zip(x, top, left)])
 
 
-def to_tiles(x, tile):
-    """(n, C, k t, k t) -> (n k^2, C, t, t): each image's tiles in row-major order."""
-    n, c, r, _ = x.shape
-    k = r // tile
-    return x.reshape(n, c, k, tile, k, tile).permute(0, 2, 4, 1, 3, 5).reshape(n * k * k, c, tile, tile)
-
-
-def from_tiles(tiles, k):
-    """The inverse of ``to_tiles``: (n k^2, C, t, t) -> (n, C, k t, k t)."""
-    n, c, t = len(tiles) // (k * k), tiles.shape[1], tiles.shape[-1]
-    return tiles.reshape(n, k, k, c, t, t).permute(0, 3, 1, 4, 2, 5).reshape(n, c, k * t, k * t)
-
-
 @torch.no_grad()
 def encode(D, x, tile=0, batch=250):
     """D's inferred w of each image, (n, w_dim); with ``tile`` (--crop) and images larger than it, the w of each
     tile, inverted independently: (n, tiles, w_dim)."""
     if tile and x.shape[-1] > tile:
-        codes = encode(D, to_tiles(x, tile), batch=batch)
+        codes = encode(D, common.to_tiles(x, tile), batch=batch)
         return codes.view(len(x), -1, codes.shape[-1])
     return torch.cat([D(chunk)[1].float() for chunk in x.split(batch)])
 
@@ -270,7 +258,7 @@ def encode(D, x, tile=0, batch=250):
 def decode(G, w, batch=250):
     """G.synthesis(w) in [-1, 1]; codes of tiles, (n, tiles, w_dim), are synthesized tile by tile and stitched."""
     if w.dim() == 3:
-        return from_tiles(decode(G, w.flatten(0, 1), batch), math.isqrt(w.shape[1]))
+        return common.from_tiles(decode(G, w.flatten(0, 1), batch), math.isqrt(w.shape[1]))
     return torch.cat([G.synthesis(chunk).float().clamp(-1, 1) for chunk in w.split(batch)])
 
 

@@ -9,6 +9,12 @@ layers, Eqs. 5-6), so the intermediate latent y and the prior's z are exact inve
                     L = ||x - x~||^2 + beta1 ||VGG16 conv4_3(x) - conv4_3(x~)||^2 + beta2 softplus(-c(x~))  (Eqs. 7, 12)
     stage refine    y* = argmin_y L(x, g(y))   (Eq. 13), from three inits (random, mean y, f(x)), in y and in z
 
+Two choices a reader copying this should know (docs/lia.md measures both): VGG16 is torchvision's ImageNet network
+(trained on std-normalised RGB) fed the authors' Caffe-style input, [0, 255] minus the mean (their Keras VGG16's),
+so that beta1 = 5e-5 keeps its weight (``--vgg-input``); phi is plain layers at lr x 0.01 (``--mapping-lr-mul``), so
+at CPU budgets it stays within ~2 % of its random initialisation (logged as eval/phi_*_change), and "y versus z"
+compares g's input with a near-random bijection.
+
 What it reproduces (docs/lia.md): Fig. 11 (the encoder's init converges faster and lower), Fig. 10 / section 6.4
 (refinement in y beats refinement in z from the same start), Table 2 (perceptual path length in z and in y), Table 3
 (reconstruction of held-out images against the "StyleGAN + encoder" arm, ``--mapping mlp``, and eval.py's
@@ -37,6 +43,7 @@ without importing this file: ``inversion.encoder_space`` says the encoder output
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -197,6 +204,19 @@ def randomize_phi(G):
         step.net[-1].reset_parameters()
 
 
+def phi_movement(mapping, mapping_init, z):
+    """How far training moved phi from its initialisation: the relative change of its weights,
+    ||theta - theta_0|| / ||theta_0||, and of its output, mean ||phi^-1(z) - phi_0^-1(z)|| / mean ||phi_0^-1(z)||
+    (docs/lia.md measures it)."""
+    now = torch.cat([p.detach().flatten() for p in mapping.parameters()])
+    init = torch.cat([p.flatten() for p in mapping_init.parameters()])
+    y, y_init = mapping(z), mapping_init(z)
+    return {
+        "eval/phi_weight_change": ((now - init).norm() / init.norm()).item(),
+        "eval/phi_output_change": ((y - y_init).norm(dim=1).mean() / y_init.norm(dim=1).mean()).item(),
+    }
+
+
 def variance_preserving_mlp(G):
     """He init (leaky ReLU 0.2) for the DCGAN generator's MLP, as StyleGAN's equalized layers have it. nn.Linear's
     default init shrinks the signal about 3x per layer: through 8 layers w varied by 1e-3 across z, below
@@ -288,6 +308,8 @@ def train_gan(args):
     elif args.arch == "dcgan":
         variance_preserving_mlp(G)
     common.broadcast_module(G), common.broadcast_module(D)
+    # phi as it started, to measure how far training moves it (a resumed run rebuilds the same init from the seed)
+    phi_init = copy.deepcopy(G.mapping).requires_grad_(False) if args.mapping == "invertible" else None
     G_ema = common.EMA(G, half_life_kimg=args.ema_kimg, rampup=args.ema_rampup)
     opt_g = torch.optim.Adam(generator_param_groups(G, args), lr=args.lr, betas=args.betas)
     d_lr, d_betas = common.lazy_regularization_adam(args.lr, args.betas, args.r1_interval if args.r1 > 0 else 1)
@@ -317,13 +339,20 @@ def train_gan(args):
                 if args.mapping == "invertible":  # phi must stay exact while it trains
                     y = phi_inverse(G_ema.model, z)
                     metrics["eval/phi_roundtrip_max_err"] = (phi(G_ema.model, y) - z).abs().max().item()
+                    metrics.update(phi_movement(G_ema.model.mapping, phi_init, z))
                 metrics["eval/y_std"] = phi_inverse(G_ema.model, z).std().item()
             row = run.log(metrics)
             common.save_image_grid(generate_batched(G_ema.model, z[:64]), os.path.join(run.run_dir, "samples.png"))
             roundtrip = row.get("eval/phi_roundtrip_max_err")
             print(
                 f"  eval @ {step}: D {row['losses/D']:.4f} G {row['losses/G']:.4f} (means since the last eval)"
-                + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else ""),
+                + (f" | phi round trip max error {roundtrip:.2e}" if roundtrip is not None else "")
+                + (
+                    f" | phi moved {row['eval/phi_weight_change']:.2%} (weights), "
+                    f"{row['eval/phi_output_change']:.2%} (y)"
+                    if phi_init is not None
+                    else ""
+                ),
                 flush=True,
             )
         if run.due("save"):

@@ -8,7 +8,8 @@ Eq. 2, on pairs (z, x = G(z)) with the generator frozen:
     L = ||x - G(E(x * m, m))||^2 + L_p(x, G(E(x * m, m))) + L_z(z, E(x * m, m))
 
 m: uniform noise on a 6 x 6 grid, bilinearly upsampled, kept where below a cutoff drawn per batch as
-rand * 0.7 + 0.3 (Chai et al.'s code). L_p: VGG16 conv4_3 features (real ImageNet weights) or LPIPS-VGG;
+rand * 0.7 + 0.3 (Chai et al.'s code, ~2/3 kept; paper 004's text masks out the pixels below it, ~1/3 kept:
+``--mask-keep above``, measured in docs/regressor_inversion.md). L_p: VGG16 conv4_3 features (real ImageNet weights) or LPIPS-VGG;
 L_z: MSE, or 1 - cos for a normalised prior. ``--no-mask`` trains the plain regressor E(x) for the ablation.
 
 Two stages (MNIST by default):
@@ -164,7 +165,9 @@ def gan_specs(args, img_channels):
 
 def gan_step(G, D, opt_g, opt_d, x_real, args, device, r1_weight=0.0):
     """Binary cross-entropy GAN (the non-saturating form for G): D on real and fake batches (+ R1 on the real ones
-    when ``r1_weight`` > 0: the lazy steps pass r1 * interval), then G."""
+    when ``r1_weight`` > 0: the lazy steps pass r1 * interval), then G. StyleGAN2 takes lazy R1 as a separate Adam
+    step; here it is added to that step's D loss (one Adam step, whose normalization sees the sum), while D's lr and
+    betas carry StyleGAN2's lazy correction all the same (common.lazy_regularization_adam)."""
     z = common.sample_z(len(x_real), args.latent_dim, "normal", device)
     x_fake = G(z)
     x_real = x_real.detach().requires_grad_(r1_weight > 0)

@@ -65,15 +65,15 @@ MUTATIONS = [
     (
         "InvGAN cycle term with w~ detached (target)",
         "invgan.py",
-        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])',
-        'terms["cycle"] = latent_loss(w_tilde.detach(), D_fixed(G.synthesis(w_tilde))[1])',
+        'terms["cycle"] = latent_loss(w_tilde, D_enc(G.synthesis(w_tilde))[1])',
+        'terms["cycle"] = latent_loss(w_tilde.detach(), D_enc(G.synthesis(w_tilde))[1])',
         ["tests/test_invgan.py"],
     ),
     (
         "InvGAN cycle term with w~ detached (input)",
         "invgan.py",
-        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde))[1])',
-        'terms["cycle"] = latent_loss(w_tilde, D_fixed(G.synthesis(w_tilde.detach()))[1])',
+        'terms["cycle"] = latent_loss(w_tilde, D_enc(G.synthesis(w_tilde))[1])',
+        'terms["cycle"] = latent_loss(w_tilde, D_enc(G.synthesis(w_tilde.detach()))[1])',
         ["tests/test_invgan.py"],
     ),
     (
@@ -234,6 +234,69 @@ MUTATIONS = [
         "    if False:\n        opt_dr.step()",
         ["tests/test_invgan.py"],
     ),
+    (
+        "InvGAN --fm-form eq2 keeps the expectation outside the norm",
+        "invgan.py",
+        'return (diff.mean(0) if form == "eq2" else diff).square().mean()',
+        "return diff.square().mean()",
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "InvGAN --min-d-on-fakes leaves D's encoding of G's images fixed",
+        "invgan.py",
+        "D_enc = D if args.min_d_on_fakes else D_fixed",
+        "D_enc = D_fixed",
+        ["tests/test_invgan.py"],
+    ),
+    (
+        "regressor --mask-keep above ignored",
+        "common.py",
+        'kept = up < cutoff if keep == "below" else up >= cutoff',
+        "kept = up < cutoff",
+        ["tests/test_common.py"],
+    ),
+    (
+        "eval RandRecFID scores the samples themselves",
+        "eval.py",
+        '"randrec": lambda: batched(inv.decode, batched(inv.encode, samples[: args.n_fid], bs), bs),',
+        '"randrec": lambda: samples[: args.n_fid],',
+        ["tests/test_eval.py"],
+    ),
+    (
+        "eval optimization loss on the clamped image",
+        "eval.py",
+        "x_rec = inv.synthesize(space, code, clamp=False)",
+        "x_rec = inv.synthesize(space, code)",
+        ["tests/test_eval.py"],
+    ),
+    (
+        "eval in-domain without its VGG term",
+        "eval.py",
+        "if vgg is not None and vgg_weight:",
+        "if False:",
+        ["tests/test_eval.py"],
+    ),
+    (
+        "eval --opt-loss lpips keeps the MSE",
+        "eval.py",
+        'return {**kw, "pixel": args.opt_loss != "lpips"}, args.opt_loss',
+        'return {**kw, "pixel": True}, args.opt_loss',
+        ["tests/test_eval.py"],
+    ),
+    (
+        "eval inverts a tiled InvGAN checkpoint untiled",
+        "eval.py",
+        "self.tiles_per_side = full // crop if crop and full > crop else 0",
+        "self.tiles_per_side = 0",
+        ["tests/test_invgan.py::test_tiled_training_run"],
+    ),
+    (
+        "LIA phi's movement measured against the trained phi",
+        "lia.py",
+        "phi_init = copy.deepcopy(G.mapping).requires_grad_(False)",
+        "phi_init = G.mapping",
+        ["tests/test_lia.py"],
+    ),
 ]
 
 
@@ -247,13 +310,15 @@ def pytest(copy, files):
 def main(only):
     chosen = [m for m in MUTATIONS if not only or any(m[1].startswith(o) for o in only)]
     survived, t0 = [], time.time()
+    for name, path, original, _, _ in chosen:  # every text checked before anything runs
+        count = open(os.path.join(ROOT, path)).read().count(original)
+        if count != 1:
+            sys.exit(f"mutation '{name}': its original text is in {path} {count} times, not once; update mutations.py")
     with tempfile.TemporaryDirectory() as tmp:
         copy = os.path.join(tmp, "repo")
         shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("runs", ".git", "__pycache__", "*.png", "docs"))
         for name, path, original, mutated, slow in chosen:
             source = open(os.path.join(ROOT, path)).read()
-            if source.count(original) != 1:
-                sys.exit(f"mutation '{name}': its original text is in {path} {source.count(original)} times, not once")
             with open(os.path.join(copy, path), "w") as f:
                 f.write(source.replace(original, mutated))
             rc, failed = pytest(copy, FAST)

@@ -2,12 +2,14 @@
 second LPIPS built on torchvision's VGG16), optimization inversion on a tiny trained generator, and the
 comparison command end to end on tiny checkpoints, with its one-line errors."""
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -307,9 +309,9 @@ def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
     # the in-domain loss, by hand: MSE(G(code), x) + weight * mean((code - E(G(code)))^2), per image
     code = inv.encode(x) + 0.3 * torch.randn(4, inv.z_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        x_code = inv.synthesize("z", code)
+        x_code = inv.synthesize("z", code, clamp=False)  # the loss sees G's image unclamped
         mse = (x_code - x).square().flatten(1).mean(1)
-        reg = (code - inv.encode(x_code)).square().mean(1)
+        reg = (code - inv.encode(x_code.clamp(-1, 1))).square().mean(1)
         assert torch.allclose(ev.inversion_loss(inv, "z", code, x, indomain_weight=2.0), mse + 2.0 * reg, rtol=1e-5)
         assert torch.allclose(ev.inversion_loss(inv, "z", code, x), mse, rtol=1e-6)
     # and it acts: codes optimized with it stay closer to where the encoder maps their images
@@ -552,12 +554,12 @@ def test_inpainting_columns_sit_before_the_timing_columns():
 
 
 def test_masked_inversion_loss_never_sees_the_hole():
-    """With a mask, MSE and LPIPS (--opt-lpips) fit the kept pixels only: the target's hidden pixels, and the
+    """With a mask, MSE and LPIPS (--opt-loss mse+lpips) fit the kept pixels only: the target's hidden pixels, and the
     output's pixels in the hole, do not change the loss (VGG's receptive fields would carry them otherwise)."""
 
     class Identity:  # an "inverter" whose code is the image itself
-        def synthesize(self, space, code):
-            return code
+        def synthesize(self, space, code, clamp=True):
+            return code.clamp(-1, 1) if clamp else code
 
     g = torch.Generator().manual_seed(0)
     x, code = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -576,3 +578,106 @@ def test_masked_inversion_loss_never_sees_the_hole():
         Identity(), "x", code + mask * 0.3, x, mask=mask
     )
     assert not torch.allclose(lpips_moved, ref - mse_only, atol=1e-4)  # and it reads the kept pixels
+
+
+class ImageCode:
+    """An "inverter" whose code is the image itself and whose generator has a linear output (no tanh)."""
+
+    device = torch.device("cpu")
+
+    def synthesize(self, space, code, clamp=True):
+        return code.clamp(-1, 1) if clamp else code
+
+
+def test_the_loss_sees_the_unclamped_image_so_overshooting_pixels_keep_their_gradient():
+    """The StyleGAN2 projector does not clamp before its loss: a linear-output generator's pixel above 1, with a
+    target of 1, must be pulled back (clamped first, its gradient would be exactly 0)."""
+    code = torch.full((1, 1, 4, 4), 1.5, requires_grad=True)
+    ev.inversion_loss(ImageCode(), "x", code, torch.ones(1, 1, 4, 4)).sum().backward()
+    assert (code.grad > 0).all()
+    code.grad = None
+    ((ImageCode().synthesize("x", code) - 1).square().mean()).backward()  # what clamping first would give
+    assert (code.grad == 0).all()
+
+    # and what is returned (and scored) is clamped: 10 steps from 1.5 towards a target of 1 do not get below 1
+    class Start(ImageCode):
+        def mean_code(self, space, n):
+            return torch.full((n, 1, 4, 4), 1.5)
+
+    code_end, x_rec = ev.invert_by_optimization(Start(), torch.ones(1, 1, 4, 4), "x", "mean", steps=10, lr=0.01)
+    assert (code_end < 1.5).all() and (code_end > 1).all() and (x_rec == 1).all()
+
+
+def test_each_baseline_minimises_its_papers_loss():
+    """opt / hybrid: --opt-loss (MSE; MSE + LPIPS; LPIPS alone, the StyleGAN2 projector's); indomain: In-Domain
+    inversion's MSE + 5e-5 x VGG16 conv4_3 on Caffe-style input + 2 x the domain term, each term against a
+    reference computed here."""
+    g = torch.Generator().manual_seed(3)
+    x, code = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    lpips = common.LPIPS()
+    args = argparse.Namespace(opt_loss="mse", lpips_weight=0.5, indomain_weight=2.0, indomain_vgg=5e-5)
+    keys = {}
+    for opt_loss in ev.OPT_LOSSES:
+        args.opt_loss = opt_loss
+        kw, label = ev.baseline_loss("opt", args, lpips, torch.device("cpu"))
+        terms = ev.inversion_terms(ImageCode(), "x", code, x, **kw)
+        keys[opt_loss] = set(terms)
+        assert label == opt_loss
+        if "lpips" in terms:
+            assert torch.allclose(terms["lpips"], 0.5 * lpips(code, x), atol=1e-6)
+    assert keys == {"mse": {"mse"}, "mse+lpips": {"mse", "lpips"}, "lpips": {"lpips"}}
+
+    class Encoded(ImageCode):  # E(x) = x / 2, so the domain term of a code c is mean((c - clamp(c) / 2)^2)
+        def encode(self, x, mask=None):
+            return x / 2
+
+        def to_space(self, space, code):
+            return code
+
+    kw, label = ev.baseline_loss("indomain", args, lpips, torch.device("cpu"))
+    terms = ev.inversion_terms(Encoded(), "x", code, x, **kw)
+    assert label == "mse+vgg+domain" and set(terms) == {"mse", "vgg", "domain"}
+    vgg = common.VGG16Features(("relu4_3",), input_range="0-255")  # Keras VGG16's input, as Zhu et al.'s code
+    ref_vgg = 5e-5 * (vgg(code)[0] - vgg(x)[0]).square().mean((1, 2, 3))
+    assert torch.allclose(terms["vgg"], ref_vgg, rtol=1e-4)
+    assert torch.allclose(terms["mse"], (code - x).square().mean((1, 2, 3)))
+    assert torch.allclose(terms["domain"], 2.0 * (code - code.clamp(-1, 1) / 2).square().mean((1, 2, 3)))
+    args.indomain_vgg = 0.0
+    assert set(ev.inversion_terms(Encoded(), "x", code, x, **ev.baseline_loss("indomain", args, lpips, "cpu")[0])) == {
+        "mse",
+        "domain",
+    }
+
+
+def test_randrec_fid_scores_the_reconstructions_of_the_samples(tiny_ckpts):
+    """RandRecFID (InvGAN's Table 1) is the FID of G(E(G(z))): the samples, encoded and decoded again -- not the
+    samples themselves, nor the test reconstructions. A stand-in feature network (the images, flattened) makes
+    the FID of each image set computable by hand; the wiring, not Inception, is what is tested."""
+    _, sg, _ = tiny_ckpts
+    inv = ev.Inverter(sg, torch.device("cpu"))
+    x = mnist_uint8(6, resolution=16).float().div(127.5).sub(1)
+    ref_images = mnist_uint8(6, train=True, resolution=16)
+    flat = lambda images, bs: images.float().flatten(1).double()  # noqa: E731
+    ref = {"feats": flat(ref_images, 0), "images": ref_images}
+    args = argparse.Namespace(
+        batch_size=4,
+        n_fid=6,
+        fid_kinds=["sample", "randrec", "recon"],
+        seed=5,
+        kid_subsets=2,
+        kid_subset_size=3,
+        dataset="mnist",
+    )
+    with tempfile.TemporaryDirectory() as out:
+        row, _ = ev.evaluate_encoder(inv, x, x, ref, flat, common.LPIPS(), args, out)
+    with torch.no_grad():
+        samples = inv.synthesize("z", inv.sample_z(6, torch.Generator().manual_seed(5)))
+        expected = {
+            "sample": samples,
+            "randrec": inv.decode(inv.encode(samples)),
+            "recon": inv.decode(inv.encode(x)),
+        }
+    for kind, images in expected.items():
+        fid = ev.fid_from_features(flat(ev.to_uint8(images), 0), ref["feats"])
+        assert math.isclose(row[f"fid_{kind}"], fid, rel_tol=1e-6), kind
+    assert len({round(row[f"fid_{k}"], 6) for k in expected}) == 3  # three different image sets

@@ -369,6 +369,10 @@ def test_all_stages_copied_alone_write_their_outputs(runs):
     for run, files in expected.items():
         for f in files:
             assert (copy / "runs" / run / f).is_file(), f"{run}/{f}"
+    # how far phi moved from its initialisation is logged, and it did move (docs/lia.md reads these)
+    gan_rows = [json.loads(line) for line in (copy / "runs/t__gan/metrics.jsonl").read_text().splitlines()]
+    moved = [r for r in gan_rows if "eval/phi_weight_change" in r]
+    assert moved and all(r["eval/phi_weight_change"] > 0 and r["eval/phi_output_change"] > 0 for r in moved)
     ppl = json.loads((copy / "runs/t__gan/ppl.json").read_text())
     assert all(ppl[k]["mean"] > 0 for k in ("z_full", "z_end", "y_full", "y_end"))
     # the scripts feed VGG16 LIA's [0, 255] input: conv4_3 losses in the thousands (ImageNet input: a few units)
@@ -415,6 +419,13 @@ def test_resume_is_exact(runs, stage):
     for name, opt in full["optimizers"].items():
         for i, s in opt["state"].items():
             assert torch.equal(s["exp_avg_sq"], resumed["optimizers"][name]["state"][i]["exp_avg_sq"])
+    if stage == "gan":  # the resumed run measures phi's movement from the same initialisation
+        last = []
+        for root in (copy / "runs/t__gan", d / "runs/gan_part"):
+            rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+            last.append([r for r in rows if "eval/phi_weight_change" in r][-1])
+        assert last[0]["step"] == last[1]["step"] and last[0]["eval/phi_weight_change"] > 0
+        assert last[0]["eval/phi_weight_change"] == last[1]["eval/phi_weight_change"]
 
 
 def test_refine_resume_skips_finished_runs_and_matches(runs, tmp_path):
