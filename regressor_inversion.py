@@ -9,8 +9,9 @@ Eq. 2, on pairs (z, x = G(z)) with the generator frozen:
 
 m: uniform noise on a 6 x 6 grid, bilinearly upsampled, kept where below a cutoff drawn per batch as
 rand * 0.7 + 0.3 (Chai et al.'s code, ~2/3 kept; paper 004's text masks out the pixels below it, ~1/3 kept:
-``--mask-keep above``, measured in docs/regressor_inversion.md). L_p: VGG16 conv4_3 features (real ImageNet weights) or LPIPS-VGG;
-L_z: MSE, or 1 - cos for a normalised prior. ``--no-mask`` trains the plain regressor E(x) for the ablation.
+``--mask-keep above``, measured in docs/regressor_inversion.md). L_p: VGG16 conv4_3 features (real ImageNet
+weights) or LPIPS-VGG; L_z: MSE, or 1 - cos for a normalised prior. ``--no-mask`` trains the plain regressor
+E(x) for the ablation.
 
 Two stages (MNIST by default):
     python regressor_inversion.py --stage gan                          # DCGAN on MNIST (z 64, BCE), D + lazy R1
