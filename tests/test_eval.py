@@ -291,10 +291,12 @@ def test_optimization_inversion_recovers_a_generated_image(tiny_ckpts):
     for space in ("z", "w", "wplus"):
         with torch.no_grad():
             code = inv.random_code(space, 4, torch.Generator().manual_seed(7))
-            target = inv.synthesize(space, code)
+            # G's own image, unclamped: the tiny G puts about a third of its pixels past [-1, 1], and the loss sees
+            # G's unclamped output, so only this target is exactly reachable (its clamp is not, at ~20 dB)
+            target = inv.synthesize(space, code, clamp=False)
             start = inv.synthesize(space, inv.mean_code(space, 4))
         _, x_rec = ev.invert_by_optimization(inv, target, space, "mean", steps=1000, lr=0.1)
-        before, after = common.psnr(target, start).item(), common.psnr(target, x_rec).item()
+        before, after = (common.psnr(target.clamp(-1, 1), x).item() for x in (start, x_rec))
         assert after > 30 and after > before + 10, (space, before, after)
 
 
