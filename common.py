@@ -2288,6 +2288,212 @@ def assert_same_across_ranks(named_tensors: dict, step: int):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Inversion of any checkpoint, and a user's own images (eval.py --invert; five lines of Python)
+# ---------------------------------------------------------------------------------------------------------
+# inv = common.load_inverter("runs/<run>/checkpoint.pt")        # any method's checkpoint, no method file imported
+# x, names, report = common.load_images(["my_images/"], inv.resolution, inv.channels)
+# code = inv.encode(x)                                           # inv.space: z (DLSGAN, regressor), w (LIA's y, InvGAN)
+# x_rec = inv.decode(code)                                        # = inv.reconstruct(x)
+class Inverter:
+    """G, E and the latent scale s of one checkpoint, rebuilt from the checkpoint contract: images are G(z * s)
+    (G.synthesis(w) in w / W+), and the encoder maps x to z, or to w when ``inversion.encoder_space`` says so
+    (``space``). DLSGAN's scale, LIA's y (its w), InvGAN's w (D's latent head) and the regressor's mask input are
+    all handled here, so ``encode`` / ``decode`` mean the same for every method."""
+
+    def __init__(self, path: str, device="cpu"):
+        device = torch.device(device)
+        ckpt = load_method_checkpoint(path)
+        missing = [k for k in ("model_specs", "state_dicts", "inversion", "args") if k not in ckpt]
+        if missing:
+            fail(f"checkpoint '{path}' lacks {missing}; it cannot be rebuilt (written by an older version?)")
+        inversion = ckpt["inversion"]
+        self.path, self.args, self.method = path, ckpt["args"], ckpt.get("method", "?")
+        self.name = f"{self.method}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+        self.G = self._build(ckpt, inversion["generator"], path).to(device)
+        self.E = self._build(ckpt, inversion["encoder"], path).to(device) if inversion.get("encoder") else None
+        self.encoder_output = inversion.get("encoder_output", "output")
+        self.encoder_space = inversion.get("encoder_space", "z")
+        self.encoder_input = inversion.get("encoder_input", "image")  # or "image_and_mask": E([x * mask, mask])
+        self.dist = inversion.get("latent_dist", "normal")
+        g_kwargs = ckpt["model_specs"][inversion["generator"].removesuffix("_ema")]["kwargs"]
+        self.z_dim = self.G.z_dim if hasattr(self.G, "z_dim") else g_kwargs["z_dim"]
+        self.channels = g_kwargs.get("img_channels", 1)
+        scale = inversion.get("latent_scale")
+        self.s = (scale if scale is not None else torch.ones(self.z_dim)).float().to(device)
+        self.device = device
+        if isinstance(self.G, StyleGAN2Generator):
+            self.spaces = ("z", "w", "wplus")
+        elif isinstance(self.G, DCGANMappingGenerator):  # InvGAN's DCGAN: z -> w -> x, one w per image
+            self.spaces = ("z", "w")
+        else:
+            self.spaces = ("z",)
+        self._w_mean = None
+        # InvGAN's tiling (--crop): G and E work on crops; a whole image's code is its tiles' codes, (n, tiles, ...),
+        # each tile inverted on its own and G's tiles stitched back, as invgan.py evaluates it
+        crop, full = self.args.get("crop") or 0, self.args.get("resolution") or 0
+        self.tiles_per_side = full // crop if crop and full > crop else 0
+
+    @staticmethod
+    def _build(ckpt, name, path):
+        specs, states = ckpt["model_specs"], ckpt["state_dicts"]
+        spec = specs.get(name) or specs.get(name.removesuffix("_ema"))
+        if spec is None or name not in states:
+            fail(f"checkpoint '{path}' names network '{name}' but holds no spec or weights for it")
+        net = build_from_spec(spec)
+        load_state_strict(net, states[name], name, path)
+        return net.eval().requires_grad_(False)
+
+    @property
+    def resolution(self):
+        """The images' resolution (a tiled checkpoint's whole images, not its crops)."""
+        if self.tiles_per_side:
+            return self.args["resolution"]
+        return self.G.resolution if hasattr(self.G, "resolution") else self.args.get("resolution")
+
+    @property
+    def space(self):
+        """The space of ``encode``'s codes: 'z' (decoded as G(z * s)) or 'w' (decoded as G.synthesis(w))."""
+        return self.encoder_space
+
+    def _per_tile(self, fn, code):
+        """fn on every tile's code of a tiled checkpoint ((n, tiles, ...) -> (n, tiles, ...)), else on the code."""
+        if not self.tiles_per_side:
+            return fn(code)
+        out = fn(code.flatten(0, 1))
+        return out.reshape(code.shape[0], -1, *out.shape[1:])
+
+    def sample_z(self, n, generator):
+        if self.dist == "uniform":
+            return (torch.rand(n, self.z_dim, generator=generator) * 2 - 1).mul(math.sqrt(3)).to(self.device)
+        return torch.randn(n, self.z_dim, generator=generator).to(self.device)
+
+    def encode(self, x, mask=None):
+        """x -> the code in the encoder's space (``space``). With a mask (1 = kept) the encoder sees x * mask, plus
+        the mask as an extra channel when it was trained that way (an all-ones mask without)."""
+        if self.E is None:
+            fail(f"{self.path} has no encoder; invert it by optimization (eval.py --baseline opt-z-mean)")
+        if self.encoder_input == "image_and_mask":
+            mask = torch.ones_like(x[:, :1]) if mask is None else mask
+            x = torch.cat([x * mask, mask], 1)
+        elif mask is not None:
+            x = x * mask
+        if self.tiles_per_side:  # each tile on its own: (n, tiles, code)
+            k, x = self.tiles_per_side, to_tiles(x, x.shape[-1] // self.tiles_per_side)
+            out = self.E(x)
+            out = out[1] if self.encoder_output == "latent_head" else out
+            return out.reshape(-1, k * k, *out.shape[1:])
+        out = self.E(x)
+        return out[1] if self.encoder_output == "latent_head" else out
+
+    def to_space(self, space, code_from_encoder):
+        """An encoder output -> a code of ``space``."""
+        if space == "z":
+            if self.encoder_space == "z":
+                return code_from_encoder
+            return self._per_tile(self.G.mapping.inverse, code_from_encoder) / self.s  # an invertible mapping (LIA)
+        w = code_from_encoder
+        if self.encoder_space == "z":
+            w = self._per_tile(lambda z: self.G.mapping(z * self.s), code_from_encoder)
+        return self._per_layer(space, w)
+
+    def _per_layer(self, space, w):
+        """w -> W+ (one copy per synthesis layer) when optimizing in wplus."""
+        return w.unsqueeze(-2).expand(*w.shape[:-1], self.G.num_ws, w.shape[-1]).clone() if space == "wplus" else w
+
+    def synthesize(self, space, code, clamp=True):
+        """G's image of a code of ``space``, clamped to [-1, 1] for display and metrics; ``clamp=False`` for a loss
+        (a linear-output generator's overshooting pixel would otherwise get no gradient). A tiled checkpoint's
+        (n, tiles, ...) codes give stitched whole images."""
+        flat = code.flatten(0, 1) if self.tiles_per_side else code
+        x = self.G(flat * self.s) if space == "z" else self.G.synthesis(flat)
+        x = from_tiles(x, self.tiles_per_side) if self.tiles_per_side else x
+        return x.clamp(-1, 1) if clamp else x
+
+    def decode(self, code):
+        """A code of ``space`` (as ``encode`` returns it) -> images in [-1, 1]."""
+        return self.synthesize(self.encoder_space, code)
+
+    def reconstruct(self, x, mask=None):
+        """G(E(x)); with a mask, the completion of the kept pixels."""
+        return self.decode(self.encode(x, mask))
+
+    def mean_code(self, space, n):
+        """The prior's mean z = 0, or the average w over 10,000 samples (StyleGAN2's projector init)."""
+        lead = (n, self.tiles_per_side**2) if self.tiles_per_side else (n,)
+        if space == "z":
+            return torch.zeros(*lead, self.z_dim, device=self.device)
+        if self._w_mean is None:
+            z = self.sample_z(10_000, torch.Generator().manual_seed(123))
+            self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0)
+        return self._per_layer(space, self._w_mean.expand(*lead, -1).clone())
+
+    def random_code(self, space, n, generator):
+        """Prior codes (one per tile of a tiled checkpoint)."""
+        k2 = self.tiles_per_side**2 or 1
+        z = self.sample_z(n * k2, generator)
+        z = z.reshape(n, k2, -1) if self.tiles_per_side else z
+        if space == "z":
+            return z
+        return self._per_layer(space, self._per_tile(lambda c: self.G.mapping(c * self.s), z))
+
+
+def load_inverter(path: str, device="cpu") -> Inverter:
+    """Any method's checkpoint.pt -> an Inverter (encode, decode, reconstruct, resolution, channels, space)."""
+    return Inverter(path, device)
+
+
+def image_files(paths) -> tuple[list[tuple[str, str]], dict]:
+    """Files and folders (searched recursively) -> ([(path, name)], {path: why skipped}). ``name`` is the file's
+    path below the folder it was found in, without its extension and with '/' as '__' (the extension is kept when
+    two files would share a name); a missing path is an error, undecodable files are skipped as in training."""
+    found, skipped = [], {}
+    for given in paths:
+        if os.path.isdir(given):
+            files, bad = scan_image_folder(given)
+            found += [(os.path.join(given, f), f) for f in files]
+            skipped.update({os.path.join(given, f): why for f, why in bad.items()})
+        elif os.path.isfile(given):
+            why = decodable_image(given) if given.lower().endswith(IMAGE_EXTENSIONS) else "not an image file"
+            if why is None:
+                found.append((given, os.path.basename(given)))
+            else:
+                skipped[given] = why
+        else:
+            fail(f"'{given}' does not exist; give image files or folders of them")
+    stems = [os.path.splitext(rel)[0].replace(os.sep, "__") for _, rel in found]
+    names = [s if stems.count(s) == 1 else rel.replace(os.sep, "__") for s, (_, rel) in zip(stems, found)]
+    named = list(dict(zip(names, (path for path, _ in found))).items())  # the same file given twice: once
+    return [(path, name) for name, path in named], skipped
+
+
+def load_images(paths, resolution: int, channels: int):
+    """A user's images -> (x (N, C, R, R) in [-1, 1], names, report). Each image is converted to the checkpoint's
+    channels (L or RGB; 16-bit scaled to 8, alpha dropped), center-cropped to a square when it is not one, and
+    resized (bicubic) to ``resolution``; ``report`` counts each ('converted', 'cropped', 'resized') and lists the
+    skipped files with their reason. No decodable image is an error."""
+    from PIL import Image
+
+    files, skipped = image_files(paths)
+    if not files:
+        fail(f"no readable images in {' '.join(paths)} ({len(skipped)} files skipped); expected {IMAGE_EXTENSIONS}")
+    mode = "L" if channels == 1 else "RGB"
+    report = {"skipped": skipped, "converted": 0, "cropped": 0, "resized": 0}
+    images = []
+    for path, _ in files:
+        with Image.open(path) as im:
+            im = to_8bit(im)
+            report["converted"] += im.mode != mode
+            w, h = im.size
+            if w != h:  # the central square: a resize alone would squash the image
+                side = min(w, h)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+                report["cropped"] += 1
+            report["resized"] += im.size != (resolution, resolution)
+            images.append(pil_to_tensor(im, mode, resolution))
+    return torch.stack(images), [name for _, name in files], report
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Ablation driver: one script, several variants, run as subprocesses (method-agnostic)
 # ---------------------------------------------------------------------------------------------------------
 # Flags that do not change what a run computes: a reused run may differ in these.

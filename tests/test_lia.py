@@ -464,17 +464,16 @@ def test_ddp_every_stage(runs):
 
 
 def test_eval_rebuilds_both_arms(runs):
-    import eval as ev
 
     d, copy, _ = runs
-    inv = ev.Inverter(str(copy / "runs/t__encoder/checkpoint.pt"), torch.device("cpu"))
+    inv = common.load_inverter(str(copy / "runs/t__encoder/checkpoint.pt"), torch.device("cpu"))
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     y = inv.encode(x)
     assert torch.equal(inv.decode(y), inv.G.synthesis(y).clamp(-1, 1))  # f(x) is y: no phi on the way to the image
     assert torch.allclose(inv.to_space("z", y), inv.G.mapping.inverse(y))  # z = phi(y)
     assert torch.allclose(inv.G.mapping(inv.to_space("z", y)), y, atol=1e-5)
     assert "w" in inv.spaces and "z" in inv.spaces
-    mlp = ev.Inverter(str(d / "runs/mlp__encoder/checkpoint.pt"), torch.device("cpu"))
+    mlp = common.load_inverter(str(d / "runs/mlp__encoder/checkpoint.pt"), torch.device("cpu"))
     z = mlp.encode(x)
     assert torch.equal(mlp.decode(z), mlp.G(z).clamp(-1, 1))
 

@@ -393,7 +393,7 @@ def test_eval_rebuilds_the_regressor_with_its_mask_channel(runs):
     import eval as ev
 
     _, _, copy, _ = runs
-    inv = ev.Inverter(str(copy / "runs/full/checkpoint.pt"), torch.device("cpu"))
+    inv = common.load_inverter(str(copy / "runs/full/checkpoint.pt"), torch.device("cpu"))
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     m = common.fixed_masks("center", 3, 16)
     assert torch.equal(inv.encode(x, m), inv.E(torch.cat([x * m, m], 1)))
