@@ -2469,15 +2469,16 @@ def image_files(paths) -> tuple[list[tuple[str, str]], dict]:
 def load_images(paths, resolution: int, channels: int):
     """A user's images -> (x (N, C, R, R) in [-1, 1], names, report). Each image is converted to the checkpoint's
     channels (L or RGB; 16-bit scaled to 8, alpha dropped), center-cropped to a square when it is not one, and
-    resized (bicubic) to ``resolution``; ``report`` counts each ('converted', 'cropped', 'resized') and lists the
-    skipped files with their reason. No decodable image is an error."""
+    resized (bicubic) to ``resolution``; ``report`` counts each ('converted', 'cropped', 'resized'), lists the
+    files read ('files', in the order of ``names``) and the skipped ones with their reason ('skipped'). No
+    decodable image is an error."""
     from PIL import Image
 
     files, skipped = image_files(paths)
     if not files:
         fail(f"no readable images in {' '.join(paths)} ({len(skipped)} files skipped); expected {IMAGE_EXTENSIONS}")
     mode = "L" if channels == 1 else "RGB"
-    report = {"skipped": skipped, "converted": 0, "cropped": 0, "resized": 0}
+    report = {"files": [path for path, _ in files], "skipped": skipped, "converted": 0, "cropped": 0, "resized": 0}
     images = []
     for path, _ in files:
         with Image.open(path) as im:

@@ -217,17 +217,19 @@ def parse_args(argv=None):
         p.error("--quick and --train-only are for --defaults; add --defaults")
     images = args.invert or args.inpaint or args.interpolate or args.mix
     if images and (len(args.ckpt) != 1 or args.defaults or args.benchmark):
-        p.error("--invert / --inpaint / --interpolate / --mix take exactly one --ckpt (and no --defaults, --benchmark)")
+        common.fail(
+            "--invert / --inpaint / --interpolate / --mix take exactly one --ckpt (and no --defaults, --benchmark)"
+        )
     if (args.refine or args.baseline) and not images:
-        p.error("--refine and --baseline are for your own images; add --invert PATH (or use --baselines)")
+        common.fail("--refine and --baseline are for your own images; add --invert PATH (or use --baselines)")
     if args.refine and args.baseline:
-        p.error("--refine starts from the encoder, --baseline from no encoder; give one of them")
+        common.fail("--refine starts from the encoder, --baseline from no encoder; give one of them")
     if args.inpaint and args.mask == "none":
-        p.error("--inpaint needs --mask (center, lower, train or MASK.png)")
+        common.fail("--inpaint needs --mask (center, lower, train or MASK.png)")
     if args.mask not in ("none", *common.MASK_FAMILIES) and not is_mask_file(args.mask):
-        p.error(f"--mask '{args.mask}' is neither a family ({', '.join(common.MASK_FAMILIES)}) nor an image file")
+        common.fail(f"--mask '{args.mask}' is neither a family ({', '.join(common.MASK_FAMILIES)}) nor an image file")
     if args.baseline and not args.baseline.startswith("opt-"):
-        p.error(f"--baseline takes opt-SPACE-INIT (e.g. opt-w-mean), not '{args.baseline}'; hybrid is --refine N")
+        common.fail(f"--baseline takes opt-SPACE-INIT (e.g. opt-w-mean), not '{args.baseline}'; hybrid is --refine N")
     if args.baseline:
         parse_baseline(args.baseline)
     args.defaulted = [flag for flag in MODE_DEFAULTS if getattr(args, flag) is None]
@@ -1083,6 +1085,7 @@ def compare(args, train_seconds=None):
     # loaded before the run directory exists, so asking for too many images fails without leaving anything
     test_images = held_out_images(dataset, resolution, args.data_root, max(args.n_recon, args.n_fid))
     lpips = LPIPS().to(device)  # missing weights stop the comparison before its directory exists
+    masks = None if args.mask == "none" else load_mask(args.mask, len(test_images), resolution, args.seed, device)
     # claimed and locked: two comparisons started at once never share a directory
     directory = common.claim_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=dataset, exp_name="eval", seed=args.seed),
@@ -1126,7 +1129,6 @@ def compare(args, train_seconds=None):
         "seed": args.seed,
         "mask": args.mask,
     }
-    masks = None if args.mask == "none" else common.fixed_masks(args.mask, len(x_test), resolution, args.seed, device)
     labels = labels_of(dataset, resolution, args.data_root, args.n_recon) if args.semantic else None
     if args.semantic and labels is None:
         print(f"note: {dataset} has no class labels: the class-oracle columns (--semantic) are skipped", flush=True)
@@ -1444,8 +1446,7 @@ def invert_images(args):
     if "images" in loaded:
         x, names, report = loaded["images"]
         inversions = invert_set(inv, x, args, lpips, masks)
-        files = {name: path for path, name in common.image_files(args.invert or args.inpaint)[0]}
-        rows = [{"name": name, "file": files[name]} for name in names]
+        rows = [{"name": name, "file": path} for name, path in zip(names, report["files"])]
         summary, codes_out = {}, {"checkpoint": inv.path, "names": names}
         for label, space, codes, x_rec, seconds in inversions:
             folder = os.path.join(out_dir, "reconstructions" if label in ("encoder", args.baseline) else label)

@@ -154,3 +154,35 @@ def run_jobs(jobs, jobs_at_once=2):
 def ok(r):
     assert r["returncode"] == 0, r["stdout"][-1500:] + r["stderr"][-3000:]
     return r
+
+
+def odd_image_folder(root) -> dict:
+    """A folder of real MNIST test digits in odd forms, as a user's folder might be: grayscale, 16-bit, RGBA, JPEG,
+    a 48 x 32 image, a 96 px BMP, a sub-folder with a second 'gray.png', plus three files that are no image (a
+    truncated JPEG, an empty PNG, a text file). Returns {name eval.py gives it: the 28 x 28 digit (uint8)}."""
+    import numpy as np
+    from PIL import Image
+
+    import common
+
+    root = str(root)
+    os.makedirs(os.path.join(root, "sub"), exist_ok=True)
+    digits = [common.build_dataset("mnist", 32, train=False).images[i, 0, 2:30, 2:30].numpy() for i in range(8)]
+    Image.fromarray(digits[0]).save(os.path.join(root, "gray.png"))
+    Image.fromarray(digits[1].astype(np.uint16) * 257).save(os.path.join(root, "sixteen.png"))
+    rgba = np.stack([digits[2]] * 3 + [np.full_like(digits[2], 255)], -1)
+    Image.fromarray(rgba, "RGBA").save(os.path.join(root, "rgba.png"))
+    Image.fromarray(digits[3]).convert("RGB").save(os.path.join(root, "photo.jpg"), quality=95)
+    Image.fromarray(np.pad(digits[4], ((2, 2), (10, 10)))).save(os.path.join(root, "wide.png"))  # 48 x 32
+    Image.fromarray(digits[5]).resize((96, 96), Image.BICUBIC).save(os.path.join(root, "big.bmp"))
+    Image.fromarray(digits[6]).save(os.path.join(root, "sub", "nested.png"))
+    Image.fromarray(digits[7]).save(os.path.join(root, "sub", "gray.png"))
+    with open(os.path.join(root, "photo.jpg"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(root, "truncated.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    open(os.path.join(root, "empty.png"), "wb").close()
+    with open(os.path.join(root, "notes.txt"), "w") as f:
+        f.write("not an image\n")
+    names = ["gray", "sixteen", "rgba", "photo", "wide", "big", "sub__nested", "sub__gray"]
+    return dict(zip(names, digits))

@@ -476,6 +476,120 @@ def test_comparison_errors_are_one_line(tiny_ckpts, tmp_path):
     assert hashlib.sha256((tmp_path / "runs/keep/results.json").read_bytes()).hexdigest() == before
 
 
+# --------------------------------------------------------------------------------- a user's own images (--invert)
+def png_uint8(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.array(im)
+    return torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
+
+
+def test_invert_a_folder_of_odd_files_end_to_end(tiny_ckpts, tmp_path):
+    """Every decodable file of an odd folder is inverted (the others skipped and counted), reconstructions are named
+    by the input's stem, codes.pt decodes back to the saved PNGs, refinement starts from the encoder and lowers
+    every image's MSE, and the edits (interpolation, style mixing) are written."""
+    from conftest import odd_image_folder
+
+    d, sg, _ = tiny_ckpts
+    digits = odd_image_folder(tmp_path / "odd")
+    a, b = str(tmp_path / "odd/gray.png"), str(tmp_path / "odd/wide.png")
+    args = ["--ckpt", sg, "--invert", str(tmp_path / "odd"), "--refine", "30", "--run-name", "inv"]
+    r = run("eval.py", [*args, "--interpolate", a, b, "--mix", a, b], tmp_path)
+    assert "skipped 3 file(s)" in r.stdout and "8 image(s)" in r.stdout and "1 cropped" in r.stdout, r.stdout
+    out = tmp_path / "runs/inv"
+    for folder in ("reconstructions", "refined"):
+        assert sorted(p.stem for p in (out / folder).iterdir()) == sorted(digits)
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and len(results["images"]) == 8 and len(results["skipped"]) == 3
+    assert results["config"]["trained_on"] == "mnist at 16px, 1 channel(s)" and results["config"]["threads"] >= 1
+    import csv
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == [row["name"] for row in results["images"]]
+    assert all(float(row["refined_mse"]) < float(row["encoder_mse"]) for row in rows), rows
+    assert math.isclose(np.mean([float(row["encoder_psnr"]) for row in rows]), results["summary"]["encoder"]["psnr"])
+    # the codes decode to the saved reconstructions (within one uint8 level), and the inputs were the digits
+    inv = common.load_inverter(sg)
+    codes = common.load_checkpoint(str(out / "codes.pt"))
+    assert codes["space"] == inv.space == "z" and codes["checkpoint"] == sg and sorted(codes["codes"]) == sorted(digits)
+    x, names, _ = common.load_images([str(tmp_path / "odd")], 16, 1)
+    for key, folder in (("codes", "reconstructions"), ("refined_codes", "refined")):
+        stacked = torch.stack([codes[key][name] for name in names])
+        decoded = ev.to_uint8(inv.decode(stacked)).int()
+        saved = torch.stack([png_uint8(out / folder / f"{name}.png") for name in names]).int()
+        assert (decoded - saved).abs().max() <= 1, key
+    assert torch.allclose(codes["codes"]["gray"], inv.encode(x[names.index("gray")][None])[0], atol=1e-5)
+    gray = torch.from_numpy(digits["sixteen"]).float()[None, None]
+    resized = torch.nn.functional.interpolate(gray, size=16, mode="bicubic", antialias=True) / 127.5 - 1
+    assert (x[names.index("sixteen")] - resized[0]).abs().mean() < 0.05  # 16-bit scaled to 8, not clipped to white
+    from PIL import Image
+
+    assert Image.open(out / "interpolation.png").size == (11 * 18 + 2, 18 + 2)  # A, 9 steps, B
+    assert all(Image.open(out / f"mix_{g}.png").size == (3 * 18 + 2,) * 2 for g in ("coarse", "middle", "fine"))
+    assert Image.open(out / "grid.png").height == 5 * 20  # input, encoder + |diff|, refined + |diff|
+
+
+def test_invert_bad_input_is_one_line_and_creates_nothing(tiny_ckpts, tmp_path):
+    from PIL import Image
+
+    d, sg, dc = tiny_ckpts
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad/a.png").write_bytes(b"")
+    (tmp_path / "bad/b.txt").write_text("no")
+    Image.new("L", (16, 16), 255).save(tmp_path / "white.png")
+    Image.new("L", (16, 16), 0).save(tmp_path / "img.png")
+    img = str(tmp_path / "img.png")
+    cases = [
+        (["--ckpt", sg, "--ckpt", dc, "--invert", img], "take exactly one --ckpt"),
+        (["--ckpt", sg, "--invert", str(tmp_path / "missing")], "'" + str(tmp_path / "missing") + "' does not exist"),
+        (["--ckpt", sg, "--invert", str(tmp_path / "bad")], "no readable images in"),
+        (["--ckpt", sg, "--refine", "5"], "--refine and --baseline are for your own images"),
+        (["--ckpt", sg, "--invert", img, "--refine", "5", "--baseline", "opt-z-mean"], "give one of them"),
+        (["--ckpt", dc, "--mix", img, img], "--mix mixes per-layer codes of a StyleGAN2-lite generator"),
+        (["--ckpt", sg, "--inpaint", img], "--inpaint needs --mask"),
+        (["--ckpt", sg, "--inpaint", img, "--mask", "nowhere.png"], "is neither a family"),
+        (["--ckpt", sg, "--inpaint", img, "--mask", str(tmp_path / "white.png")], "keeps every pixel"),
+        (["--ckpt", sg, "--invert", img, "--baseline", "hybrid-w"], "--baseline takes opt-SPACE-INIT"),
+        (["--ckpt", dc, "--invert", img, "--baseline", "opt-wplus-mean"], "has no wplus space"),
+        (["--ckpt", sg, "--interpolate", str(tmp_path / "bad"), img], "takes two image files"),
+        (["--ckpt", sg, "--invert", img, "--inpaint", img, "--mask", "center"], "not both"),
+    ]
+    for (args, message), r in zip(cases, run_cases([("eval.py", a) for a, _ in cases], cwd=tmp_path)):
+        assert r["status"] != 0 and message in r["stderr"], (args, r["stderr"][-500:])
+        assert r["stderr"].strip().count("\n") == 0, r["stderr"]  # one line, no traceback
+        assert r["changed"] == [], (args, r["changed"])
+
+
+def test_inpaint_never_sees_the_hole_of_a_mask_file(tiny_ckpts, tmp_path):
+    """--inpaint with MASK.png (white = kept): two images that differ only under the hole get the same codes, from
+    the encoder (it sees the masked image) and from the optimization baseline (it fits the kept pixels only); the
+    per-image metrics add the hole's and the kept pixels' PSNR."""
+    from PIL import Image
+
+    _, sg, _ = tiny_ckpts
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[4:12, 4:12] = 0
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    digit = mnist_uint8(1, resolution=16)[0, 0].numpy()
+    other = digit.copy()
+    other[4:12, 4:12] = 255 - other[4:12, 4:12]
+    Image.fromarray(digit).save(tmp_path / "a.png")
+    Image.fromarray(other).save(tmp_path / "b.png")
+    images = ["--inpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--mask", str(tmp_path / "mask.png")]
+    for name, extra in (("enc", []), ("opt", ["--baseline", "opt-w-mean", "--opt-steps", "20"])):
+        run("eval.py", ["--ckpt", sg, *images, *extra, "--run-name", name], tmp_path)
+        codes = common.load_checkpoint(str(tmp_path / f"runs/{name}/codes.pt"))
+        assert torch.allclose(codes["codes"]["a"], codes["codes"]["b"], atol=1e-6), name
+        results = json.loads((tmp_path / f"runs/{name}/results.json").read_text())
+        label = "encoder" if name == "enc" else "opt-w-mean"
+        a, b = results["images"]
+        assert a[f"{label}_kept_psnr"] == pytest.approx(b[f"{label}_kept_psnr"], abs=1e-3)
+        assert a[f"{label}_hole_psnr"] != pytest.approx(b[f"{label}_hole_psnr"], abs=0.1)  # the holes differ
+    assert results["summary"]["opt-w-mean"]["space"] == "w" and results["config"]["mask"] == str(tmp_path / "mask.png")
+
+
 def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     """--defaults runs every method's training command(s) by subprocess, writes one table with their training time,
     the speed / quality plot and the baselines on the chosen generator; a second call trains nothing."""
