@@ -4,6 +4,7 @@ copy of the repository; the tests that should see it are run on the copy. A muta
 
     python tests/mutations.py                 # all, about 3 minutes on 2 CPU cores
     python tests/mutations.py invgan lia      # the mutations of some files only
+    python tests/mutations.py load_images     # or those whose name contains a word
 """
 
 import os
@@ -285,7 +286,7 @@ MUTATIONS = [
     ),
     (
         "eval inverts a tiled InvGAN checkpoint untiled",
-        "eval.py",
+        "common.py",
         "self.tiles_per_side = full // crop if crop and full > crop else 0",
         "self.tiles_per_side = 0",
         ["tests/test_invgan.py::test_tiled_training_run"],
@@ -296,6 +297,35 @@ MUTATIONS = [
         "phi_init = copy.deepcopy(G.mapping).requires_grad_(False)",
         "phi_init = G.mapping",
         ["tests/test_lia.py"],
+    ),
+    # --- inversion of a user's images (issue 27)
+    (
+        "Inverter decodes every code as z (ignores the encoder's space)",
+        "common.py",
+        "return self.synthesize(self.encoder_space, code)",
+        'return self.synthesize("z", code)',
+        ["tests/test_eval.py::test_defaults_trains_each_method_once_then_reuses_it"],
+    ),
+    (
+        "load_images squashes a non-square image instead of center-cropping it",
+        "common.py",
+        "            if w != h:  # the central square",
+        "            if False:  # the central square",
+        ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
+    ),
+    (
+        "--refine starts from the mean code, not the encoder's",
+        "eval.py",
+        'optimize_batched(inv, x, inv.space, "encoder", args.refine, args, lpips, masks)',
+        'optimize_batched(inv, x, inv.space, "mean", args.refine, args, lpips, masks)',
+        ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
+    ),
+    (
+        "--inpaint: the optimization sees the hole",
+        "eval.py",
+        "        m = None if masks is None else masks[chunk]",
+        "        m = None",
+        ["tests/test_eval.py::test_inpaint_never_sees_the_hole_of_a_mask_file"],
     ),
 ]
 
@@ -308,7 +338,7 @@ def pytest(copy, files):
 
 
 def main(only):
-    chosen = [m for m in MUTATIONS if not only or any(m[1].startswith(o) for o in only)]
+    chosen = [m for m in MUTATIONS if not only or any(m[1].startswith(o) or o in m[0] for o in only)]
     survived, t0 = [], time.time()
     for name, path, original, _, _ in chosen:  # every text checked before anything runs
         count = open(os.path.join(ROOT, path)).read().count(original)

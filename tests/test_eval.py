@@ -521,6 +521,16 @@ def test_invert_a_folder_of_odd_files_end_to_end(tiny_ckpts, tmp_path):
         saved = torch.stack([png_uint8(out / folder / f"{name}.png") for name in names]).int()
         assert (decoded - saved).abs().max() <= 1, key
     assert torch.allclose(codes["codes"]["gray"], inv.encode(x[names.index("gray")][None])[0], atol=1e-5)
+    # refinement starts from the encoder's codes: its first step has lr 0 (the projector's ramp starts at 0)
+    opts = argparse.Namespace(
+        baseline=None, refine=1, batch_size=50, opt_batch=64, opt_lr=0.1, opt_loss="mse", lpips_weight=1.0
+    )
+    (_, _, enc, _, _), (_, _, refined, _, _) = ev.invert_set(inv, x, argparse.Namespace(**vars(opts), seed=0), None)
+    assert torch.allclose(refined, enc, atol=1e-6)
+    # the 48 x 32 image is center-cropped to its 32 x 32 middle (the digit, padded by 2), not squashed
+    middle = torch.from_numpy(np.pad(digits["wide"], 2)).float()[None, None]
+    expected = torch.nn.functional.interpolate(middle, size=16, mode="bicubic", antialias=True) / 127.5 - 1
+    assert (x[names.index("wide")] - expected[0]).abs().mean() < 0.05
     gray = torch.from_numpy(digits["sixteen"]).float()[None, None]
     resized = torch.nn.functional.interpolate(gray, size=16, mode="bicubic", antialias=True) / 127.5 - 1
     assert (x[names.index("sixteen")] - resized[0]).abs().mean() < 0.05  # 16-bit scaled to 8, not clipped to white
@@ -590,6 +600,97 @@ def test_inpaint_never_sees_the_hole_of_a_mask_file(tiny_ckpts, tmp_path):
     assert results["summary"]["opt-w-mean"]["space"] == "w" and results["config"]["mask"] == str(tmp_path / "mask.png")
 
 
+LIBRARY_CHECK = r"""
+import json, sys
+import numpy as np, torch
+from PIL import Image
+import common
+ckpts, folder, runs = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+for method, path in ckpts.items():
+    inv = common.load_inverter(path)
+    x, names, report = common.load_images([folder], inv.resolution, inv.channels)
+    code = inv.encode(x)
+    x_rec = inv.decode(code)
+    saved = common.load_checkpoint(f"{runs}/inv_{method}/codes.pt")
+    decoded = inv.decode(torch.stack([saved["codes"][n] for n in names]))
+    png = torch.stack([torch.from_numpy(np.array(Image.open(f"{runs}/inv_{method}/reconstructions/{n}.png")))[None]
+                       for n in names])
+    mask = torch.ones_like(x[:, :1])
+    mask[..., 4:12, 4:12] = 0
+    out[method] = {
+        "space": inv.space, "resolution": inv.resolution, "channels": inv.channels, "code": list(code.shape),
+        "images": list(x_rec.shape), "reconstruct": bool(torch.allclose(x_rec, inv.reconstruct(x))),
+        "saved_levels": (decoded.add(1).mul(127.5).round().clamp(0, 255) - png.float()).abs().max().item(),
+        "mask_changes_code": not torch.allclose(inv.encode(x, mask), code),
+        "imported": sorted(m for m in ("eval", "dlsgan", "invgan", "lia", "regressor_inversion") if m in sys.modules),
+    }
+print(json.dumps(out))
+"""
+
+
+def library_and_invert_on_every_method(tmp_path):
+    """Every method's default checkpoint: eval.py --invert on a folder of odd files (the regressor also --inpaint,
+    its encoder taking the mask), then the same checkpoints from Python with common.py alone, copied into an empty
+    directory: encode / decode / reconstruct, and the saved codes decode to the saved PNGs."""
+    import shutil
+
+    from conftest import odd_image_folder
+
+    odd_image_folder(tmp_path / "odd")
+    runs = {
+        m: str(tmp_path / f"runs/default__{m}__mnist{'__encoder' if m == 'lia' else ''}/checkpoint.pt")
+        for m in ev.METHODS
+    }
+    cases = [
+        ("eval.py", ["--ckpt", c, "--invert", str(tmp_path / "odd"), "--refine", "2", "--run-name", f"inv_{m}"])
+        for m, c in runs.items()
+    ]
+    regressor = ["--ckpt", runs["regressor_inversion"], "--inpaint", str(tmp_path / "odd"), "--mask", "center"]
+    for r in run_cases([*cases, ("eval.py", [*regressor, "--run-name", "inpaint"])], cwd=tmp_path):
+        assert r["status"] == 0 and "skipped 3 file(s)" in r["stdout"], r["stdout"][-1000:] + r["stderr"][-2000:]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "common.py"), alone)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    args = [json.dumps(runs), str(tmp_path / "odd"), str(tmp_path / "runs")]
+    r = subprocess.run([sys.executable, "-c", LIBRARY_CHECK, *args], cwd=alone, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.splitlines()[-1])
+    spaces = {"dlsgan": "z", "invgan": "w", "lia": "w", "regressor_inversion": "z"}
+    for method, seen in found.items():
+        assert seen["space"] == spaces[method] and seen["resolution"] == 16 and seen["channels"] == 1, (method, seen)
+        assert seen["images"] == [8, 1, 16, 16] and seen["code"][0] == 8 and seen["reconstruct"], (method, seen)
+        assert seen["saved_levels"] <= 1 and seen["imported"] == [], (method, seen)
+        # a mask reaches every encoder (x * mask; the regressor's also as its extra input channel)
+        assert seen["mask_changes_code"], (method, seen)
+    masked = json.loads((tmp_path / "runs/inpaint/results.json").read_text())
+    assert masked["config"]["mask"] == "center" and "encoder_hole_psnr" in masked["images"][0]
+
+
+def test_a_folder_checkpoint_is_evaluated_with_the_defaults(tmp_path):
+    """A checkpoint trained on a flat folder (no labels, a small test split): eval.py with its defaults (only the
+    optimization steps cut) lowers n to the split with one line each, skips the class oracle with a note, and
+    writes every row."""
+    from PIL import Image
+
+    (tmp_path / "digits").mkdir()
+    for i, digit in enumerate(mnist_uint8(150, train=True)):
+        Image.fromarray(digit[0].numpy()).save(tmp_path / f"digits/{i:03d}.png")
+    folder = f"folder:{tmp_path / 'digits'}"
+    run("dlsgan.py", [*TINY, "--dataset", folder, "--images", "16", "--run-name", "f"], tmp_path)
+    n_test = len(common.build_dataset(folder, 16, train=False))
+    assert 5 < n_test < 30
+    r = run("eval.py", ["--ckpt", "runs/f/checkpoint.pt", "--opt-steps", "2", "--run-name", "e"], tmp_path)
+    assert f"--n-recon lowered from 64 to {n_test}" in r.stdout and f"--n-fid lowered from 1000 to {n_test}" in r.stdout
+    assert "has no class labels: the class-oracle columns (--semantic) are skipped" in r.stdout
+    results = json.loads((tmp_path / "runs/e/results.json").read_text())
+    assert results["complete"] and results["config"]["n_recon"] == n_test and results["config"]["n_fid"] == n_test
+    methods = [row["method"] for row in results["rows"]]
+    assert methods[1] == "dlsgan:f encoder" and len(methods) == 2 + len(ev.MODE_DEFAULTS["baselines"][0]), methods
+    assert not any("semantic" in row for row in results["rows"]) and math.isfinite(results["rows"][1]["fid_recon"])
+
+
 def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     """--defaults runs every method's training command(s) by subprocess, writes one table with their training time,
     the speed / quality plot and the baselines on the chosen generator; a second call trains nothing."""
@@ -638,6 +739,7 @@ def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
     assert (tmp_path / "runs/first/speed_quality.png").stat().st_size > 1000 and "train s" in (
         tmp_path / "runs/first/table.md"
     ).read_text()
+    library_and_invert_on_every_method(tmp_path)
     second = run("eval.py", [*args, "--run-name", "second", "--n-fid", "0"], tmp_path)
     assert "training: " not in second.stdout and second.stdout.count("reusing") == 5
     again = json.loads((tmp_path / "runs/second/results.json").read_text())
