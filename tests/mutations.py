@@ -304,7 +304,10 @@ MUTATIONS = [
         "common.py",
         "return self.synthesize(self.encoder_space, code)",
         'return self.synthesize("z", code)',
-        ["tests/test_eval.py::test_defaults_trains_each_method_once_then_reuses_it"],
+        [
+            "tests/test_invgan.py::test_tiled_training_run",
+            "tests/test_eval.py::test_defaults_trains_each_method_once_then_reuses_it",
+        ],
     ),
     (
         "load_images squashes a non-square image instead of center-cropping it",

@@ -144,10 +144,12 @@ def test_documented_command_parses_and_reads_what_is_written(where, launcher, sc
 
 
 def test_the_readme_library_example_runs(tmp_path):
-    """The README's "As a library" block, run as written on a tiny trained checkpoint (its placeholder filled in)."""
+    """The README's "As a library" block, run as written with only common.py beside it, on a tiny trained checkpoint
+    (its placeholder filled in) and a folder of odd image files as my_images/."""
+    import shutil
     import subprocess
 
-    from conftest import SUBPROCESS_ENV, script_command
+    from conftest import SUBPROCESS_ENV, odd_image_folder, script_command
 
     tiny = "--resolution 16 --width 8 --latent-dim 16 --batch-size 8 --eval-images 16 --v-window 32 --no-track"
     r = subprocess.run(
@@ -161,12 +163,14 @@ def test_the_readme_library_example_runs(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     (example,) = re.findall(r"## As a library.*?```python\n(.*?)```", readme, re.S)
     code = example.replace("runs/<run>/checkpoint.pt", "runs/tiny/checkpoint.pt")
+    odd_image_folder(tmp_path / "my_images")
+    shutil.copy(os.path.join(ROOT, "common.py"), tmp_path)  # common.py alone: no eval.py, no method file
     r = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
-        env={**SUBPROCESS_ENV, "PYTHONPATH": ROOT},
+        env={**SUBPROCESS_ENV, "PYTHONPATH": ""},
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert float(r.stdout.strip().split()[-1]) > 0  # the PSNR it prints
+    assert r.stdout.startswith("8 images") and float(r.stdout.strip().split()[-1]) > 0  # the PSNR it prints

@@ -623,6 +623,9 @@ for method, path in ckpts.items():
         "images": list(x_rec.shape), "reconstruct": bool(torch.allclose(x_rec, inv.reconstruct(x))),
         "saved_levels": (decoded.add(1).mul(127.5).round().clamp(0, 255) - png.float()).abs().max().item(),
         "mask_changes_code": not torch.allclose(inv.encode(x, mask), code),
+        # decoded by the generator's own path for the code's space: G(z * s), or G.synthesis(w)
+        "decode_path": bool(torch.allclose(x_rec, (inv.G.synthesis(code) if inv.space == "w" else inv.G(code * inv.s))
+                                           .clamp(-1, 1), atol=1e-6)),
         "imported": sorted(m for m in ("eval", "dlsgan", "invgan", "lia", "regressor_inversion") if m in sys.modules),
     }
 print(json.dumps(out))
@@ -661,7 +664,7 @@ def library_and_invert_on_every_method(tmp_path):
     for method, seen in found.items():
         assert seen["space"] == spaces[method] and seen["resolution"] == 16 and seen["channels"] == 1, (method, seen)
         assert seen["images"] == [8, 1, 16, 16] and seen["code"][0] == 8 and seen["reconstruct"], (method, seen)
-        assert seen["saved_levels"] <= 1 and seen["imported"] == [], (method, seen)
+        assert seen["saved_levels"] <= 1 and seen["imported"] == [] and seen["decode_path"], (method, seen)
         # a mask reaches every encoder (x * mask; the regressor's also as its extra input channel)
         assert seen["mask_changes_code"], (method, seen)
     masked = json.loads((tmp_path / "runs/inpaint/results.json").read_text())
