@@ -158,20 +158,27 @@ def model_specs(args, img_channels):
 # ---------------------------------------------------------------------------------------------------------
 # One training iteration: the D step (adversarial + L_enc on fakes, feeds v), lazy R1, the G step
 # ---------------------------------------------------------------------------------------------------------
-def d_step(G, D, opt_d, v, x_real, s, args, r1_weight=0.0):
+def step_kwargs(args) -> dict:
+    """The flags the step functions read (their defaults are the script's)."""
+    return {"dist": args.dist, "gan_loss": args.loss, "lambda_enc": args.lambda_enc, "amp": args.amp}
+
+
+def d_step(G, D, opt_d, v, x_real, s, *, dist="normal", gan_loss="logistic", lambda_enc=1.0, amp=False, r1_weight=0.0):
     """D and its encoder head: adversarial loss on x_real / G(z * s) + lambda_enc * L_enc(z, E(G(z * s))), then v
-    is fed with the predicted codes. ``r1_weight`` > 0 folds R1 into this step (--r1-interval 1)."""
+    is fed with the predicted codes; z ~ ``dist`` has len(s) dimensions. ``r1_weight`` > 0 folds R1 into this
+    step (--r1-interval 1)."""
     device = x_real.device
     D.requires_grad_(True)
-    z = common.sample_z(len(x_real), args.latent_dim, args.dist, device)
-    with torch.no_grad(), common.autocast(device, args.amp):
+    z = common.sample_z(len(x_real), len(s), dist, device)
+    with torch.no_grad(), common.autocast(device, amp):
         x_fake = G(z * s)
     x_real = x_real.detach().requires_grad_(r1_weight > 0)
-    with common.autocast(device, args.amp):
+    with common.autocast(device, amp):
         real_logit, _ = D(x_real)
         fake_logit, z_hat = D(x_fake)
         l_enc = encoder_loss(z, z_hat, s)
-        loss = common.d_adv_loss(args.loss, real_logit.float(), fake_logit.float()) + args.lambda_enc * l_enc
+        adv = common.d_adv_loss(gan_loss, real_logit.float(), fake_logit.float())
+        loss = adv + lambda_enc * l_enc
     r1 = common.r1_penalty(real_logit.float(), x_real) if r1_weight > 0 else torch.zeros((), device=device)
     opt_d.zero_grad(set_to_none=True)
     (loss + r1_weight * r1).backward()
@@ -181,16 +188,17 @@ def d_step(G, D, opt_d, v, x_real, s, args, r1_weight=0.0):
     return {"losses/L_enc": l_enc.item(), "losses/D": loss.item(), **({"losses/R1": r1.item()} if r1_weight else {})}
 
 
-def g_step(G, D, opt_g, s, batch, args, device):
-    """G: adversarial loss on G(z * s), plus lambda_enc * L_enc with --dg (the encoder is D's, frozen here)."""
+def g_step(G, D, opt_g, s, batch, *, dg=False, dist="normal", gan_loss="logistic", lambda_enc=1.0, amp=False):
+    """G: adversarial loss on G(z * s), plus lambda_enc * L_enc with ``dg`` (the encoder is D's, frozen here)."""
+    device = s.device
     D.requires_grad_(False)
-    z = common.sample_z(batch, args.latent_dim, args.dist, device)
-    with common.autocast(device, args.amp):
+    z = common.sample_z(batch, len(s), dist, device)
+    with common.autocast(device, amp):
         fake_logit, z_hat = D(G(z * s))
         l_enc = encoder_loss(z, z_hat, s)
-        loss = common.g_adv_loss(args.loss, fake_logit.float())
-        if args.dg:
-            loss = loss + args.lambda_enc * l_enc
+        loss = common.g_adv_loss(gan_loss, fake_logit.float())
+        if dg:
+            loss = loss + lambda_enc * l_enc
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     common.sync_gradients(G)
@@ -232,10 +240,11 @@ def train(args):
             group["lr"] = group["base_lr"] * (1 - args.lr_decay) ** epoch
         s = current_scale()
         do_r1 = args.r1 > 0 and run.step % args.r1_interval == 0
-        scalars = d_step(G, D, opt_d, v, x_real, s, args, r1_weight=args.r1 if do_r1 and args.r1_interval == 1 else 0)
+        r1_here = args.r1 if do_r1 and args.r1_interval == 1 else 0.0
+        scalars = d_step(G, D, opt_d, v, x_real, s, **step_kwargs(args), r1_weight=r1_here)
         if do_r1 and args.r1_interval > 1:
             scalars.update(common.r1_step(D, opt_d, x_real, args.r1 * args.r1_interval, args.amp))
-        scalars.update(g_step(G, D, opt_g, s, run.batch, args, device))
+        scalars.update(g_step(G, D, opt_g, s, run.batch, dg=args.dg, **step_kwargs(args)))
         step = run.step_done(scalars, show=("losses/L_enc", "losses/D", "losses/G"))
         G_ema.update(G, step * bs, bs)
 

@@ -139,8 +139,8 @@ MUTATIONS = [
     (
         "DLSGAN D step ignores --lambda-enc",
         "dlsgan.py",
-        "+ args.lambda_enc * l_enc\n    r1",
-        "+ l_enc\n    r1",
+        "        loss = adv + lambda_enc * l_enc\n",
+        "        loss = adv + l_enc\n",
         ["tests/test_dlsgan.py"],
     ),
     (
@@ -160,8 +160,8 @@ MUTATIONS = [
     (
         "DLSGAN --dg term with the prediction detached",
         "dlsgan.py",
-        "            loss = loss + args.lambda_enc * l_enc\n",
-        "            loss = loss + args.lambda_enc * l_enc.detach()\n",
+        "            loss = loss + lambda_enc * l_enc\n",
+        "            loss = loss + lambda_enc * l_enc.detach()\n",
         ["tests/test_dlsgan.py"],
     ),
     (

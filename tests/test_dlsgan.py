@@ -114,7 +114,7 @@ def test_d_step_feeds_G_z_times_s_weights_L_enc_by_s2_and_feeds_v():
     torch.manual_seed(5)
     z = common.sample_z(8, 16, args.dist, "cpu")
     torch.manual_seed(5)
-    out = dlsgan.d_step(G, D, opt, v, x_real, s, args)
+    out = dlsgan.d_step(G, D, opt, v, x_real, s, **dlsgan.step_kwargs(args))
     assert torch.equal(G.inputs[0], z * s)  # the generator gets the scaled latent
     with torch.no_grad():
         z_hat = D(G.net(z * s))[1]
@@ -134,7 +134,7 @@ def test_g_step_feeds_z_times_s_and_adds_L_enc_only_with_dg():
         z = common.sample_z(8, 16, args.dist, "cpu")
         torch.manual_seed(3)
         G.net.train()
-        out = dlsgan.g_step(G, D, opt, s, 8, args, torch.device("cpu"))
+        out = dlsgan.g_step(G, D, opt, s, 8, dg=args.dg, **dlsgan.step_kwargs(args))
         assert torch.equal(G.inputs[0], z * s)
         with torch.no_grad():
             G.net.train()

@@ -222,7 +222,7 @@ def dlsgan_d_step(monkeypatch, zero_adv=False, lambda_enc=3.0, r1=0.0):
     v = dlsgan.PredictedVariance(16, "window", window_batches=4)
     x = torch.rand(8, 1, 16, 16) * 2 - 1
     torch.manual_seed(5)
-    dlsgan.d_step(G, D, lr0(D), v, x, S, args, r1_weight=r1)
+    dlsgan.d_step(G, D, lr0(D), v, x, S, **dlsgan.step_kwargs(args), r1_weight=r1)
     return G, D, x
 
 
@@ -261,7 +261,7 @@ def test_dlsgan_d_step_gradient_is_adversarial_plus_lambda_enc_L_enc_with_s2_plu
 def test_dlsgan_g_step_trains_G_on_adversarial_plus_L_enc_only_with_dg_and_never_D(monkeypatch, dg):
     args, G, D = dlsgan_nets(*(["--dg"] if dg else []))
     torch.manual_seed(3)
-    dlsgan.g_step(G, D, lr0(G), S, 8, args, torch.device("cpu"))
+    dlsgan.g_step(G, D, lr0(G), S, 8, dg=args.dg, **dlsgan.step_kwargs(args))
     g_grads = grads_after_step([G])
     assert no_grads([D]) and all(p.requires_grad for p in D.parameters())
     torch.manual_seed(3)
@@ -273,7 +273,7 @@ def test_dlsgan_g_step_trains_G_on_adversarial_plus_L_enc_only_with_dg_and_never
     # L_enc alone: it reaches G with --dg, and nothing without
     args, G, D = dlsgan_nets(*(["--dg"] if dg else []))
     zero_adversarial(monkeypatch)
-    dlsgan.g_step(G, D, lr0(G), S, 8, args, torch.device("cpu"))
+    dlsgan.g_step(G, D, lr0(G), S, 8, dg=args.dg, **dlsgan.step_kwargs(args))
     assert no_grads([G]) != dg and no_grads([D])
 
 
