@@ -2409,9 +2409,10 @@ class Inverter:
         x = from_tiles(x, self.tiles_per_side) if self.tiles_per_side else x
         return x.clamp(-1, 1) if clamp else x
 
-    def decode(self, code):
-        """A code of ``space`` (as ``encode`` returns it) -> images in [-1, 1]."""
-        return self.synthesize(self.encoder_space, code)
+    def decode(self, code, space=None):
+        """A code -> images in [-1, 1]; the code is in ``space`` (as ``encode`` returns it) unless another space is
+        named (a --baseline's codes.pt: ``inv.decode(c, codes["space"])``)."""
+        return self.synthesize(space or self.encoder_space, code)
 
     def reconstruct(self, x, mask=None):
         """G(E(x)); with a mask, the completion of the kept pixels."""
@@ -2442,56 +2443,87 @@ def load_inverter(path: str, device="cpu") -> Inverter:
     return Inverter(path, device)
 
 
+def _as_paths(paths) -> list[str]:
+    return [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+
+
 def image_files(paths) -> tuple[list[tuple[str, str]], dict]:
     """Files and folders (searched recursively) -> ([(path, name)], {path: why skipped}). ``name`` is the file's
-    path below the folder it was found in, without its extension and with '/' as '__' (the extension is kept when
-    two files would share a name); a missing path is an error, undecodable files are skipped as in training."""
-    found, skipped = [], {}
-    for given in paths:
+    path below the folder it was found in (a file's own name when given alone), without its extension and with '/'
+    as '__'; two different files that would share a name keep their extension, then get the folder they were given
+    in as a prefix, then a counter: no file is dropped. The same file given twice is read once. A missing path is an
+    error; undecodable files are skipped as in training."""
+    found, skipped, seen = [], {}, set()
+    for given in _as_paths(paths):
         if os.path.isdir(given):
             files, bad = scan_image_folder(given)
-            found += [(os.path.join(given, f), f) for f in files]
+            entries = [(os.path.join(given, f), f) for f in files]
             skipped.update({os.path.join(given, f): why for f, why in bad.items()})
         elif os.path.isfile(given):
             why = decodable_image(given) if given.lower().endswith(IMAGE_EXTENSIONS) else "not an image file"
-            if why is None:
-                found.append((given, os.path.basename(given)))
-            else:
+            entries = [(given, os.path.basename(given))] if why is None else []
+            if why is not None:
                 skipped[given] = why
         else:
             fail(f"'{given}' does not exist; give image files or folders of them")
-    stems = [os.path.splitext(rel)[0].replace(os.sep, "__") for _, rel in found]
-    names = [s if stems.count(s) == 1 else rel.replace(os.sep, "__") for s, (_, rel) in zip(stems, found)]
-    named = list(dict(zip(names, (path for path, _ in found))).items())  # the same file given twice: once
-    return [(path, name) for name, path in named], skipped
+        for path, rel in entries:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                found.append((path, rel, os.path.basename(os.path.normpath(given)) if os.path.isdir(given) else ""))
+    names = [os.path.splitext(rel)[0].replace(os.sep, "__") for _, rel, _ in found]
+    for fallback in (lambda rel, top: rel, lambda rel, top: os.path.join(top, rel) if top else rel):
+        names = [
+            fallback(rel, top).replace(os.sep, "__") if names.count(name) > 1 else name
+            for name, (_, rel, top) in zip(names, found)
+        ]
+    for i, name in enumerate(names):  # still shared (a/x.png given as a/ and as b/a/): a counter
+        if names[:i].count(name):
+            names[i] = f"{name}~{names[:i].count(name) + 1}"
+    return [(path, name) for (path, _, _), name in zip(found, names)], skipped
 
 
-def load_images(paths, resolution: int, channels: int):
-    """A user's images -> (x (N, C, R, R) in [-1, 1], names, report). Each image is converted to the checkpoint's
-    channels (L or RGB; 16-bit scaled to 8, alpha dropped), center-cropped to a square when it is not one, and
-    resized (bicubic) to ``resolution``; ``report`` counts each ('converted', 'cropped', 'resized'), lists the
-    files read ('files', in the order of ``names``) and the skipped ones with their reason ('skipped'). No
-    decodable image is an error."""
-    from PIL import Image
+def fit_square(im, fit: str = "crop"):
+    """A PIL image made square: its central square (``fit='crop'``) or the whole image (``'squash'``, as the
+    training loaders resize). Returns (image, whether it was cropped)."""
+    w, h = im.size
+    if fit == "squash" or w == h:
+        return im, False
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side)), True
 
+
+def load_images(paths, resolution: int, channels: int, fit: str = "crop"):
+    """A user's images -> (x (N, C, R, R) in [-1, 1], names, report). Each image is turned upright (EXIF),
+    converted to the checkpoint's channels (L or RGB; 16-bit scaled to 8, alpha dropped), made square
+    (``fit_square``: the central square by default; 'squash' as the training loaders do) and resized (bicubic) to
+    ``resolution``; ``report`` counts each ('converted', 'cropped', 'resized'), lists the files read ('files', in
+    the order of ``names``) and the skipped ones with their reason ('skipped'). No readable image is an error."""
+    from PIL import Image, ImageOps
+
+    paths = _as_paths(paths)
     files, skipped = image_files(paths)
-    if not files:
-        fail(f"no readable images in {' '.join(paths)} ({len(skipped)} files skipped); expected {IMAGE_EXTENSIONS}")
     mode = "L" if channels == 1 else "RGB"
-    report = {"files": [path for path, _ in files], "skipped": skipped, "converted": 0, "cropped": 0, "resized": 0}
-    images = []
-    for path, _ in files:
-        with Image.open(path) as im:
-            im = to_8bit(im)
-            report["converted"] += im.mode != mode
-            w, h = im.size
-            if w != h:  # the central square: a resize alone would squash the image
-                side = min(w, h)
-                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-                report["cropped"] += 1
-            report["resized"] += im.size != (resolution, resolution)
-            images.append(pil_to_tensor(im, mode, resolution))
-    return torch.stack(images), [name for _, name in files], report
+    report = {"files": [], "skipped": skipped, "converted": 0, "cropped": 0, "resized": 0}
+    images, names = [], []
+    for path, name in files:
+        try:
+            with Image.open(path) as im:
+                converted = im.mode != mode
+                im, cropped = fit_square(to_8bit(ImageOps.exif_transpose(im)), fit)
+                resized = im.size != (resolution, resolution)
+                images.append(pil_to_tensor(im, mode, resolution))
+        except (OSError, ValueError) as e:  # decodes, but cannot be converted (e.g. a LAB TIFF)
+            skipped[path] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            continue
+        report["converted"] += converted
+        report["cropped"] += cropped
+        report["resized"] += resized
+        report["files"].append(path)
+        names.append(name)
+    if not images:
+        fail(f"no readable images in {' '.join(paths)} ({len(skipped)} files skipped); expected {IMAGE_EXTENSIONS}")
+    return torch.stack(images), names, report
 
 
 # ---------------------------------------------------------------------------------------------------------

