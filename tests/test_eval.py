@@ -966,3 +966,61 @@ def test_benchmark_with_timings_only_parses():
     """docs/eval.md's timing commands pass --bench-images 0 (no FID agreement, timings only)."""
     args = ev.parse_args(["--benchmark", "--bench-images", "0", "--ckpt", "x.pt", "--baselines", "opt-w-mean"])
     assert args.bench_images == 0 and args.baselines == ["opt-w-mean"]
+
+
+# ---------------------------------------------------------------------------------------------- claims over seeds
+def test_the_verdict_rule_on_hand_made_effects():
+    assert ev.verdict([0.5, 0.6, 0.4]) == "reproduced"  # every seed as claimed, mean 0.5 > 2 x SE 0.058
+    assert ev.verdict([0.2, 0.2, 0.2]) == "reproduced"  # no spread at all
+    assert ev.verdict([1.0, 1.2, -0.1]) == "inconclusive"  # one seed against: never reproduced
+    assert ev.verdict([0.1, 2.0, 0.05]) == "inconclusive"  # every seed as claimed, but the mean within 2 SE
+    assert ev.verdict([-0.5, -0.6, -0.4]) == "contradicted"
+    assert ev.verdict([-1.0, -1.0, -1.0, 0.05]) == "contradicted"  # one seed as claimed, the mean opposite by > 2 SE
+    assert ev.verdict([-0.1, -2.0, 0.05]) == "inconclusive"
+    assert ev.verdict([3.0]) == "inconclusive" and ev.verdict([-3.0]) == "inconclusive"  # one seed decides nothing
+    assert "twice its standard error" in ev.VERDICT_RULE
+
+
+def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration(tmp_path):
+    """--claims --quick with tiny networks: the first call trains every run of every seed, a second reuses them all,
+    a third with one method's configuration changed trains that method's runs anew (a new digest) and reuses the
+    others; every claim of the chosen methods gets one value per seed and a verdict."""
+    tiny = {
+        "dlsgan": [*TINY, "--arch", "dcgan", "--images", "16", "--eval-every", "2"],
+        "lia": (
+            "--resolution 16 --width 8 --latent-dim 8 --n-mapping 2 --encoder-width 8 --batch-size 8 --eval-images "
+            "16 --eval-every 2 --ppl-samples 20 --refine-images 4 --refine-steps 2 --images 16 --no-track"
+        ).split(),
+        "regressor_inversion": (
+            "--resolution 16 --width 8 --d-width 8 --latent-dim 8 --encoder-width 4 --batch-size 8 --eval-images 16 "
+            "--eval-every 2 --images 16 --no-track"
+        ).split(),
+    }
+    base = ["--claims", "--quick", "--seeds", "2", "--jobs", "2", "--methods", *tiny]
+    margs = [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
+    first = run("eval.py", [*base, *margs, "--run-name", "c1"], tmp_path)
+    assert first.stdout.count("training: ") == 2 * (3 + 1 + 3) and "reusing" not in first.stdout  # regressor: gan too
+    assert first.stdout.index("verdict rule, before any number") < first.stdout.index("| method |")
+    result = json.loads((tmp_path / "runs/c1/claims.json").read_text())
+    expected = [c[1] for c in ev.CLAIMS if c[0] in tiny]
+    assert [r["claim"] for r in result["claims"]] == expected and result["quick"]
+    for r in result["claims"]:
+        assert (
+            r["seeds"] == [1, 2]
+            and len(r["values"]) == 2
+            and all(math.isfinite(v) for pair in r["values"] for v in pair)
+        )
+        assert r["verdict"].endswith("(quick: a pipeline check)") and r["wall_s"] > 0
+        sign = 1 if not r["lower_is_better"] else -1
+        assert r["effects"] == [pytest.approx(sign * (a - b)) for a, b in r["values"]]
+    assert "Verdict rule:" in (tmp_path / "runs/c1/claims.md").read_text()
+    again = run("eval.py", [*base, *margs, "--run-name", "c2"], tmp_path)
+    assert "training: " not in again.stdout and again.stdout.count("reusing") == 2 * 7
+    assert (
+        json.loads((tmp_path / "runs/c2/claims.json").read_text())["claims"][0]["values"]
+        == result["claims"][0]["values"]
+    )
+    changed = [m.replace("--eval-every 2", "--eval-every 2 --lambda-enc 2") if "dlsgan=" in m else m for m in margs]
+    third = run("eval.py", [*base, *changed, "--run-name", "c3"], tmp_path)
+    assert third.stdout.count("training: [dlsgan]") == 0 and third.stdout.count("[dlsgan] training: ") == 2 * 3
+    assert third.stdout.count("reusing") == 2 * 4 and "[dlsgan] reusing" not in third.stdout
