@@ -330,6 +330,50 @@ MUTATIONS = [
         "        m = None",
         ["tests/test_eval.py::test_inpaint_never_sees_the_hole_of_a_mask_file"],
     ),
+    (
+        "--mix mixes nothing",
+        "eval.py",
+        "            mixed[:, list(layers)] = ws[i, list(layers)]\n",
+        "",
+        ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
+    ),
+    (
+        "--interpolate decodes A's code at every step",
+        "eval.py",
+        "torch.lerp(codes[:1], codes[1:], float(t))",
+        "codes[:1]",
+        ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
+    ),
+    (
+        "an encoder's time is the encode alone again",
+        "eval.py",
+        '"seconds_per_image": (t2 - t0) / len(x_recon),',
+        '"seconds_per_image": (t1 - t0) / len(x_recon),',
+        ["tests/test_eval.py::test_comparison_end_to_end"],
+    ),
+    (
+        "Inverter ignores DLSGAN's latent scale",
+        "common.py",
+        '        scale = inversion.get("latent_scale")\n        self.s =',
+        "        scale = None\n        self.s =",
+        ["tests/test_eval.py::test_load_inverter_reconstructs_as_dlsgan_itself_with_the_saved_latent_scale"],
+    ),
+    (
+        "two files with one name: one of them dropped",
+        "common.py",
+        'fallback(rel, top).replace(os.sep, "__") if names.count(name) > 1 else name',
+        "name",
+        ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
+    ),
+    (
+        "--claims reuses a run of another configuration",
+        "eval.py",
+        'name = f"{prefix}__{digest}"',
+        "name = prefix",
+        [
+            "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration"
+        ],
+    ),
 ]
 
 
