@@ -302,8 +302,8 @@ MUTATIONS = [
     (
         "Inverter decodes every code as z (ignores the encoder's space)",
         "common.py",
-        "return self.synthesize(self.encoder_space, code)",
-        'return self.synthesize("z", code)',
+        "return self.synthesize(space or self.encoder_space, code)",
+        'return self.synthesize(space or "z", code)',
         [
             "tests/test_invgan.py::test_tiled_training_run",
             "tests/test_eval.py::test_defaults_trains_each_method_once_then_reuses_it",
@@ -312,8 +312,8 @@ MUTATIONS = [
     (
         "load_images squashes a non-square image instead of center-cropping it",
         "common.py",
-        "            if w != h:  # the central square",
-        "            if False:  # the central square",
+        'if fit == "squash" or w == h:',
+        "if True:",
         ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
     ),
     (
