@@ -18,6 +18,7 @@ Assets (datasets, VGG16, the FID Inception) are fetched offline by ``bash setup.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -44,6 +45,23 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", "
 def fail(message: str):
     """Stop with a one-line error (no traceback) and exit status 1: bad input is the user's to fix."""
     raise SystemExit(f"error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, like every other refusal (a typo'd flag gets the closest real one)."""
+
+    def error(self, message):
+        import difflib
+
+        hint = f"; python {self.prog} --help lists them"
+        if message.startswith("unrecognized arguments:"):
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1)
+                if word.startswith("-") and close:
+                    hint = f"; did you mean {close[0]}?"
+                    break
+        fail(f"{message}{hint}")
 
 
 def check_args(args, positive=(), nonnegative=(), fraction=()):

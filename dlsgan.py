@@ -397,7 +397,7 @@ def write_ablation_report(results, args, out_dir):
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     common.add_run_arguments(p, "dlsgan", images=128_000, eval_every=200, log_every=50, amp=True)

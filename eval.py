@@ -61,7 +61,7 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--ckpt", action="append", default=[], help="a checkpoint.pt to evaluate (repeat the flag)")

@@ -541,7 +541,7 @@ def write_ablation_report(run_dirs, out_dir, n_grid=12):
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     common.add_run_arguments(p, "invgan", images=64_000, eval_every=500, log_every=50, amp=True)

@@ -861,7 +861,7 @@ STAGE_DEFAULTS = {  # flag: (gan, encoder, refine); None on the command line mea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     common.add_run_arguments(

@@ -477,7 +477,7 @@ STAGE_DEFAULTS = {  # flag: (gan stage, regressor stage); None on the command li
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     common.add_run_arguments(

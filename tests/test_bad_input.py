@@ -57,6 +57,7 @@ COMMON_CASES = [
     (["--resume", "{tmp}/truncated.pt"], "is corrupt or truncated"),
     (["--run-name", "taken"], "run directory 'runs/taken' already holds files"),
     (["--seed", "-1"], "--seed must be in [0, 2**32) (got -1)"),
+    (["--imagez", "16"], "unrecognized arguments: --imagez 16; did you mean --images?"),
     (["--seed", "4294967296"], "--seed must be in [0, 2**32) (got 4294967296)"),
     (["--dataset", "folder:{tmp}/dangling"], "no readable images in"),
 ]
