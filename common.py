@@ -1623,7 +1623,8 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndar
 def style_mixing_grids(G, w_src: torch.Tensor, w_dst: torch.Tensor) -> dict:
     """StyleGAN's style-mixing figure for real images' codes, one grid per layer group (the layers' w, 4x4 first, in
     thirds: coarse, middle, fine). Each grid has a blank corner, G(w_dst) across the top, G(w_src) down the left, and
-    in cell (i, j) G of w_dst[j] whose group's layers take w_src[i]; tiles row by row, nrow = 1 + len(w_dst)."""
+    in cell (i, j) G of w_dst[j] whose group's layers take w_src[i]; tiles row by row, nrow = 1 + len(w_dst). Codes
+    are w (n, w_dim) or W+ (n, layers, w_dim): a W+ source gives each layer its own w."""
     n_ws = G.num_ws
     groups = {"coarse": range(n_ws // 3), "middle": range(n_ws // 3, 2 * n_ws // 3), "fine": range(2 * n_ws // 3, n_ws)}
     x_src, x_dst = G.synthesis(w_src).clamp(-1, 1), G.synthesis(w_dst).clamp(-1, 1)
@@ -1631,8 +1632,8 @@ def style_mixing_grids(G, w_src: torch.Tensor, w_dst: torch.Tensor) -> dict:
     for group, layers in groups.items():
         rows = [torch.cat([torch.full_like(x_dst[:1], -1), x_dst])]
         for i in range(len(w_src)):
-            ws = w_dst[:, None].repeat(1, n_ws, 1)
-            ws[:, list(layers)] = w_src[i]
+            ws = w_dst[:, None].repeat(1, n_ws, 1) if w_dst.dim() == 2 else w_dst.clone()
+            ws[:, list(layers)] = w_src[i] if w_src.dim() == 2 else w_src[i, list(layers)]
             rows.append(torch.cat([x_src[i : i + 1], G.synthesis(ws).clamp(-1, 1)]))
         grids[group] = torch.cat(rows)
     return grids

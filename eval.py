@@ -625,6 +625,21 @@ def invert_by_optimization(
         return code.detach(), inv.synthesize(space, code)
 
 
+def optimize_batched(inv, x, space, init, steps, args, loss_kw, masks=None, terms_log=None):
+    """invert_by_optimization over --opt-batch chunks (each seeded --seed + its index), with the loss of
+    ``loss_kw`` (baseline_loss): (codes, clamped images)."""
+    codes, images = [], []
+    for i, start in enumerate(range(0, len(x), args.opt_batch)):
+        chunk = slice(start, start + args.opt_batch)
+        m = None if masks is None else masks[chunk]
+        code, rec = invert_by_optimization(
+            inv, x[chunk], space, init, steps, args.opt_lr, seed=args.seed + i, mask=m, terms_log=terms_log, **loss_kw
+        )
+        codes.append(code)
+        images.append(rec)
+    return torch.cat(codes), torch.cat(images)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation of one method
 # ---------------------------------------------------------------------------------------------------------
@@ -748,16 +763,10 @@ def evaluate_baseline(inv: common.Inverter, name, x_recon, lpips, args, masks=No
     sync(inv.device)
     t0 = time.perf_counter()
     loss_kw, loss = baseline_loss(kind, args, lpips, inv.device)
-    x_rec, terms = [], {}
+    terms = {}
     m_recon = masks[: len(x_recon)] if masks is not None else None
-    for i, chunk in enumerate(x_recon.split(args.opt_batch)):
-        m = None if m_recon is None else m_recon[i * args.opt_batch : (i + 1) * args.opt_batch]
-        _, rec = invert_by_optimization(
-            inv, chunk, space, init, args.opt_steps, args.opt_lr, seed=args.seed + i, mask=m, terms_log=terms, **loss_kw
-        )
-        x_rec.append(rec)
+    _, x_rec = optimize_batched(inv, x_recon, space, init, args.opt_steps, args, loss_kw, m_recon, terms_log=terms)
     sync(inv.device)
-    x_rec = torch.cat(x_rec)
     loss = loss + (" on kept pixels" if m_recon is not None else "")
     row = {
         "method": f"{inv.name} {name}",
@@ -1330,21 +1339,6 @@ def load_mask(value, n, resolution, seed, device, fit="crop"):
     return kept[None, None].expand(n, 1, -1, -1).contiguous().to(device)
 
 
-def optimize_batched(inv, x, space, init, steps, args, lpips, masks=None):
-    """invert_by_optimization over --opt-batch chunks with --opt-loss: (codes, clamped images)."""
-    loss_kw, _ = baseline_loss("opt", args, lpips, inv.device)
-    codes, images = [], []
-    for i, start in enumerate(range(0, len(x), args.opt_batch)):
-        chunk = slice(start, start + args.opt_batch)
-        m = None if masks is None else masks[chunk]
-        code, rec = invert_by_optimization(
-            inv, x[chunk], space, init, steps, args.opt_lr, seed=args.seed + i, mask=m, **loss_kw
-        )
-        codes.append(code)
-        images.append(rec)
-    return torch.cat(codes), torch.cat(images)
-
-
 def invert_set(inv, x, args, lpips, masks=None):
     """The inversions asked for, in order: [(label, space, codes, reconstructions, seconds per image)] --
     'encoder' (encode + decode; and 'refined' with --refine N: N optimization steps from its codes, timed with the
@@ -1352,17 +1346,18 @@ def invert_set(inv, x, args, lpips, masks=None):
     out, sync_t = [], lambda: (sync(inv.device), time.perf_counter())[1]
     if inv.E is not None:  # warm-up, as in evaluate_encoder: steady-state times
         inv.decode(inv.encode(x[: args.batch_size], None if masks is None else masks[: args.batch_size]))
+    loss_kw = baseline_loss("opt", args, lpips, inv.device)[0]
     t0 = sync_t()
     if args.baseline:
         _, space, init = parse_baseline(args.baseline)
-        codes, x_rec = optimize_batched(inv, x, space, init, args.opt_steps, args, lpips, masks)
+        codes, x_rec = optimize_batched(inv, x, space, init, args.opt_steps, args, loss_kw, masks)
         return [(args.baseline, space, codes, x_rec, (sync_t() - t0) / len(x))]
     codes = encode_batched(inv, x, masks, args.batch_size)
     x_rec = batched(inv.decode, codes, args.batch_size)
     out.append(("encoder", inv.space, codes, x_rec, (sync_t() - t0) / len(x)))
     if args.refine:
         t0 = sync_t()
-        codes, x_rec = optimize_batched(inv, x, inv.space, "encoder", args.refine, args, lpips, masks)
+        codes, x_rec = optimize_batched(inv, x, inv.space, "encoder", args.refine, args, loss_kw, masks)
         out.append(("refined", inv.space, codes, x_rec, (sync_t() - t0) / len(x)))
     return out
 
@@ -1399,24 +1394,6 @@ def save_png(image, path):
     Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
 
 
-def mixing_grids(inv, ws):
-    """Style mixing of two images' W+ codes (2, layers, w_dim), one 3 x 3 grid per layer group (coarse, middle,
-    fine): a blank corner, G(A), G(B) across the top and down the left, and in cell (i, j) image j whose group's
-    layers take image i's codes."""
-    n_ws = inv.G.num_ws
-    groups = {"coarse": range(n_ws // 3), "middle": range(n_ws // 3, 2 * n_ws // 3), "fine": range(2 * n_ws // 3, n_ws)}
-    x = inv.synthesize("wplus", ws)
-    grids = {}
-    for group, layers in groups.items():
-        rows = [torch.cat([torch.full_like(x[:1], -1), x])]
-        for i in range(len(ws)):
-            mixed = ws.clone()
-            mixed[:, list(layers)] = ws[i, list(layers)]
-            rows.append(torch.cat([x[i : i + 1], inv.synthesize("wplus", mixed)]))
-        grids[group] = torch.cat(rows)
-    return grids
-
-
 def check_invert(args, inv):
     """Everything --invert and its edits can refuse, before the run directory exists: returns the images."""
     if args.baseline:
@@ -1443,8 +1420,8 @@ def check_invert(args, inv):
         if not pair:
             continue
         for path in pair:
-            if not os.path.isfile(path) or common.decodable_image(path) is not None:
-                common.fail(f"--{key} takes two image files; '{path}' is not a readable one")
+            if not os.path.isfile(path):
+                common.fail(f"--{key} takes two image files; '{path}' is not one")
         if os.path.realpath(pair[0]) == os.path.realpath(pair[1]):
             common.fail(f"--{key} A B: A and B are the same file ({pair[0]})")
         parts = [common.load_images([path], inv.resolution, inv.channels, args.fit) for path in pair]
@@ -1550,7 +1527,7 @@ def invert_images(args):
             with torch.no_grad():
                 w = inv.G.mapping(codes * inv.s) if space == "z" else codes  # the codes' w (or W+)
                 ws = w if space == "wplus" else inv._per_layer("wplus", w)
-                for group, grid in mixing_grids(inv, ws).items():
+                for group, grid in common.style_mixing_grids(inv.G, ws, ws).items():
                     common.save_image_grid(grid, os.path.join(out_dir, f"mix_{group}.png"), 3)
             results["mix"] = {"images": names_ab, "space": space, "grids": ["coarse", "middle", "fine"]}
     results["complete"] = True

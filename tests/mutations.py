@@ -319,8 +319,8 @@ MUTATIONS = [
     (
         "--refine starts from the mean code, not the encoder's",
         "eval.py",
-        'optimize_batched(inv, x, inv.space, "encoder", args.refine, args, lpips, masks)',
-        'optimize_batched(inv, x, inv.space, "mean", args.refine, args, lpips, masks)',
+        'optimize_batched(inv, x, inv.space, "encoder", args.refine, args, loss_kw, masks)',
+        'optimize_batched(inv, x, inv.space, "mean", args.refine, args, loss_kw, masks)',
         ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
     ),
     (
@@ -332,8 +332,8 @@ MUTATIONS = [
     ),
     (
         "--mix mixes nothing",
-        "eval.py",
-        "            mixed[:, list(layers)] = ws[i, list(layers)]\n",
+        "common.py",
+        "            ws[:, list(layers)] = w_src[i] if w_src.dim() == 2 else w_src[i, list(layers)]\n",
         "",
         ["tests/test_eval.py::test_invert_a_folder_of_odd_files_end_to_end"],
     ),
