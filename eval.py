@@ -1640,8 +1640,10 @@ def train_defaults(args):
 # Claims over seeds (--claims): each paper claim a named check on runs trained here or reused, with a verdict
 # ---------------------------------------------------------------------------------------------------------
 VERDICT_RULE = (
-    "reproduced: the effect has the claimed sign in every seed and its mean exceeds twice its standard error; "
-    "contradicted: its mean has the opposite sign by the same margin; inconclusive otherwise (always with one seed)"
+    "effect: the claimed winner's advantage, less the claim's margin where its wording asks for one ('well below', "
+    "'far faster', 'near', 'transfers'); reproduced: the effect has the claimed sign in every seed and its mean "
+    "exceeds twice its standard error; contradicted: its mean has the opposite sign by the same margin; "
+    "inconclusive otherwise (always with one seed)"
 )
 
 
@@ -1658,11 +1660,28 @@ def verdict(effects) -> str:
     return "inconclusive"
 
 
+def claim_effect(kind, a, b, margin=0.0) -> float:
+    """How far the claim holds for one seed's values: ``a`` the claimed winner's, ``b`` the other's (or a level).
+    higher / lower: a beats b by more than the margin; faster (seconds per image): a is more than 10**margin times
+    faster, in log10; near: |a - b| below the margin; close: a at most the margin below b."""
+    if kind == "higher":
+        return a - b - margin
+    if kind == "lower":
+        return b - a - margin
+    if kind == "faster":
+        return math.log10(b / a) - margin
+    if kind == "near":
+        return margin - abs(a - b)
+    if kind == "close":
+        return a - b + margin
+    raise ValueError(f"unknown claim kind '{kind}'")
+
+
 # each method's runs (label -> flags) at the claims' budget, and at --quick's (a pipeline check, not a result)
 CLAIM_RUNS = {
     "dlsgan": {"DLS, DG": ["--dg"], "no DLS, DG": ["--dg", "--no-dls"], "DLS, D": []},
     "invgan": {v: ["--variant", v] for v in ("naive", "augmented", "full")},
-    "lia": {"lia": []},
+    "lia": {"lia": [], "mlp": ["--mapping", "mlp"]},  # the MLP arm: gan and encoder stages only
     "regressor_inversion": {"mask": [], "no mask": ["--no-mask"]},  # each on the same seed's --stage gan run
 }
 CLAIM_BUDGET = {  # (the claims' budget, --quick's)
@@ -1670,11 +1689,56 @@ CLAIM_BUDGET = {  # (the claims' budget, --quick's)
     "invgan": (["--images", "51200"], "--images 640 --eval-images 64 --edit-images 2".split()),
     "lia": (
         [],
-        "--images 320 --ppl-samples 20 --refine-images 4 --refine-steps 10 --eval-images 64 --eval-every 10".split(),
+        "--images 160 --ppl-samples 20 --refine-images 4 --refine-steps 10 --eval-images 64 --eval-every 10".split(),
     ),
-    "regressor_inversion": ([], "--images 320 --eval-images 64".split()),
+    "regressor_inversion": ([], "--images 160 --eval-images 64".split()),
 }
 GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 640 --eval-images 64".split())}
+# the evaluations some claims read (eval.py on the seed's checkpoints, FID off): name -> (the claims' methods that
+# read it, "comparison" for the ranking of every method, [(method, run label)] of its --ckpt (those of the chosen
+# methods), its flags, --quick's)
+CLAIM_EVALS = {
+    "recon": (
+        {"lia", "comparison"},
+        [("dlsgan", "DLS, DG"), ("invgan", "full"), ("lia", "lia"), ("lia", "mlp"), ("regressor_inversion", "mask")],
+        ["--n-recon", "500"],
+        [],
+    ),
+    "table2": ({"invgan"}, [("invgan", "full")], ["--semantic-table", "--n-recon", "2000"], []),
+    "completions": (
+        {"regressor_inversion"},
+        [("regressor_inversion", "mask"), ("regressor_inversion", "no mask")],
+        # the optimization on the same frozen G, once (on the mask run): masked MSE, 300 steps, from z = 0
+        "--mask train --n-recon 500 --baselines opt-z-mean --opt-steps 300 --baselines-on __mask__".split(),
+        "--opt-steps 5".split(),
+    ),
+}
+EVAL_QUICK = "--n-recon 64 --classifier-images 2000".split()
+
+
+def checkpoint_of(method, run_dir):
+    """The checkpoint a run gives eval.py: lia's encoder stage (LIA and its MLP arm), the run's own otherwise."""
+    return f"{run_dir}__encoder/checkpoint.pt" if method == "lia" else f"{run_dir}/checkpoint.pt"
+
+
+def from_run(method, label, read):
+    """A value of one of the seed's runs: (its label in the table, runs -> value)."""
+    return label, lambda runs: read(runs[method, label])
+
+
+def from_eval(name, method, label, key, baseline=False):
+    """A value from an evaluation's results.json: the row of the run's checkpoint (its encoder's, or with
+    ``baseline`` the optimization's), ``key`` a path such as 'semantic_table/rec_on_real'."""
+
+    def read(runs):
+        ckpt = checkpoint_of(method, runs[method, label])
+        rows = read_json(os.path.join(runs["eval", name], "results.json"))["rows"]
+        value = next(r for r in rows if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline)
+        for part in key.split("/"):
+            value = value[part]
+        return value
+
+    return (f"{label} {'optimization' if baseline else 'encoder'}", read)
 
 
 def jsonl_last(key):
@@ -1696,119 +1760,201 @@ def json_value(file, *keys):
     return read
 
 
-# (method, claim, the paper's figure, the run that should win, the other, how to read the metric from a run
-# directory, its name, whether lower is better); lia's values are read from its refine / gan stage directories
+def lia_refine(init):  # LIA's final refinement loss from one init ('y/encoder', 'z/mean', ...)
+    return from_run(
+        "lia", "lia", lambda d: json_value("refine.json", "results", init, "total_final_mean")(d + "__refine")
+    )
+
+
+def lia_ppl(space):  # LIA's perceptual path length in one space ('y_full', 'z_full')
+    return from_run("lia", "lia", lambda d: json_value("ppl.json", space, "mean")(d + "__gan"))
+
+
+def dls(label, key):
+    return from_run("dlsgan", label, jsonl_last(key))
+
+
+def ranked(a, b, key, metric):
+    """Cross-method: method a above method b in the comparison's ranking, on the seed's claim runs."""
+    names = {"dlsgan": "DLSGAN", "invgan": "InvGAN", "lia": "LIA", "regressor_inversion": "regressor"}
+    label = {"dlsgan": "DLS, DG", "invgan": "full", "lia": "lia", "regressor_inversion": "mask"}
+    return {
+        "method": "comparison",
+        "claim": f"{names[a]} above {names[b]} in {metric}",
+        "paper": {
+            "psnr": "docs/comparison.md (seed 0, default budgets): PSNR InvGAN 17.26 > DLSGAN 16.39 > LIA 15.86 > "
+            "regressor 15.59",
+            "semantic": "docs/comparison.md (seed 0, default budgets): class acc InvGAN 88.6 > LIA 83.5 > DLSGAN 78.8 "
+            "> regressor 71.5 %",
+        }[key],
+        "a": (names[a], from_eval("recon", a, label[a], key)[1]),
+        "b": (names[b], from_eval("recon", b, label[b], key)[1]),
+        "metric": metric,
+        "kind": "higher",
+        "labels": key == "semantic",
+    }
+
+
+# each claim: whose runs, the claim, the paper's figure, the claimed winner's value a and the other's b (each a
+# (label, runs -> value)), the metric, how a beats b (claim_effect's kind) and the margin its wording asks for
 CLAIMS = [
-    (
-        "dlsgan",
-        "with DLS, L_enc falls below its no-DLS level (about 1)",
-        "Figs. 3-4: L_enc ~1 without DLS, converging with it",
-        "DLS, DG",
-        "no DLS, DG",
-        jsonl_last("losses/L_enc"),
-        "L_enc",
-        True,
-    ),
-    (
-        "dlsgan",
-        "DLS, DG reconstructs real test images better than no DLS",
-        "Table 2 / Fig. 5: better reconstructions with DLS",
-        "DLS, DG",
-        "no DLS, DG",
-        jsonl_last("eval/real_psnr"),
-        "real PSNR",
-        False,
-    ),
-    (
-        "dlsgan",
-        "DLS, DG reconstructs fakes better than no DLS",
-        "Table 2: better fake reconstructions with DLS",
-        "DLS, DG",
-        "no DLS, DG",
-        jsonl_last("eval/fake_psnr"),
-        "fake PSNR",
-        False,
-    ),
-    (
-        "dlsgan",
-        "L_enc lower with DG (L_enc in G's loss too) than with D only",
-        "Figs. 3-4: lowest L_enc with DLS, DG",
-        "DLS, DG",
-        "DLS, D",
-        jsonl_last("losses/L_enc"),
-        "L_enc",
-        True,
-    ),
-    (
-        "invgan",
-        "test MAE: full < augmented",
-        "Fig. 5: full 0.070 < augmented < naive (MNIST)",
-        "full",
-        "augmented",
-        jsonl_last("eval/real_mae"),
-        "test MAE",
-        True,
-    ),
-    (
-        "invgan",
-        "test MAE: augmented < naive",
-        "Fig. 5: augmented < naive",
-        "augmented",
-        "naive",
-        jsonl_last("eval/real_mae"),
-        "test MAE",
-        True,
-    ),
-    (
-        "lia",
-        "refinement in y from the encoder converges lower than from the mean code",
-        "Fig. 11: encoder init lowest",
-        "y/encoder",
-        "y/mean",
-        None,
-        "final loss",
-        True,
-    ),
-    (
-        "lia",
-        "refinement in y from the encoder converges lower than from a random code",
-        "Fig. 11: encoder init lowest",
-        "y/encoder",
-        "y/random",
-        None,
-        "final loss",
-        True,
-    ),
-    (
-        "lia",
-        "refinement in y beats refinement in z from the same (encoder) init",
-        "Fig. 10: y below z",
-        "y/encoder",
-        "z/encoder",
-        None,
-        "final loss",
-        True,
-    ),
-    (
-        "lia",
-        "perceptual path length in y shorter than in z",
-        "Table 2: PPL y < z",
-        "y_full",
-        "z_full",
-        None,
-        "PPL (full paths)",
-        True,
-    ),
-    (
-        "regressor_inversion",
-        "the mask-trained regressor completes holes better than the plain one",
-        "Chai et al. Fig. 3 / paper 004: masked training completes holes",
-        "mask",
-        "no mask",
-        jsonl_last("eval/real_train_mask_hole_psnr"),
-        "hole PSNR (train masks)",
-        False,
-    ),
+    {
+        "method": "dlsgan",
+        "claim": "without DLS, L_enc stays near 1 (within 0.1)",
+        "paper": "Figs. 3-4: L_enc ~1 without DLS",
+        "a": dls("no DLS, DG", "losses/L_enc"),
+        "b": ("1", lambda runs: 1.0),
+        "metric": "L_enc",
+        "kind": "near",
+        "margin": 0.1,
+    },
+    {
+        "method": "dlsgan",
+        "claim": "with DLS, L_enc falls well below (by > 0.1) its no-DLS level",
+        "paper": "Figs. 3-4: L_enc ~1 without DLS, converging with it",
+        "a": dls("DLS, DG", "losses/L_enc"),
+        "b": dls("no DLS, DG", "losses/L_enc"),
+        "metric": "L_enc",
+        "kind": "lower",
+        "margin": 0.1,
+    },
+    {
+        "method": "dlsgan",
+        "claim": "DLS, DG reconstructs real test images better than no DLS",
+        "paper": "Table 2 / Fig. 5: better reconstructions with DLS",
+        "a": dls("DLS, DG", "eval/real_psnr"),
+        "b": dls("no DLS, DG", "eval/real_psnr"),
+        "metric": "real PSNR",
+        "kind": "higher",
+    },
+    {
+        "method": "dlsgan",
+        "claim": "DLS, DG reconstructs fakes better than no DLS",
+        "paper": "Table 2: better fake reconstructions with DLS",
+        "a": dls("DLS, DG", "eval/fake_psnr"),
+        "b": dls("no DLS, DG", "eval/fake_psnr"),
+        "metric": "fake PSNR",
+        "kind": "higher",
+    },
+    {
+        "method": "dlsgan",
+        "claim": "L_enc lower with DG (L_enc in G's loss too) than with D only",
+        "paper": "Figs. 3-4: lowest L_enc with DLS, DG",
+        "a": dls("DLS, DG", "losses/L_enc"),
+        "b": dls("DLS, D", "losses/L_enc"),
+        "metric": "L_enc",
+        "kind": "lower",
+    },
+    {
+        "method": "invgan",
+        "claim": "test MAE: full < augmented",
+        "paper": "Fig. 5: full 0.070 < augmented < naive (MNIST)",
+        "a": from_run("invgan", "full", jsonl_last("eval/real_mae")),
+        "b": from_run("invgan", "augmented", jsonl_last("eval/real_mae")),
+        "metric": "test MAE",
+        "kind": "lower",
+    },
+    {
+        "method": "invgan",
+        "claim": "test MAE: augmented < naive",
+        "paper": "Fig. 5: augmented < naive",
+        "a": from_run("invgan", "augmented", jsonl_last("eval/real_mae")),
+        "b": from_run("invgan", "naive", jsonl_last("eval/real_mae")),
+        "metric": "test MAE",
+        "kind": "lower",
+    },
+    {
+        "method": "invgan",
+        "claim": "a classifier trained on the full model's reconstructions transfers to real test images (within 5 "
+        "points of one trained on real images)",
+        "paper": "Table 2: 0.79 vs 0.81 mAP (CelebA attributes)",
+        "a": ("trained on reconstructions", from_eval("table2", "invgan", "full", "semantic_table/rec_on_real")[1]),
+        "b": ("trained on real", from_eval("table2", "invgan", "full", "semantic_table/real_on_real")[1]),
+        "metric": "accuracy on real test images",
+        "kind": "close",
+        "margin": 0.05,
+        "labels": True,
+    },
+    {
+        "method": "lia",
+        "claim": "refinement in y from the encoder converges lower than from the mean code",
+        "paper": "Fig. 11: encoder init lowest",
+        "a": lia_refine("y/encoder"),
+        "b": lia_refine("y/mean"),
+        "metric": "final loss",
+        "kind": "lower",
+    },
+    {
+        "method": "lia",
+        "claim": "refinement in y from the encoder converges lower than from a random code",
+        "paper": "Fig. 11: encoder init lowest",
+        "a": lia_refine("y/encoder"),
+        "b": lia_refine("y/random"),
+        "metric": "final loss",
+        "kind": "lower",
+    },
+    {
+        "method": "lia",
+        "claim": "refinement in y beats refinement in z from the same (encoder) init",
+        "paper": "Fig. 10: y below z",
+        "a": lia_refine("y/encoder"),
+        "b": lia_refine("z/encoder"),
+        "metric": "final loss",
+        "kind": "lower",
+    },
+    {
+        "method": "lia",
+        "claim": "perceptual path length in y shorter than in z",
+        "paper": "Table 2: PPL y < z",
+        "a": lia_ppl("y_full"),
+        "b": lia_ppl("z_full"),
+        "metric": "PPL (full paths)",
+        "kind": "lower",
+    },
+    {
+        "method": "lia",
+        "claim": "LIA's encoder reconstructs held-out images better than the MLP arm's (StyleGAN + encoder)",
+        "paper": "Table 3: LIA's MSE below 'StyleGAN + encoder'",
+        "a": from_eval("recon", "lia", "lia", "mse"),
+        "b": from_eval("recon", "lia", "mlp", "mse"),
+        "metric": "MSE, 500 test images",
+        "kind": "lower",
+    },
+    {
+        "method": "regressor_inversion",
+        "claim": "the mask-trained regressor completes holes better than the plain one",
+        "paper": "Chai et al. Fig. 3 / paper 004: masked training completes holes",
+        "a": from_run("regressor_inversion", "mask", jsonl_last("eval/real_train_mask_hole_psnr")),
+        "b": from_run("regressor_inversion", "no mask", jsonl_last("eval/real_train_mask_hole_psnr")),
+        "metric": "hole PSNR (train masks)",
+        "kind": "higher",
+    },
+    {
+        "method": "regressor_inversion",
+        "claim": "the mask-trained regressor's completions keep the class more often than the plain one's",
+        "paper": "Chai et al.: completions of the right class",
+        "a": from_eval("completions", "regressor_inversion", "mask", "semantic"),
+        "b": from_eval("completions", "regressor_inversion", "no mask", "semantic"),
+        "metric": "class acc of completions (train masks, 500 test images)",
+        "kind": "higher",
+        "labels": True,
+    },
+    {
+        "method": "regressor_inversion",
+        "claim": "the regressor completes images far faster (> 10x) than optimization on the kept pixels",
+        "paper": "Chai et al.: a regressor in place of per-image optimization",
+        "a": from_eval("completions", "regressor_inversion", "mask", "seconds_per_image"),
+        "b": from_eval("completions", "regressor_inversion", "mask", "seconds_per_image", baseline=True),
+        "metric": "s / image (encode + decode vs 300 Adam steps), log10 of the factor",
+        "kind": "faster",
+        "margin": 1.0,
+    },
+    ranked("invgan", "dlsgan", "psnr", "PSNR"),
+    ranked("dlsgan", "lia", "psnr", "PSNR"),
+    ranked("lia", "regressor_inversion", "psnr", "PSNR"),
+    ranked("invgan", "lia", "semantic", "class acc"),
+    ranked("lia", "dlsgan", "semantic", "class acc"),
+    ranked("dlsgan", "regressor_inversion", "semantic", "class acc"),
 ]
 
 CONFIG_SERVER = r"""
@@ -1875,111 +2021,177 @@ def claim_run(method, argv, prefix, finished_in=""):
         )
         if differ:
             common.fail(f"{run_dir} was trained with other settings ({', '.join(differ[:3])}); move it away")
+    if method == "lia":  # one command, several directories; finished when its last stage is
+        stages = ("gan", "encoder", "refine") if finished_in == "__refine" else ("gan", "encoder")
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            return name, None, sum(read_json(f"runs/{name}__{s}/summary.json")["wall_s"] for s in stages)
+        if any(os.path.exists(f"runs/{name}__{s}") for s in stages):
+            common.fail(f"runs/{name}__* is unfinished; remove {' '.join(f'runs/{name}__{s}' for s in stages)}")
+        return name, [*argv, "--run-name", name], None
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         return name, None, read_json(os.path.join(run_dir, "summary.json"))["wall_s"]
-    if method != "lia" and os.path.isfile(ckpt):
+    if os.path.isfile(ckpt):
         return name, [*argv, "--resume", ckpt], None
     return name, [*argv, "--run-name", name], None
 
 
+def claim_eval(argv, prefix):
+    """(run name, eval.py command or None when reused): named by the digest of its command, whose --ckpt paths
+    name the runs' configurations, so an evaluation of other runs or flags is never reused."""
+    name = f"{prefix}__{hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]}"
+    results = os.path.join("runs", name, "results.json")
+    if os.path.isfile(results) and read_json(results).get("complete"):
+        return name, None
+    if os.path.exists(os.path.join("runs", name)):
+        common.fail(f"runs/{name} is an unfinished evaluation; remove it, then run this again")
+    return name, [*argv, "--run-name", name]
+
+
 def claims(args):
     """--claims: every chosen method's claims over --seeds seeds; writes claims.md and claims.json."""
-    import concurrent.futures
     import shlex
     import subprocess
     import sys
+    import threading
 
     here, slug = os.path.dirname(os.path.abspath(__file__)), args.dataset.replace(":", "_").replace("/", "_")
     budget, prefix = (1, "claimsquick") if args.quick else (0, "claims")
     seeds = list(range(1, args.seeds + 1))
-    chosen = [c for c in CLAIMS if c[0] in args.methods]
+    chosen_methods = set(args.methods) | ({"comparison"} if set(args.methods) == set(METHODS) else set())
+    chosen = [c for c in CLAIMS if c["method"] in chosen_methods]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def extra(method):
+        return CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+
+    resolutions = set()
     for method in args.methods:  # a refused command is refused before anything runs or is created
-        extra = CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
         stage = ["--stage", "gan"] if method == "regressor_inversion" else []
-        run_configuration(method, [*stage, "--dataset", args.dataset, *extra])
+        resolutions.add(run_configuration(method, [*stage, "--dataset", args.dataset, *extra(method)])["resolution"])
+    labelled = labels_of(args.dataset, max(resolutions), args.data_root, 1) is not None
+    if not labelled:  # a flat folder: no class oracle, no Table 2
+        print(f"note: {args.dataset} has no class labels: the class-accuracy claims are left out", flush=True)
+        chosen = [c for c in chosen if not c.get("labels")]
+    # the plan: every run and evaluation of every seed, each (key, script, run name, command or None, wall, needs);
+    # a seed's evaluations follow its runs, so that they start while other seeds train
+    tasks = []
+    for seed in seeds:
+        runs = {}
+        for method in args.methods:
+            base = ["--dataset", args.dataset, "--seed", str(seed), *extra(method)]
+            needs = []
+            if method == "regressor_inversion":
+                gan = ["--stage", "gan", "--dataset", args.dataset, "--seed", str(seed)]
+                gan += GAN_STAGE_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+                name, argv, wall = claim_run(method, gan, f"{prefix}__{method}__gan__{slug}__s{seed}")
+                tasks.append(((seed, method, "gan"), method, name, argv, wall, []))
+                base += ["--generator", f"runs/{name}/checkpoint.pt"]
+                needs = [(seed, method, "gan")]
+            for label, flags in CLAIM_RUNS[method].items():
+                tag = f"{prefix}__{method}__{label.replace(', ', '_').replace(' ', '')}__{slug}__s{seed}"
+                last = "__refine" if label == "lia" else "__encoder" if method == "lia" else ""
+                name, argv, wall = claim_run(method, [*base, *flags], tag, finished_in=last)
+                tasks.append(((seed, method, label), method, name, argv, wall, needs))
+                runs[method, label] = f"runs/{name}"
+        for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
+            ckpts = [(m, label) for m, label in ckpts if m in args.methods]
+            if not owners & chosen_methods or (name == "table2" and not labelled):
+                continue
+            argv = [x for m, label in ckpts for x in ("--ckpt", checkpoint_of(m, runs[m, label]))]
+            argv += ["--dataset", args.dataset, "--seed", str(seed), "--n-fid", "0", "--baselines", *flags]
+            argv += EVAL_QUICK + quick_flags if args.quick else []
+            run_name, command = claim_eval(argv, f"{prefix}__eval__{name}__{slug}__s{seed}")
+            needs = [(seed, m, label) for m, label in ckpts]
+            tasks.append(((seed, "eval", name), "eval", run_name, command, 0.0, needs))
+    runs = {seed: {(key[1], key[2]): f"runs/{name}" for key, _, name, *_ in tasks if key[0] == seed} for seed in seeds}
     directory = common.claim_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=args.dataset, exp_name="claims", seed=0),
         {"script": "eval.py", "args": vars(args)},
     )
     out_dir, t_start = directory.path, time.time()
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-    print(f"claims: {', '.join(args.methods)} on {args.dataset}, seeds {seeds}, {args.jobs} at a time", flush=True)
+    print(f"claims: {', '.join(sorted(chosen_methods))} on {args.dataset}, seeds {seeds}, {args.jobs} at a time")
     print(f"verdict rule, before any number: {VERDICT_RULE}", flush=True)
 
-    def train(method, name, argv, wall):
+    if labelled and any(t[1] == "eval" and t[3] is not None for t in tasks):  # once, here, not by each evaluation
+        for resolution in sorted(resolutions):
+            semantic_classifier(args.dataset, resolution, args.data_root, "cpu", 2000 if args.quick else 0)
+    walls, failed, lock = {}, [], threading.Condition()
+
+    def run_task(key, script, name, argv):
+        owner = script if script != "eval" else "/".join(sorted(CLAIM_EVALS[key[2]][0]))
         if argv is None:
-            print(f"[{method}] reusing runs/{name} (same configuration)", flush=True)
-            return wall
+            print(f"[{owner}] reusing runs/{name} (same configuration)", flush=True)
+            return
         log = os.path.join(out_dir, "logs", f"{name}.log")
-        print(f"[{method}] training: {method}.py {shlex.join(argv)} (log: {log})", flush=True)
+        print(
+            f"[{owner}] {'evaluating' if script == 'eval' else 'training'}: {script}.py {shlex.join(argv)}", flush=True
+        )
         t0 = time.time()
         with open(log, "w") as f:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            command = [sys.executable, os.path.join(here, f"{method}.py"), *argv]
+            command = [sys.executable, os.path.join(here, f"{script}.py"), *argv]
             if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode:
-                common.fail(f"{method}.py {shlex.join(argv)} failed; see {log}")
-        return time.time() - t0
+                raise RuntimeError(f"{script}.py {shlex.join(argv)} failed; see {log}")
+        walls[key] = time.time() - t0
 
-    def chain(method, seed):
-        """One method's runs for one seed, in order (the regressor's gan stage first): ({label: run dir}, wall)."""
-        extra = CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
-        base, wall = ["--dataset", args.dataset, "--seed", str(seed), *extra], 0.0
-        if method == "regressor_inversion":
-            gan = ["--stage", "gan", "--dataset", args.dataset, "--seed", str(seed)] + GAN_STAGE_BUDGET[method][budget]
-            gan += shlex.split(args.method_args.get(method, ""))
-            name, argv, w = claim_run(method, gan, f"{prefix}__{method}__gan__{slug}__s{seed}")
-            wall += train(method, name, argv, w)
-            base += ["--generator", f"runs/{name}/checkpoint.pt"]
-        dirs = {}
-        for label, flags in CLAIM_RUNS[method].items():
-            tag = f"{prefix}__{method}__{label.replace(', ', '_').replace(' ', '')}__{slug}__s{seed}"
-            if method == "lia":  # one command, three directories; finished when the refine stage is
-                name, argv, w = claim_run(method, [*base, *flags], tag, finished_in="__refine")
+    def worker():
+        """Takes the first task whose runs are done, until none is left (or one failed)."""
+        while True:
+            with lock:
+                while True:
+                    if failed or not pending:
+                        return
+                    ready = next((t for t in pending if all(n in walls for n in t[5])), None)
+                    if ready is not None:
+                        pending.remove(ready)
+                        break
+                    lock.wait()
+            key, script, name, argv, wall, _ = ready
+            try:
+                run_task(key, script, name, argv)
                 if argv is None:
-                    w = sum(read_json(f"runs/{name}__{s}/summary.json")["wall_s"] for s in ("gan", "encoder", "refine"))
-                elif any(os.path.exists(f"runs/{name}__{s}") for s in ("gan", "encoder", "refine")):
-                    common.fail(f"runs/{name}__* is unfinished; remove runs/{name}__gan, __encoder, __refine")
-            else:
-                name, argv, w = claim_run(method, [*base, *flags], tag)
-            wall += train(method, name, argv, w)
-            dirs[label] = f"runs/{name}"
-        return dirs, wall
+                    walls[key] = wall
+            except Exception as e:  # the others stop taking tasks; their running ones finish
+                failed.append(str(e))
+            with lock:
+                lock.notify_all()
 
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {(m, s): pool.submit(chain, m, s) for m in args.methods for s in seeds}
-        done = {key: future.result() for key, future in futures.items()}
+    pending = list(tasks)
+    workers = [threading.Thread(target=worker) for _ in range(args.jobs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if failed:
+        common.fail(failed[0])
     rows = []
-    for method, claim, paper, better, other, read, metric, lower in chosen:
-        values = []
-        for seed in seeds:
-            dirs = done[(method, seed)][0]
-            if method == "lia":
-                base = dirs["lia"]
-                read_one = (
-                    (lambda key: json_value("refine.json", "results", key, "total_final_mean")(base + "__refine"))
-                    if "/" in better
-                    else (lambda key: json_value("ppl.json", key, "mean")(base + "__gan"))
-                )
-                values.append((read_one(better), read_one(other)))
-            else:
-                values.append((read(dirs[better]), read(dirs[other])))
-        effects = [(b - a) if lower else (a - b) for a, b in values]
+    for c in chosen:
+        values = [(c["a"][1](runs[seed]), c["b"][1](runs[seed])) for seed in seeds]
+        effects = [claim_effect(c["kind"], a, b, c.get("margin", 0.0)) for a, b in values]
+        owners = set(args.methods) if c["method"] == "comparison" else {c["method"]}
         rows.append(
             {
-                "method": method,
-                "claim": claim,
-                "paper": paper,
-                "metric": metric,
-                "lower_is_better": lower,
-                "runs": [better, other],
+                "method": c["method"],
+                "claim": c["claim"],
+                "paper": c["paper"],
+                "metric": c["metric"],
+                "kind": c["kind"],
+                "margin": c.get("margin", 0.0),
+                "runs": [c["a"][0], c["b"][0]],
                 "seeds": seeds,
                 "values": values,
                 "effects": effects,
                 "mean": float(np.mean(effects)),
                 "std": float(np.std(effects, ddof=1)) if len(effects) > 1 else None,
                 "verdict": verdict(effects) + (" (quick: a pipeline check)" if args.quick else ""),
-                "wall_s": sum(done[(method, s)][1] for s in seeds),
+                # the runs and evaluations the claim's method owns ("comparison": its evaluations only)
+                "wall_s": sum(
+                    walls[key]
+                    for key, script, *_ in tasks
+                    if (script in owners and c["method"] != "comparison")
+                    or (script == "eval" and c["method"] in CLAIM_EVALS[key[2]][0])
+                ),
             }
         )
     total = time.time() - t_start
@@ -2007,8 +2219,8 @@ def claims_markdown(rows, args, total) -> str:
         + (" (--quick: a pipeline check, not a result)" if args.quick else "")
         + f"; {time.strftime('%Y-%m-%d')}, {total / 60:.1f} min wall, {args.jobs} run(s) at a time.",
         "",
-        f"Verdict rule: {VERDICT_RULE}. Effect: the claimed winner's advantage (positive = as claimed). Wall: the "
-        "method's runs (its claims share them), summed over seeds; a reused run counts its recorded time.",
+        f"Verdict rule: {VERDICT_RULE}. Wall: the runs and evaluations of the claim's method (its claims share "
+        "them), summed over seeds; a reused run counts its recorded time.",
         "",
         "| method | claim | paper | ours, each seed (winner vs other) | effect mean ± std | verdict | wall |",
         "|---|---|---|---|---|---|---|",
