@@ -2068,6 +2068,7 @@ def claims(args):
     for method in args.methods:  # a refused command is refused before anything runs or is created
         stage = ["--stage", "gan"] if method == "regressor_inversion" else []
         resolutions.add(run_configuration(method, [*stage, "--dataset", args.dataset, *extra(method)])["resolution"])
+    resolutions = {r for r in resolutions if r} or {32}  # a script that leaves it to its data: the loaders' 32
     labelled = labels_of(args.dataset, max(resolutions), args.data_root, 1) is not None
     if not labelled:  # a flat folder: no class oracle, no Table 2
         print(f"note: {args.dataset} has no class labels: the class-accuracy claims are left out", flush=True)
@@ -2095,6 +2096,8 @@ def claims(args):
                 runs[method, label] = f"runs/{name}"
         for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
             ckpts = [(m, label) for m, label in ckpts if m in args.methods]
+            if name == "recon" and "comparison" not in chosen_methods:  # then only LIA's claims read it
+                ckpts = [(m, label) for m, label in ckpts if m == "lia"]
             if not owners & chosen_methods or (name == "table2" and not labelled):
                 continue
             argv = [x for m, label in ckpts for x in ("--ckpt", checkpoint_of(m, runs[m, label]))]

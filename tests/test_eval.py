@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -999,10 +1000,12 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
     base = ["--claims", "--quick", "--seeds", "2", "--jobs", "2", "--methods", *tiny]
     margs = [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
     first = run("eval.py", [*base, *margs, "--run-name", "c1"], tmp_path)
-    assert first.stdout.count("training: ") == 2 * (3 + 1 + 3) and "reusing" not in first.stdout  # regressor: gan too
+    # per seed: dlsgan 3 runs, lia and its MLP arm, the regressor's gan stage and two regressors; then two evaluations
+    assert first.stdout.count("training: ") == 2 * (3 + 2 + 3) and "reusing" not in first.stdout
+    assert first.stdout.count("evaluating: ") == 2 * 2  # recon (lia vs mlp), completions (regressors + optimization)
     assert first.stdout.index("verdict rule, before any number") < first.stdout.index("| method |")
     result = json.loads((tmp_path / "runs/c1/claims.json").read_text())
-    expected = [c[1] for c in ev.CLAIMS if c[0] in tiny]
+    expected = [c["claim"] for c in ev.CLAIMS if c["method"] in tiny]  # no comparison: invgan is not chosen
     assert [r["claim"] for r in result["claims"]] == expected and result["quick"]
     for r in result["claims"]:
         assert (
@@ -1011,11 +1014,27 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
             and all(math.isfinite(v) for pair in r["values"] for v in pair)
         )
         assert r["verdict"].endswith("(quick: a pipeline check)") and r["wall_s"] > 0
-        sign = 1 if not r["lower_is_better"] else -1
-        assert r["effects"] == [pytest.approx(sign * (a - b)) for a, b in r["values"]]
+        assert r["effects"] == [pytest.approx(ev.claim_effect(r["kind"], a, b, r["margin"])) for a, b in r["values"]]
+    by_claim = {r["claim"]: r for r in result["claims"]}
+    mlp = by_claim["LIA's encoder reconstructs held-out images better than the MLP arm's (StyleGAN + encoder)"]
+    speed = next(r for r in result["claims"] if r["kind"] == "faster")
+    for seed, (lia_mse, mlp_mse) in zip((1, 2), mlp["values"]):  # the values are the evaluation's rows, wired right
+        rows = json.loads(
+            next((tmp_path / "runs").glob(f"claimsquick__eval__recon__*__s{seed}__*/results.json")).read_text()
+        )
+        by_ckpt = {Path(r["checkpoint"]).parent.name: r for r in rows["rows"]}
+        assert [r["mse"] for k, r in sorted(by_ckpt.items()) if "__lia__lia__" in k] == [lia_mse]
+        assert [r["mse"] for k, r in sorted(by_ckpt.items()) if "__lia__mlp__" in k] == [mlp_mse]
+        assert all(k.endswith("__encoder") for k in by_ckpt)  # lia's encoder stage, not its gan or refine
+    for seed, (encoder_s, optimization_s) in zip((1, 2), speed["values"]):
+        rows = json.loads(
+            next((tmp_path / "runs").glob(f"claimsquick__eval__completions__*__s{seed}__*/results.json")).read_text()
+        )["rows"]
+        assert rows[0]["seconds_per_image"] == encoder_s and "__mask__" in rows[0]["checkpoint"]
+        assert [r["seconds_per_image"] for r in rows if "baseline" in r] == [optimization_s]  # once, on one G
     assert "Verdict rule:" in (tmp_path / "runs/c1/claims.md").read_text()
     again = run("eval.py", [*base, *margs, "--run-name", "c2"], tmp_path)
-    assert "training: " not in again.stdout and again.stdout.count("reusing") == 2 * 7
+    assert "training: " not in again.stdout and again.stdout.count("reusing") == 2 * (8 + 2)
     assert (
         json.loads((tmp_path / "runs/c2/claims.json").read_text())["claims"][0]["values"]
         == result["claims"][0]["values"]
@@ -1023,4 +1042,4 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
     changed = [m.replace("--eval-every 2", "--eval-every 2 --lambda-enc 2") if "dlsgan=" in m else m for m in margs]
     third = run("eval.py", [*base, *changed, "--run-name", "c3"], tmp_path)
     assert third.stdout.count("training: [dlsgan]") == 0 and third.stdout.count("[dlsgan] training: ") == 2 * 3
-    assert third.stdout.count("reusing") == 2 * 4 and "[dlsgan] reusing" not in third.stdout
+    assert third.stdout.count("reusing") == 2 * (5 + 2) and "[dlsgan] reusing" not in third.stdout
