@@ -1777,7 +1777,7 @@ def dls(label, key):
 def ranked(a, b, key, metric):
     """Cross-method: method a above method b in the comparison's ranking, on the seed's claim runs."""
     names = {"dlsgan": "DLSGAN", "invgan": "InvGAN", "lia": "LIA", "regressor_inversion": "regressor"}
-    label = {"dlsgan": "DLS, DG", "invgan": "full", "lia": "lia", "regressor_inversion": "mask"}
+    label = {m: lab for m, lab in CLAIM_EVALS["recon"][1] if lab != "mlp"}  # each method's run in the ranking
     return {
         "method": "comparison",
         "claim": f"{names[a]} above {names[b]} in {metric}",
@@ -2075,9 +2075,8 @@ def claims(args):
         chosen = [c for c in chosen if not c.get("labels")]
     # the plan: every run and evaluation of every seed, each (key, script, run name, command or None, wall, needs);
     # a seed's evaluations follow its runs, so that they start while other seeds train
-    tasks = []
+    tasks, runs = [], {seed: {} for seed in seeds}  # runs[seed][(method, label) or ("eval", name)]: its directory
     for seed in seeds:
-        runs = {}
         for method in args.methods:
             base = ["--dataset", args.dataset, "--seed", str(seed), *extra(method)]
             needs = []
@@ -2093,20 +2092,20 @@ def claims(args):
                 last = "__refine" if label == "lia" else "__encoder" if method == "lia" else ""
                 name, argv, wall = claim_run(method, [*base, *flags], tag, finished_in=last)
                 tasks.append(((seed, method, label), method, name, argv, wall, needs))
-                runs[method, label] = f"runs/{name}"
+                runs[seed][method, label] = f"runs/{name}"
         for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
             ckpts = [(m, label) for m, label in ckpts if m in args.methods]
             if name == "recon" and "comparison" not in chosen_methods:  # then only LIA's claims read it
                 ckpts = [(m, label) for m, label in ckpts if m == "lia"]
             if not owners & chosen_methods or (name == "table2" and not labelled):
                 continue
-            argv = [x for m, label in ckpts for x in ("--ckpt", checkpoint_of(m, runs[m, label]))]
+            argv = [x for m, label in ckpts for x in ("--ckpt", checkpoint_of(m, runs[seed][m, label]))]
             argv += ["--dataset", args.dataset, "--seed", str(seed), "--n-fid", "0", "--baselines", *flags]
             argv += EVAL_QUICK + quick_flags if args.quick else []
             run_name, command = claim_eval(argv, f"{prefix}__eval__{name}__{slug}__s{seed}")
+            runs[seed]["eval", name] = f"runs/{run_name}"
             needs = [(seed, m, label) for m, label in ckpts]
             tasks.append(((seed, "eval", name), "eval", run_name, command, 0.0, needs))
-    runs = {seed: {(key[1], key[2]): f"runs/{name}" for key, _, name, *_ in tasks if key[0] == seed} for seed in seeds}
     directory = common.claim_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=args.dataset, exp_name="claims", seed=0),
         {"script": "eval.py", "args": vars(args)},
@@ -2118,13 +2117,16 @@ def claims(args):
 
     if labelled and any(t[1] == "eval" and t[3] is not None for t in tasks):  # once, here, not by each evaluation
         for resolution in sorted(resolutions):
-            semantic_classifier(args.dataset, resolution, args.data_root, "cpu", 2000 if args.quick else 0)
+            semantic_classifier(
+                args.dataset, resolution, args.data_root, common.get_device(args.cuda), 2000 if args.quick else 0
+            )
     walls, failed, lock = {}, [], threading.Condition()
 
-    def run_task(key, script, name, argv):
+    def run_task(key, script, name, argv, wall):
         owner = script if script != "eval" else "/".join(sorted(CLAIM_EVALS[key[2]][0]))
         if argv is None:
             print(f"[{owner}] reusing runs/{name} (same configuration)", flush=True)
+            walls[key] = wall
             return
         log = os.path.join(out_dir, "logs", f"{name}.log")
         print(
@@ -2150,11 +2152,8 @@ def claims(args):
                         pending.remove(ready)
                         break
                     lock.wait()
-            key, script, name, argv, wall, _ = ready
             try:
-                run_task(key, script, name, argv)
-                if argv is None:
-                    walls[key] = wall
+                run_task(*ready[:5])
             except Exception as e:  # the others stop taking tasks; their running ones finish
                 failed.append(str(e))
             with lock:
@@ -2172,7 +2171,6 @@ def claims(args):
     for c in chosen:
         values = [(c["a"][1](runs[seed]), c["b"][1](runs[seed])) for seed in seeds]
         effects = [claim_effect(c["kind"], a, b, c.get("margin", 0.0)) for a, b in values]
-        owners = set(args.methods) if c["method"] == "comparison" else {c["method"]}
         rows.append(
             {
                 "method": c["method"],
@@ -2192,8 +2190,7 @@ def claims(args):
                 "wall_s": sum(
                     walls[key]
                     for key, script, *_ in tasks
-                    if (script in owners and c["method"] != "comparison")
-                    or (script == "eval" and c["method"] in CLAIM_EVALS[key[2]][0])
+                    if script == c["method"] or (script == "eval" and c["method"] in CLAIM_EVALS[key[2]][0])
                 ),
             }
         )
