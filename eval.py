@@ -1079,7 +1079,7 @@ def semantic_markdown(rows, config) -> str:
 # ---------------------------------------------------------------------------------------------------------
 def compare(args, train_seconds=None):
     """The table of every --ckpt (``train_seconds``: checkpoint -> training wall time, from --defaults)."""
-    train_seconds = train_seconds or {}
+    train_seconds, t_start = train_seconds or {}, time.time()
     device = common.get_device(args.cuda)
     common.seed_everything(args.seed)
     inverters = [common.load_inverter(path, device) for path in args.ckpt]
@@ -1210,7 +1210,9 @@ def compare(args, train_seconds=None):
 
     def write_results(complete):
         with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({"config": config, "rows": rows, "complete": complete}, f, indent=1)
+            json.dump(
+                {"config": config, "rows": rows, "complete": complete, "wall_s": time.time() - t_start}, f, indent=1
+            )
 
     def add(row, x_rec):
         if oracle is not None:  # does the reconstruction keep the digit / garment class of its test image?
@@ -1760,14 +1762,15 @@ def json_value(file, *keys):
     return read
 
 
-def lia_refine(init):  # LIA's final refinement loss from one init ('y/encoder', 'z/mean', ...)
-    return from_run(
+def lia_refine(init):  # LIA's final refinement loss from one init ('y/encoder', 'z/mean', ...), 'y from encoder'
+    read = from_run(
         "lia", "lia", lambda d: json_value("refine.json", "results", init, "total_final_mean")(d + "__refine")
     )
+    return init.replace("/", " from "), read[1]
 
 
 def lia_ppl(space):  # LIA's perceptual path length in one space ('y_full', 'z_full')
-    return from_run("lia", "lia", lambda d: json_value("ppl.json", space, "mean")(d + "__gan"))
+    return f"in {space[0]}", from_run("lia", "lia", lambda d: json_value("ppl.json", space, "mean")(d + "__gan"))[1]
 
 
 def dls(label, key):
@@ -2036,15 +2039,16 @@ def claim_run(method, argv, prefix, finished_in=""):
 
 
 def claim_eval(argv, prefix):
-    """(run name, eval.py command or None when reused): named by the digest of its command, whose --ckpt paths
-    name the runs' configurations, so an evaluation of other runs or flags is never reused."""
+    """(run name, eval.py command or None when reused, its recorded wall seconds): named by the digest of its
+    command, whose --ckpt paths name the runs' configurations, so an evaluation of other runs or flags is never
+    reused."""
     name = f"{prefix}__{hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]}"
     results = os.path.join("runs", name, "results.json")
     if os.path.isfile(results) and read_json(results).get("complete"):
-        return name, None
+        return name, None, read_json(results).get("wall_s", 0.0)  # 0: an evaluation from before walls were kept
     if os.path.exists(os.path.join("runs", name)):
         common.fail(f"runs/{name} is an unfinished evaluation; remove it, then run this again")
-    return name, [*argv, "--run-name", name]
+    return name, [*argv, "--run-name", name], None
 
 
 def claims(args):
@@ -2061,8 +2065,11 @@ def claims(args):
     chosen = [c for c in CLAIMS if c["method"] in chosen_methods]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
+    # what every run and evaluation must share with this command: where the data is, and the device
+    shared = (["--data-root", args.data_root] if args.data_root else []) + ([] if args.cuda else ["--no-cuda"])
+
     def extra(method):
-        return CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+        return CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, "")) + shared
 
     resolutions = set()
     for method in args.methods:  # a refused command is refused before anything runs or is created
@@ -2082,7 +2089,7 @@ def claims(args):
             needs = []
             if method == "regressor_inversion":
                 gan = ["--stage", "gan", "--dataset", args.dataset, "--seed", str(seed)]
-                gan += GAN_STAGE_BUDGET[method][budget] + shlex.split(args.method_args.get(method, ""))
+                gan += GAN_STAGE_BUDGET[method][budget] + shlex.split(args.method_args.get(method, "")) + shared
                 name, argv, wall = claim_run(method, gan, f"{prefix}__{method}__gan__{slug}__s{seed}")
                 tasks.append(((seed, method, "gan"), method, name, argv, wall, []))
                 base += ["--generator", f"runs/{name}/checkpoint.pt"]
@@ -2100,12 +2107,12 @@ def claims(args):
             if not owners & chosen_methods or (name == "table2" and not labelled):
                 continue
             argv = [x for m, label in ckpts for x in ("--ckpt", checkpoint_of(m, runs[seed][m, label]))]
-            argv += ["--dataset", args.dataset, "--seed", str(seed), "--n-fid", "0", "--baselines", *flags]
+            argv += ["--dataset", args.dataset, "--seed", str(seed), "--n-fid", "0", "--baselines", *flags, *shared]
             argv += EVAL_QUICK + quick_flags if args.quick else []
-            run_name, command = claim_eval(argv, f"{prefix}__eval__{name}__{slug}__s{seed}")
+            run_name, command, wall = claim_eval(argv, f"{prefix}__eval__{name}__{slug}__s{seed}")
             runs[seed]["eval", name] = f"runs/{run_name}"
             needs = [(seed, m, label) for m, label in ckpts]
-            tasks.append(((seed, "eval", name), "eval", run_name, command, 0.0, needs))
+            tasks.append(((seed, "eval", name), "eval", run_name, command, wall, needs))
     directory = common.claim_run_dir(
         argparse.Namespace(run_name=args.run_name, dataset=args.dataset, exp_name="claims", seed=0),
         {"script": "eval.py", "args": vars(args)},
@@ -2200,7 +2207,16 @@ def claims(args):
         f.write(table)
     with open(os.path.join(out_dir, "claims.json"), "w") as f:
         json.dump(
-            {"rule": VERDICT_RULE, "dataset": args.dataset, "quick": args.quick, "claims": rows, "wall_s": total},
+            {
+                "rule": VERDICT_RULE,
+                "dataset": args.dataset,
+                "quick": args.quick,
+                "claims": rows,
+                "wall_s": total,
+                # each run's and evaluation's seconds (recorded ones for reused runs): where the time goes
+                "task_wall_s": {name: walls[key] for key, _, name, *_ in tasks},
+                "reused": [name for _, _, name, argv, *_ in tasks if argv is None],
+            },
             f,
             indent=1,
         )

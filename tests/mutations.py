@@ -374,6 +374,126 @@ MUTATIONS = [
             "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration"
         ],
     ),
+    # --- the claims' wiring (issue 28)
+    (
+        "--claims evaluates LIA's gan stage, not its encoder",
+        "eval.py",
+        'return f"{run_dir}__encoder/checkpoint.pt" if method',
+        'return f"{run_dir}__gan/checkpoint.pt" if method',
+        [
+            "tests/test_eval.py::test_the_ranking_reads_each_methods_own_encoder_row",
+            "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration",
+        ],
+    ),
+    (
+        "--claims ranks LIA by its MLP arm",
+        "eval.py",
+        'CLAIM_EVALS["recon"][1] if lab != "mlp"}',
+        'CLAIM_EVALS["recon"][1]}',
+        ["tests/test_eval.py::test_the_ranking_reads_each_methods_own_encoder_row"],
+    ),
+    (
+        "--claims reads an optimization row as the encoder's",
+        "eval.py",
+        'if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline)',
+        'if r.get("checkpoint") == ckpt)',
+        ["tests/test_eval.py::test_the_ranking_reads_each_methods_own_encoder_row"],
+    ),
+    (
+        "'faster' with the winner and the other swapped",
+        "eval.py",
+        "return math.log10(b / a) - margin",
+        "return math.log10(a / b) - margin",
+        ["tests/test_eval.py::test_claim_effect_on_hand_made_values"],
+    ),
+    (
+        "'well below' without its margin",
+        "eval.py",
+        "return b - a - margin",
+        "return b - a",
+        ["tests/test_eval.py::test_claim_effect_on_hand_made_values"],
+    ),
+    (
+        "'near' with its sign flipped",
+        "eval.py",
+        "return margin - abs(a - b)",
+        "return abs(a - b) - margin",
+        ["tests/test_eval.py::test_claim_effect_on_hand_made_values"],
+    ),
+    (
+        "'close' with the margin against the claim",
+        "eval.py",
+        "return a - b + margin",
+        "return a - b - margin",
+        ["tests/test_eval.py::test_claim_effect_on_hand_made_values"],
+    ),
+    (
+        "DLSGAN's 'near 1' read from the DLS run",
+        "eval.py",
+        '"a": dls("no DLS, DG", "losses/L_enc"),',
+        '"a": dls("DLS, DG", "losses/L_enc"),',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "LIA's y-vs-z claim compares against z from the mean",
+        "eval.py",
+        '"b": lia_refine("z/encoder"),',
+        '"b": lia_refine("z/mean"),',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "InvGAN's Table 2 claim reads real-on-reconstructions",
+        "eval.py",
+        'from_eval("table2", "invgan", "full", "semantic_table/real_on_real")[1]',
+        'from_eval("table2", "invgan", "full", "semantic_table/real_on_rec")[1]',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "DLSGAN's real-image claim reads fake PSNR",
+        "eval.py",
+        '"a": dls("DLS, DG", "eval/real_psnr"),',
+        '"a": dls("DLS, DG", "eval/fake_psnr"),',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "Table 2's 'within 5 points' without its margin",
+        "eval.py",
+        '"margin": 0.05,',
+        '"margin": 0.0,',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "the speed claim times the encoder against itself",
+        "eval.py",
+        '"b": from_eval("completions", "regressor_inversion", "mask", "seconds_per_image", baseline=True),',
+        '"b": from_eval("completions", "regressor_inversion", "mask", "seconds_per_image"),',
+        ["tests/test_eval.py::test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin"],
+    ),
+    (
+        "the verdict with the population standard deviation",
+        "eval.py",
+        "float(np.std(effects, ddof=1)) / math.sqrt(len(effects))",
+        "float(np.std(effects)) / math.sqrt(len(effects))",
+        ["tests/test_eval.py::test_the_verdict_rule_on_hand_made_effects"],
+    ),
+    (
+        "--claims does not pass --data-root on",
+        "eval.py",
+        'shared = (["--data-root", args.data_root] if args.data_root else [])',
+        "shared = ([] if args.data_root else [])",
+        [
+            "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration"
+        ],
+    ),
+    (
+        "a reused evaluation counts no time",
+        "eval.py",
+        'return name, None, read_json(results).get("wall_s", 0.0)',
+        "return name, None, 0.0",
+        [
+            "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration"
+        ],
+    ),
 ]
 
 

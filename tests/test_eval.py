@@ -979,7 +979,147 @@ def test_the_verdict_rule_on_hand_made_effects():
     assert ev.verdict([-1.0, -1.0, -1.0, 0.05]) == "contradicted"  # one seed as claimed, the mean opposite by > 2 SE
     assert ev.verdict([-0.1, -2.0, 0.05]) == "inconclusive"
     assert ev.verdict([3.0]) == "inconclusive" and ev.verdict([-3.0]) == "inconclusive"  # one seed decides nothing
+    # the sample standard deviation (ddof 1): 2 SE = 0.640 > the mean 0.6; with ddof 0 it would be 0.522
+    assert ev.verdict([0.28, 0.28, 1.24]) == "inconclusive"
     assert "twice its standard error" in ev.VERDICT_RULE
+
+
+def test_claim_effect_on_hand_made_values():
+    """Each kind's effect is positive exactly when the claim holds by more than its margin."""
+    assert ev.claim_effect("higher", 17.0, 16.0) == 1.0 and ev.claim_effect("higher", 16.0, 17.0) == -1.0
+    assert ev.claim_effect("higher", 17.0, 16.0, 0.5) == 0.5
+    assert ev.claim_effect("lower", 0.2, 0.9, 0.1) == pytest.approx(0.6)
+    assert ev.claim_effect("lower", 0.95, 1.0, 0.1) == pytest.approx(-0.05)  # below, but not 'well below'
+    assert ev.claim_effect("faster", 0.01, 1.0, 1.0) == pytest.approx(1.0)  # 100x where 10x is asked: a decade spare
+    assert ev.claim_effect("faster", 0.2, 1.0, 1.0) < 0 < ev.claim_effect("faster", 0.2, 1.0)  # 5x: faster, not far
+    assert ev.claim_effect("faster", 1.0, 0.01) == pytest.approx(-2.0)  # the winner's seconds are a, not b
+    assert ev.claim_effect("near", 1.05, 1.0, 0.1) == pytest.approx(0.05) == ev.claim_effect("near", 0.95, 1.0, 0.1)
+    assert ev.claim_effect("near", 0.7, 1.0, 0.1) == pytest.approx(-0.2)
+    assert ev.claim_effect("close", 0.78, 0.81, 0.05) == pytest.approx(0.02)  # at most 5 points below
+    assert ev.claim_effect("close", 0.70, 0.81, 0.05) == pytest.approx(-0.06)
+    with pytest.raises(ValueError, match="unknown claim kind"):
+        ev.claim_effect("bigger", 1.0, 0.0)
+
+
+def test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin(tmp_path, monkeypatch):
+    """Each claim against hand-made runs whose every value differs: which run is the winner and which the other,
+    which metric of it (the last logged), which evaluation row, the kind and the margin -- pinned claim by claim."""
+    monkeypatch.chdir(tmp_path)
+    logged = {  # (method, label): the last value of each key in metrics.jsonl
+        ("dlsgan", "DLS, DG"): {"losses/L_enc": 0.31, "eval/real_psnr": 14.1, "eval/fake_psnr": 22.1},
+        ("dlsgan", "no DLS, DG"): {"losses/L_enc": 0.98, "eval/real_psnr": 16.2, "eval/fake_psnr": 16.3},
+        ("dlsgan", "DLS, D"): {"losses/L_enc": 0.45, "eval/real_psnr": 15.4, "eval/fake_psnr": 19.4},
+        ("invgan", "naive"): {"eval/real_mae": 0.21},
+        ("invgan", "augmented"): {"eval/real_mae": 0.22},
+        ("invgan", "full"): {"eval/real_mae": 0.09},
+        ("regressor_inversion", "mask"): {"eval/real_train_mask_hole_psnr": 18.6},
+        ("regressor_inversion", "no mask"): {"eval/real_train_mask_hole_psnr": 17.9},
+        ("lia", "lia"): {},
+        ("lia", "mlp"): {},
+    }
+    runs = {key: f"runs/r{i}" for i, key in enumerate(logged)}
+    for key, values in logged.items():
+        os.makedirs(runs[key])
+        with open(f"{runs[key]}/metrics.jsonl", "w") as f:  # an earlier row, then one without the key: not read
+            f.write(json.dumps({k: -1.0 for k in values}) + "\n" + json.dumps(values) + "\n")
+            f.write(json.dumps({"charts/x": 0.0}) + "\n")
+    lia = runs["lia", "lia"]
+    os.makedirs(f"{lia}__refine")
+    os.makedirs(f"{lia}__gan")
+    refine = {
+        f"{s}/{i}": {"total_final_mean": v}
+        for (s, i), v in zip(
+            [("y", "encoder"), ("y", "mean"), ("y", "random"), ("z", "encoder")], [0.04, 0.12, 0.30, 0.05]
+        )
+    }
+    with open(f"{lia}__refine/refine.json", "w") as f:
+        json.dump({"results": refine}, f)
+    with open(f"{lia}__gan/ppl.json", "w") as f:
+        json.dump({"y_full": {"mean": 3.5}, "z_full": {"mean": 4.4}, "y_end": {"mean": 9.0}, "z_end": {"mean": 1.0}}, f)
+
+    def row(key, baseline=None, **values):
+        return {
+            "checkpoint": ev.checkpoint_of(key[0], runs[key]),
+            **({"baseline": baseline} if baseline else {}),
+            **values,
+        }
+
+    evaluations = {
+        "table2": [
+            row(("invgan", "full"), semantic_table={"rec_on_real": 0.968, "real_on_real": 0.990, "real_on_rec": 0.5})
+        ],
+        "recon": [
+            row(("lia", "lia"), "opt-w-mean", mse=0.001, psnr=40.0, semantic=0.99),  # the baseline's row: never read
+            row(("dlsgan", "DLS, DG"), mse=0.10, psnr=16.4, semantic=0.79),
+            row(("invgan", "full"), mse=0.08, psnr=17.3, semantic=0.89),
+            row(("lia", "lia"), mse=0.081, psnr=15.9, semantic=0.84),
+            row(("lia", "mlp"), mse=0.14, psnr=30.0, semantic=0.99),  # the MLP arm: only in Table 3's claim
+            row(("regressor_inversion", "mask"), mse=0.11, psnr=15.6, semantic=0.72),
+        ],
+        "completions": [
+            row(("regressor_inversion", "mask"), semantic=0.61, seconds_per_image=0.001),
+            row(("regressor_inversion", "no mask"), semantic=0.55, seconds_per_image=0.002),
+            row(("regressor_inversion", "mask"), "opt-z-mean", semantic=0.9, seconds_per_image=0.3),
+        ],
+    }
+    for name, rows in evaluations.items():
+        runs["eval", name] = f"runs/e_{name}"
+        os.makedirs(runs["eval", name])
+        with open(f"{runs['eval', name]}/results.json", "w") as f:
+            json.dump({"rows": rows}, f)
+    pinned = [  # method, kind, margin, winner (label, value), other (label, value)
+        ("dlsgan", "near", 0.1, ("no DLS, DG", 0.98), ("1", 1.0)),
+        ("dlsgan", "lower", 0.1, ("DLS, DG", 0.31), ("no DLS, DG", 0.98)),
+        ("dlsgan", "higher", 0.0, ("DLS, DG", 14.1), ("no DLS, DG", 16.2)),
+        ("dlsgan", "higher", 0.0, ("DLS, DG", 22.1), ("no DLS, DG", 16.3)),
+        ("dlsgan", "lower", 0.0, ("DLS, DG", 0.31), ("DLS, D", 0.45)),
+        ("invgan", "lower", 0.0, ("full", 0.09), ("augmented", 0.22)),
+        ("invgan", "lower", 0.0, ("augmented", 0.22), ("naive", 0.21)),
+        ("invgan", "close", 0.05, ("trained on reconstructions", 0.968), ("trained on real", 0.990)),
+        ("lia", "lower", 0.0, ("y from encoder", 0.04), ("y from mean", 0.12)),
+        ("lia", "lower", 0.0, ("y from encoder", 0.04), ("y from random", 0.30)),
+        ("lia", "lower", 0.0, ("y from encoder", 0.04), ("z from encoder", 0.05)),
+        ("lia", "lower", 0.0, ("in y", 3.5), ("in z", 4.4)),
+        ("lia", "lower", 0.0, ("lia encoder", 0.081), ("mlp encoder", 0.14)),
+        ("regressor_inversion", "higher", 0.0, ("mask", 18.6), ("no mask", 17.9)),
+        ("regressor_inversion", "higher", 0.0, ("mask encoder", 0.61), ("no mask encoder", 0.55)),
+        ("regressor_inversion", "faster", 1.0, ("mask encoder", 0.001), ("mask optimization", 0.3)),
+        ("comparison", "higher", 0.0, ("InvGAN", 17.3), ("DLSGAN", 16.4)),
+        ("comparison", "higher", 0.0, ("DLSGAN", 16.4), ("LIA", 15.9)),
+        ("comparison", "higher", 0.0, ("LIA", 15.9), ("regressor", 15.6)),
+        ("comparison", "higher", 0.0, ("InvGAN", 0.89), ("LIA", 0.84)),
+        ("comparison", "higher", 0.0, ("LIA", 0.84), ("DLSGAN", 0.79)),
+        ("comparison", "higher", 0.0, ("DLSGAN", 0.79), ("regressor", 0.72)),
+    ]
+    read = [
+        (c["method"], c["kind"], c.get("margin", 0.0), (c["a"][0], c["a"][1](runs)), (c["b"][0], c["b"][1](runs)))
+        for c in ev.CLAIMS
+    ]
+    assert read == pinned
+
+
+def test_the_ranking_reads_each_methods_own_encoder_row(tmp_path, monkeypatch):
+    """The cross-method claims read the recon evaluation's encoder row of each method's claim run: LIA's own
+    encoder, not its MLP arm's, and never an optimization baseline's row of the same checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    runs = {("dlsgan", "DLS, DG"): "runs/d", ("invgan", "full"): "runs/i", ("lia", "lia"): "runs/l"}
+    runs |= {("lia", "mlp"): "runs/m", ("regressor_inversion", "mask"): "runs/r", ("eval", "recon"): "runs/e"}
+    ckpts = {"d": "runs/d/checkpoint.pt", "i": "runs/i/checkpoint.pt", "l": "runs/l__encoder/checkpoint.pt"}
+    ckpts |= {"m": "runs/m__encoder/checkpoint.pt", "r": "runs/r/checkpoint.pt"}
+    psnr, semantic = {"i": 17.0, "d": 16.0, "l": 15.5, "r": 15.0, "m": 30.0}, {"i": 0.9, "l": 0.85, "d": 0.8, "r": 0.7}
+    rows = [{"checkpoint": ckpts["l"], "baseline": "opt-w-mean", "psnr": 99.0, "semantic": 0.99}]  # first: skipped
+    rows += [{"checkpoint": c, "psnr": psnr[k], "semantic": semantic.get(k, 0.99)} for k, c in ckpts.items()]
+    (tmp_path / "runs/e").mkdir(parents=True)
+    (tmp_path / "runs/e/results.json").write_text(json.dumps({"rows": rows}))
+    ranking = {c["claim"]: (c["a"][1](runs), c["b"][1](runs)) for c in ev.CLAIMS if c["method"] == "comparison"}
+    assert ranking == {
+        "InvGAN above DLSGAN in PSNR": (17.0, 16.0),
+        "DLSGAN above LIA in PSNR": (16.0, 15.5),
+        "LIA above regressor in PSNR": (15.5, 15.0),
+        "InvGAN above LIA in class acc": (0.9, 0.85),
+        "LIA above DLSGAN in class acc": (0.85, 0.8),
+        "DLSGAN above regressor in class acc": (0.8, 0.7),
+    }
 
 
 def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration(tmp_path):
@@ -997,9 +1137,13 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
             "--eval-every 2 --images 16 --no-track"
         ).split(),
     }
-    base = ["--claims", "--quick", "--seeds", "2", "--jobs", "2", "--methods", *tiny]
+    data_root = tmp_path / "data"  # empty: the data come from the cache, but every run must be told it
+    data_root.mkdir()
+    base = ["--claims", "--quick", "--seeds", "2", "--jobs", "2", "--methods", *tiny, "--data-root", str(data_root)]
     margs = [f"--method-args={m}={' '.join(a)}" for m, a in tiny.items()]
     first = run("eval.py", [*base, *margs, "--run-name", "c1"], tmp_path)
+    started = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("claimsquick__*/run.json")]
+    assert len(started) == 2 * (3 + 3 + 2 + 3 + 2) and {r["args"]["data_root"] for r in started} == {str(data_root)}
     # per seed: dlsgan 3 runs, lia and its MLP arm, the regressor's gan stage and two regressors; then two evaluations
     assert first.stdout.count("training: ") == 2 * (3 + 2 + 3) and "reusing" not in first.stdout
     assert first.stdout.count("evaluating: ") == 2 * 2  # recon (lia vs mlp), completions (regressors + optimization)
@@ -1032,9 +1176,41 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
         )["rows"]
         assert rows[0]["seconds_per_image"] == encoder_s and "__mask__" in rows[0]["checkpoint"]
         assert [r["seconds_per_image"] for r in rows if "baseline" in r] == [optimization_s]  # once, on one G
+
+    def run_dir(method, label, seed):
+        return next((tmp_path / "runs").glob(f"claimsquick__{method}__{label}__mnist__s{seed}__????????"))
+
+    def last(method, label, seed, key):  # the run's own last logged value
+        rows = [json.loads(line) for line in (run_dir(method, label, seed) / "metrics.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r][-1]
+
+    near_one = by_claim["without DLS, L_enc stays near 1 (within 0.1)"]["values"]
+    dg_vs_d = by_claim["L_enc lower with DG (L_enc in G's loss too) than with D only"]["values"]
+    hole = by_claim["the mask-trained regressor completes holes better than the plain one"]["values"]
+    lia_claims = [r for r in result["claims"] if r["method"] == "lia"]
+    for seed in (1, 2):  # each claim reads the runs and keys it names
+        assert near_one[seed - 1] == [last("dlsgan", "noDLS_DG", seed, "losses/L_enc"), 1.0]
+        assert dg_vs_d[seed - 1] == [last("dlsgan", lab, seed, "losses/L_enc") for lab in ("DLS_DG", "DLS_D")]
+        key = "eval/real_train_mask_hole_psnr"
+        assert hole[seed - 1] == [last("regressor_inversion", lab, seed, key) for lab in ("mask", "nomask")]
+        lia = str(next((tmp_path / "runs").glob(f"claimsquick__lia__lia__mnist__s{seed}__*__refine")))[
+            : -len("__refine")
+        ]
+        refine = json.loads(Path(lia + "__refine/refine.json").read_text())["results"]
+        ppl = json.loads(Path(lia + "__gan/ppl.json").read_text())
+        final = {init: refine[init]["total_final_mean"] for init in ("y/encoder", "y/mean", "y/random", "z/encoder")}
+        assert [r["values"][seed - 1] for r in lia_claims[:4]] == [
+            [final["y/encoder"], final["y/mean"]],
+            [final["y/encoder"], final["y/random"]],
+            [final["y/encoder"], final["z/encoder"]],
+            [ppl["y_full"]["mean"], ppl["z_full"]["mean"]],
+        ]
     assert "Verdict rule:" in (tmp_path / "runs/c1/claims.md").read_text()
     again = run("eval.py", [*base, *margs, "--run-name", "c2"], tmp_path)
     assert "training: " not in again.stdout and again.stdout.count("reusing") == 2 * (8 + 2)
+    recorded = json.loads((tmp_path / "runs/c2/claims.json").read_text())
+    assert len(recorded["reused"]) == len(recorded["task_wall_s"]) == 2 * (8 + 2)
+    assert all(wall > 0 for wall in recorded["task_wall_s"].values())  # a reused evaluation counts its own time
     assert (
         json.loads((tmp_path / "runs/c2/claims.json").read_text())["claims"][0]["values"]
         == result["claims"][0]["values"]
