@@ -1686,6 +1686,9 @@ CLAIM_RUNS = {
     "lia": {"lia": [], "mlp": ["--mapping", "mlp"]},  # the MLP arm: gan and encoder stages only
     "regressor_inversion": {"mask": [], "no mask": ["--no-mask"]},  # each on the same seed's --stage gan run
 }
+# the comparison's ranking is of each method's default command (docs/comparison.md): where the claims' budget above
+# is not it, the default run too (label -> flags, at the default budget; at --quick's), trained only for the ranking
+COMPARISON_RUNS = {"dlsgan": ("main job", ["--dist", "uniform", "--dg"]), "invgan": ("default", [])}
 CLAIM_BUDGET = {  # (the claims' budget, --quick's)
     "dlsgan": (["--dist", "uniform", "--images", "51200"], "--dist uniform --images 640 --eval-images 64".split()),
     "invgan": (["--images", "51200"], "--images 640 --eval-images 64 --edit-images 2".split()),
@@ -1702,7 +1705,13 @@ GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 640 --eval-images 64".
 CLAIM_EVALS = {
     "recon": (
         {"lia", "comparison"},
-        [("dlsgan", "DLS, DG"), ("invgan", "full"), ("lia", "lia"), ("lia", "mlp"), ("regressor_inversion", "mask")],
+        [
+            ("dlsgan", "main job"),
+            ("invgan", "default"),
+            ("lia", "lia"),
+            ("lia", "mlp"),
+            ("regressor_inversion", "mask"),
+        ],
         ["--n-recon", "500"],
         [],
     ),
@@ -2094,10 +2103,17 @@ def claims(args):
                 tasks.append(((seed, method, "gan"), method, name, argv, wall, []))
                 base += ["--generator", f"runs/{name}/checkpoint.pt"]
                 needs = [(seed, method, "gan")]
-            for label, flags in CLAIM_RUNS[method].items():
+            labels = {label: [*base, *flags] for label, flags in CLAIM_RUNS[method].items()}
+            if "comparison" in chosen_methods and method in COMPARISON_RUNS:  # the default budget, not the claims'
+                label, flags = COMPARISON_RUNS[method]
+                budget_flags = CLAIM_BUDGET[method][1] if args.quick else []
+                method_args = shlex.split(args.method_args.get(method, ""))
+                labels[label] = ["--dataset", args.dataset, "--seed", str(seed), *budget_flags, *method_args, *shared]
+                labels[label] += flags
+            for label, argv in labels.items():
                 tag = f"{prefix}__{method}__{label.replace(', ', '_').replace(' ', '')}__{slug}__s{seed}"
                 last = "__refine" if label == "lia" else "__encoder" if method == "lia" else ""
-                name, argv, wall = claim_run(method, [*base, *flags], tag, finished_in=last)
+                name, argv, wall = claim_run(method, argv, tag, finished_in=last)
                 tasks.append(((seed, method, label), method, name, argv, wall, needs))
                 runs[seed][method, label] = f"runs/{name}"
         for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
@@ -2129,8 +2145,13 @@ def claims(args):
             )
     walls, failed, lock = {}, [], threading.Condition()
 
+    def owners(key, script):  # the claims a run's or evaluation's time goes to
+        if script == "eval":
+            return CLAIM_EVALS[key[2]][0]
+        return {"comparison"} if COMPARISON_RUNS.get(script, ("",))[0] == key[2] else {script}
+
     def run_task(key, script, name, argv, wall):
-        owner = script if script != "eval" else "/".join(sorted(CLAIM_EVALS[key[2]][0]))
+        owner = "/".join(sorted(owners(key, script)))
         if argv is None:
             print(f"[{owner}] reusing runs/{name} (same configuration)", flush=True)
             walls[key] = wall
@@ -2193,12 +2214,8 @@ def claims(args):
                 "mean": float(np.mean(effects)),
                 "std": float(np.std(effects, ddof=1)) if len(effects) > 1 else None,
                 "verdict": verdict(effects) + (" (quick: a pipeline check)" if args.quick else ""),
-                # the runs and evaluations the claim's method owns ("comparison": its evaluations only)
-                "wall_s": sum(
-                    walls[key]
-                    for key, script, *_ in tasks
-                    if script == c["method"] or (script == "eval" and c["method"] in CLAIM_EVALS[key[2]][0])
-                ),
+                # the runs and evaluations the claim's method owns ("comparison": its default runs and evaluations)
+                "wall_s": sum(walls[key] for key, script, *_ in tasks if c["method"] in owners(key, script)),
             }
         )
     total = time.time() - t_start

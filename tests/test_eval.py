@@ -1016,6 +1016,8 @@ def test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin(tmp_path,
         ("regressor_inversion", "no mask"): {"eval/real_train_mask_hole_psnr": 17.9},
         ("lia", "lia"): {},
         ("lia", "mlp"): {},
+        ("dlsgan", "main job"): {},  # the comparison's default runs: only in the ranking
+        ("invgan", "default"): {},
     }
     runs = {key: f"runs/r{i}" for i, key in enumerate(logged)}
     for key, values in logged.items():
@@ -1050,8 +1052,10 @@ def test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin(tmp_path,
         ],
         "recon": [
             row(("lia", "lia"), "opt-w-mean", mse=0.001, psnr=40.0, semantic=0.99),  # the baseline's row: never read
-            row(("dlsgan", "DLS, DG"), mse=0.10, psnr=16.4, semantic=0.79),
-            row(("invgan", "full"), mse=0.08, psnr=17.3, semantic=0.89),
+            row(("dlsgan", "main job"), mse=0.10, psnr=16.4, semantic=0.79),
+            row(("invgan", "default"), mse=0.08, psnr=17.3, semantic=0.89),
+            row(("dlsgan", "DLS, DG"), mse=0.2, psnr=13.0, semantic=0.35),  # the claims' 800-step runs: not ranked
+            row(("invgan", "full"), mse=0.09, psnr=16.7, semantic=0.87),
             row(("lia", "lia"), mse=0.081, psnr=15.9, semantic=0.84),
             row(("lia", "mlp"), mse=0.14, psnr=30.0, semantic=0.99),  # the MLP arm: only in Table 3's claim
             row(("regressor_inversion", "mask"), mse=0.11, psnr=15.6, semantic=0.72),
@@ -1098,11 +1102,45 @@ def test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin(tmp_path,
     assert read == pinned
 
 
-def test_the_ranking_reads_each_methods_own_encoder_row(tmp_path, monkeypatch):
-    """The cross-method claims read the recon evaluation's encoder row of each method's claim run: LIA's own
-    encoder, not its MLP arm's, and never an optimization baseline's row of the same checkpoint."""
+def test_the_ranking_is_planned_on_each_methods_default_run(tmp_path, monkeypatch):
+    """With every method chosen, the plan holds DLSGAN's main job and InvGAN's default at their scripts' own budget
+    (the comparison's), beside the claims' 800-step runs, and the recon evaluation reads those; with some methods
+    chosen, no default run is planned. The planning is stopped where the output directory would be made."""
     monkeypatch.chdir(tmp_path)
-    runs = {("dlsgan", "DLS, DG"): "runs/d", ("invgan", "full"): "runs/i", ("lia", "lia"): "runs/l"}
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def plan_run(method, argv, prefix, finished_in=""):
+        planned.append((method, argv))
+        return prefix, None, 1.0
+
+    def stop(*_):
+        raise Planned
+
+    monkeypatch.setattr(ev, "claim_run", plan_run)
+    monkeypatch.setattr(ev, "claim_eval", lambda argv, prefix: (planned.append(("eval", argv)) or prefix, None, 1.0))
+    monkeypatch.setattr(common, "claim_run_dir", stop)
+    for methods, defaults in ((list(ev.METHODS), True), (["dlsgan", "lia"], False)):
+        planned.clear()
+        with pytest.raises(Planned):
+            ev.claims(ev.parse_args(["--claims", "--seeds", "1", "--methods", *methods]))
+        argvs = {(method, " ".join(argv)) for method, argv in planned}
+        assert (("dlsgan", "--dataset mnist --seed 1 --dist uniform --dg") in argvs) == defaults  # the main job
+        assert (("invgan", "--dataset mnist --seed 1") in argvs) == defaults  # InvGAN's default command
+        assert ("dlsgan", "--dataset mnist --seed 1 --dist uniform --images 51200 --dg") in argvs  # a claim run
+        recon = next(argv for m, argv in planned if m == "eval" and "500" in argv and "--mask" not in argv)
+        ckpts = [recon[i + 1] for i, x in enumerate(recon) if x == "--ckpt"]
+        assert len(ckpts) == (5 if defaults else 2)  # DLSGAN's, InvGAN's, LIA's, its MLP arm's, the regressor's
+
+
+def test_the_ranking_reads_each_methods_own_encoder_row(tmp_path, monkeypatch):
+    """The cross-method claims read the recon evaluation's encoder row of each method's default run (DLSGAN's main
+    job, InvGAN's default; LIA's and the regressor's claim runs are their defaults): LIA's own encoder, not its MLP
+    arm's, and never an optimization baseline's row of the same checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    runs = {("dlsgan", "main job"): "runs/d", ("invgan", "default"): "runs/i", ("lia", "lia"): "runs/l"}
     runs |= {("lia", "mlp"): "runs/m", ("regressor_inversion", "mask"): "runs/r", ("eval", "recon"): "runs/e"}
     ckpts = {"d": "runs/d/checkpoint.pt", "i": "runs/i/checkpoint.pt", "l": "runs/l__encoder/checkpoint.pt"}
     ckpts |= {"m": "runs/m__encoder/checkpoint.pt", "r": "runs/r/checkpoint.pt"}
