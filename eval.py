@@ -175,7 +175,13 @@ def parse_args(argv=None):
         help="--defaults: train (or reuse) the default runs and stop; a later --defaults evaluates them",
     )
     p.add_argument(
-        "--methods", "--method", nargs="+", default=list(METHODS), choices=METHODS, help="--defaults / --claims: which"
+        "--methods",
+        "--method",
+        nargs="+",
+        default=list(METHODS),
+        choices=[*METHODS, "comparison"],
+        help="--defaults / --claims: which ('comparison', --claims only: the ranking of the four over seeds; with all"
+        " four chosen it is in)",
     )
     p.add_argument(
         "--claims",
@@ -231,6 +237,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.claims and (args.ckpt or args.defaults or args.benchmark):
         common.fail("--claims trains or reuses its own runs; drop --ckpt / --defaults / --benchmark")
+    if "comparison" in args.methods and not args.claims:
+        common.fail("--methods comparison is the ranking over seeds of --claims; add --claims, or drop it")
     if args.ckpt and args.defaults:
         p.error("--defaults trains or reuses its own checkpoints; drop --ckpt (or drop --defaults)")
     if not args.ckpt and not (args.benchmark or args.defaults or args.claims):
@@ -1689,16 +1697,19 @@ CLAIM_RUNS = {
 # the comparison's ranking is of each method's default command (docs/comparison.md): where the claims' budget above
 # is not it, the default run too (label -> flags, at the default budget; at --quick's), trained only for the ranking
 COMPARISON_RUNS = {"dlsgan": ("main job", ["--dist", "uniform", "--dg"]), "invgan": ("default", [])}
+# every run the ranking reads (and the regressor's generator under it): trained for `--methods comparison` alone too
+RANKING_RUNS = {("dlsgan", "main job"), ("invgan", "default"), ("lia", "lia")}
+RANKING_RUNS |= {("regressor_inversion", "gan"), ("regressor_inversion", "mask")}
 CLAIM_BUDGET = {  # (the claims' budget, --quick's)
-    "dlsgan": (["--dist", "uniform", "--images", "51200"], "--dist uniform --images 640 --eval-images 64".split()),
-    "invgan": (["--images", "51200"], "--images 640 --eval-images 64 --edit-images 2".split()),
+    "dlsgan": (["--dist", "uniform", "--images", "51200"], "--dist uniform --images 128 --eval-images 32".split()),
+    "invgan": (["--images", "51200"], "--images 128 --eval-images 32 --edit-images 2".split()),
     "lia": (
         [],
-        "--images 160 --ppl-samples 20 --refine-images 4 --refine-steps 10 --eval-images 64 --eval-every 10".split(),
+        "--images 64 --ppl-samples 10 --refine-images 2 --refine-steps 4 --eval-images 32".split(),
     ),
-    "regressor_inversion": ([], "--images 160 --eval-images 64".split()),
+    "regressor_inversion": ([], "--images 64 --eval-images 32".split()),
 }
-GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 640 --eval-images 64".split())}
+GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 256 --eval-images 32".split())}
 # the evaluations some claims read (eval.py on the seed's checkpoints, FID off): name -> (the claims' methods that
 # read it, "comparison" for the ranking of every method, [(method, run label)] of its --ckpt (those of the chosen
 # methods), its flags, --quick's)
@@ -1724,7 +1735,8 @@ CLAIM_EVALS = {
         "--opt-steps 5".split(),
     ),
 }
-EVAL_QUICK = "--n-recon 64 --classifier-images 2000".split()
+QUICK_ORACLE_IMAGES = 1000  # --quick's class oracle: trained on this many images (a pipeline check)
+EVAL_QUICK = f"--n-recon 32 --classifier-images {QUICK_ORACLE_IMAGES}".split()
 
 
 def checkpoint_of(method, run_dir):
@@ -2070,7 +2082,9 @@ def claims(args):
     here, slug = os.path.dirname(os.path.abspath(__file__)), args.dataset.replace(":", "_").replace("/", "_")
     budget, prefix = (1, "claimsquick") if args.quick else (0, "claims")
     seeds = list(range(1, args.seeds + 1))
-    chosen_methods = set(args.methods) | ({"comparison"} if set(args.methods) == set(METHODS) else set())
+    chosen_methods = set(args.methods) | ({"comparison"} if set(METHODS) <= set(args.methods) else set())
+    # the methods with runs: the chosen ones, and with the ranking every method (its ranking runs at least)
+    trained = [m for m in METHODS if m in chosen_methods or "comparison" in chosen_methods]
     chosen = [c for c in CLAIMS if c["method"] in chosen_methods]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
@@ -2081,7 +2095,7 @@ def claims(args):
         return CLAIM_BUDGET[method][budget] + shlex.split(args.method_args.get(method, "")) + shared
 
     resolutions = set()
-    for method in args.methods:  # a refused command is refused before anything runs or is created
+    for method in trained:  # a refused command is refused before anything runs or is created
         stage = ["--stage", "gan"] if method == "regressor_inversion" else []
         resolutions.add(run_configuration(method, [*stage, "--dataset", args.dataset, *extra(method)])["resolution"])
     resolutions = {r for r in resolutions if r} or {32}  # a script that leaves it to its data: the loaders' 32
@@ -2093,7 +2107,7 @@ def claims(args):
     # a seed's evaluations follow its runs, so that they start while other seeds train
     tasks, runs = [], {seed: {} for seed in seeds}  # runs[seed][(method, label) or ("eval", name)]: its directory
     for seed in seeds:
-        for method in args.methods:
+        for method in trained:
             base = ["--dataset", args.dataset, "--seed", str(seed), *extra(method)]
             needs = []
             if method == "regressor_inversion":
@@ -2104,6 +2118,8 @@ def claims(args):
                 base += ["--generator", f"runs/{name}/checkpoint.pt"]
                 needs = [(seed, method, "gan")]
             labels = {label: [*base, *flags] for label, flags in CLAIM_RUNS[method].items()}
+            if method not in chosen_methods:  # trained for the ranking alone: only the runs it reads
+                labels = {label: argv for label, argv in labels.items() if (method, label) in RANKING_RUNS}
             if "comparison" in chosen_methods and method in COMPARISON_RUNS:  # the default budget, not the claims'
                 label, flags = COMPARISON_RUNS[method]
                 budget_flags = CLAIM_BUDGET[method][1] if args.quick else []
@@ -2117,7 +2133,7 @@ def claims(args):
                 tasks.append(((seed, method, label), method, name, argv, wall, needs))
                 runs[seed][method, label] = f"runs/{name}"
         for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
-            ckpts = [(m, label) for m, label in ckpts if m in args.methods]
+            ckpts = [(m, label) for m, label in ckpts if (m, label) in runs[seed]]
             if name == "recon" and "comparison" not in chosen_methods:  # then only LIA's claims read it
                 ckpts = [(m, label) for m, label in ckpts if m == "lia"]
             if not owners & chosen_methods or (name == "table2" and not labelled):
@@ -2141,14 +2157,20 @@ def claims(args):
     if labelled and any(t[1] == "eval" and t[3] is not None for t in tasks):  # once, here, not by each evaluation
         for resolution in sorted(resolutions):
             semantic_classifier(
-                args.dataset, resolution, args.data_root, common.get_device(args.cuda), 2000 if args.quick else 0
+                args.dataset,
+                resolution,
+                args.data_root,
+                common.get_device(args.cuda),
+                QUICK_ORACLE_IMAGES if args.quick else 0,
             )
     walls, failed, lock = {}, [], threading.Condition()
 
     def owners(key, script):  # the claims a run's or evaluation's time goes to
         if script == "eval":
             return CLAIM_EVALS[key[2]][0]
-        return {"comparison"} if COMPARISON_RUNS.get(script, ("",))[0] == key[2] else {script}
+        if COMPARISON_RUNS.get(script, ("",))[0] == key[2]:  # trained for the ranking only
+            return {"comparison"}
+        return {script} | ({"comparison"} if (script, key[2]) in RANKING_RUNS else set())
 
     def run_task(key, script, name, argv, wall):
         owner = "/".join(sorted(owners(key, script)))

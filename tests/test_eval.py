@@ -1105,7 +1105,8 @@ def test_every_claim_reads_its_own_runs_value_with_its_kind_and_margin(tmp_path,
 def test_the_ranking_is_planned_on_each_methods_default_run(tmp_path, monkeypatch):
     """With every method chosen, the plan holds DLSGAN's main job and InvGAN's default at their scripts' own budget
     (the comparison's), beside the claims' 800-step runs, and the recon evaluation reads those; with some methods
-    chosen, no default run is planned. The planning is stopped where the output directory would be made."""
+    chosen, no default run is planned; with `--methods comparison`, only the runs the ranking reads. The planning
+    is stopped where the output directory would be made."""
     monkeypatch.chdir(tmp_path)
     planned = []
 
@@ -1122,17 +1123,23 @@ def test_the_ranking_is_planned_on_each_methods_default_run(tmp_path, monkeypatc
     monkeypatch.setattr(ev, "claim_run", plan_run)
     monkeypatch.setattr(ev, "claim_eval", lambda argv, prefix: (planned.append(("eval", argv)) or prefix, None, 1.0))
     monkeypatch.setattr(common, "claim_run_dir", stop)
-    for methods, defaults in ((list(ev.METHODS), True), (["dlsgan", "lia"], False)):
+    for methods, defaults in ((list(ev.METHODS), True), (["dlsgan", "lia"], False), (["comparison"], True)):
         planned.clear()
         with pytest.raises(Planned):
             ev.claims(ev.parse_args(["--claims", "--seeds", "1", "--methods", *methods]))
         argvs = {(method, " ".join(argv)) for method, argv in planned}
         assert (("dlsgan", "--dataset mnist --seed 1 --dist uniform --dg") in argvs) == defaults  # the main job
         assert (("invgan", "--dataset mnist --seed 1") in argvs) == defaults  # InvGAN's default command
-        assert ("dlsgan", "--dataset mnist --seed 1 --dist uniform --images 51200 --dg") in argvs  # a claim run
+        claim_run = ("dlsgan", "--dataset mnist --seed 1 --dist uniform --images 51200 --dg")
+        assert (claim_run in argvs) == (methods != ["comparison"])  # the ranking alone trains only what it reads
         recon = next(argv for m, argv in planned if m == "eval" and "500" in argv and "--mask" not in argv)
         ckpts = [recon[i + 1] for i, x in enumerate(recon) if x == "--ckpt"]
-        assert len(ckpts) == (5 if defaults else 2)  # DLSGAN's, InvGAN's, LIA's, its MLP arm's, the regressor's
+        # DLSGAN's, InvGAN's, LIA's, its MLP arm's (Table 3: LIA's claims only), the regressor's
+        assert len(ckpts) == {2: 2, 1: 4}.get(len(methods), 5)  # dlsgan and lia: LIA's two; the ranking alone: 4
+        if methods == ["comparison"]:
+            assert [m for m, _ in planned].count("regressor_inversion") == 2  # its generator and the mask run
+            assert not any("--no-mask" in argv or "--mapping" in argv for _, argv in planned)  # no other claim's run
+            assert len([m for m, _ in planned if m == "eval"]) == 1  # the recon evaluation alone
 
 
 def test_the_ranking_reads_each_methods_own_encoder_row(tmp_path, monkeypatch):
