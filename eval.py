@@ -1707,7 +1707,7 @@ CLAIM_BUDGET = {  # (the claims' budget, --quick's)
         [],
         "--images 64 --ppl-samples 10 --refine-images 2 --refine-steps 4 --eval-images 32".split(),
     ),
-    "regressor_inversion": ([], "--images 64 --eval-images 32".split()),
+    "regressor_inversion": ([], "--images 128 --eval-images 32".split()),
 }
 GAN_STAGE_BUDGET = {"regressor_inversion": ([], "--images 256 --eval-images 32".split())}
 # the evaluations some claims read (eval.py on the seed's checkpoints, FID off): name -> (the claims' methods that
