@@ -486,6 +486,20 @@ MUTATIONS = [
         ],
     ),
     (
+        "--methods comparison trains every claim's runs",
+        "eval.py",
+        "labels = {label: argv for label, argv in labels.items() if (method, label) in RANKING_RUNS}",
+        "labels = dict(labels)",
+        ["tests/test_eval.py::test_the_ranking_is_planned_on_each_methods_default_run"],
+    ),
+    (
+        "--methods comparison trains no other method",
+        "eval.py",
+        'trained = [m for m in METHODS if m in chosen_methods or "comparison" in chosen_methods]',
+        "trained = [m for m in METHODS if m in chosen_methods]",
+        ["tests/test_eval.py::test_the_ranking_is_planned_on_each_methods_default_run"],
+    ),
+    (
         "a reused evaluation counts no time",
         "eval.py",
         'return name, None, read_json(results).get("wall_s", 0.0)',

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import glob
 import io
+import json
 import os
 import re
 import shlex
@@ -174,3 +175,32 @@ def test_the_readme_library_example_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("8 images") and float(r.stdout.strip().split()[-1]) > 0  # the PSNR it prints
+
+
+def test_the_claims_records_follow_the_rule_and_the_readme_shows_the_mnist_one():
+    """docs/claims/<dataset>.json are the outputs of `eval.py --claims --seeds 3` that the docs quote: every claim a
+    named check of eval.CLAIMS, every recorded effect and verdict what the rule gives for the recorded per-seed values,
+    and the README's claims table the MNIST record's own rows (claims.md), so no quoted number is typed by hand."""
+    import eval as ev
+
+    records = sorted(glob.glob(os.path.join(ROOT, "docs", "claims", "*.json")))
+    assert "mnist.json" in {os.path.basename(r) for r in records}
+    named = {c["claim"]: c for c in ev.CLAIMS}
+    for path in records:
+        record = json.load(open(path))
+        assert not record["quick"] and record["rule"] == ev.VERDICT_RULE, path
+        for row in record["claims"]:
+            claim = named[row["claim"]]  # a claim eval.py no longer checks would fail here
+            assert (row["kind"], row["margin"]) == (claim["kind"], claim.get("margin", 0.0)), row["claim"]
+            assert row["seeds"] == [1, 2, 3], row["claim"]
+            effects = [ev.claim_effect(row["kind"], a, b, row["margin"]) for a, b in row["values"]]
+            assert effects == pytest.approx(row["effects"]), row["claim"]
+            assert row["verdict"] == ev.verdict(effects), row["claim"]
+        table = open(path[: -len(".json")] + ".md").read()
+        rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+        assert len(rows) == len(record["claims"]), path
+        if os.path.basename(path) == "mnist.json":
+            assert len(record["claims"]) == len(ev.CLAIMS)  # every claim, the ranking's included
+            readme = open(os.path.join(ROOT, "README.md")).read()
+            missing = [line for line in rows if line not in readme.splitlines()]
+            assert not missing, f"the README's claims table differs from docs/claims/mnist.md: {missing[0][:120]}"
