@@ -15,6 +15,7 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,30 +178,53 @@ def test_the_readme_library_example_runs(tmp_path):
     assert r.stdout.startswith("8 images") and float(r.stdout.strip().split()[-1]) > 0  # the PSNR it prints
 
 
-def test_the_claims_records_follow_the_rule_and_the_readme_shows_the_mnist_one():
-    """docs/claims/<dataset>.json are the outputs of `eval.py --claims --seeds 3` that the docs quote: every claim a
-    named check of eval.CLAIMS, every recorded effect and verdict what the rule gives for the recorded per-seed values,
-    and the README's claims table the MNIST record's own rows (claims.md), so no quoted number is typed by hand."""
+def test_the_claims_records_follow_the_rule_and_the_docs_show_them_as_written():
+    """docs/claims/<name>.json are outputs of `eval.py --claims --seeds 3` that the docs quote: every claim a named
+    check of eval.CLAIMS, every recorded effect, mean, std and verdict what the rule gives for the recorded per-seed
+    values, each <name>.md the rows eval.py writes for them, the README's claims table and each method page's rows
+    those of docs/claims/mnist.md in order, and the method's own check (mnist-dlsgan) the whole one's values to the
+    digit: no quoted number is typed by hand."""
     import eval as ev
 
-    records = sorted(glob.glob(os.path.join(ROOT, "docs", "claims", "*.json")))
-    assert "mnist.json" in {os.path.basename(r) for r in records}
+    def table_rows(text):
+        return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method |")]
+
+    def shows_in_order(text, rows):
+        lines = text.splitlines()
+        return any(lines[i : i + len(rows)] == rows for i in range(len(lines)))
+
     named = {c["claim"]: c for c in ev.CLAIMS}
-    for path in records:
-        record = json.load(open(path))
+    records = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "claims", "*.json"))):
+        record = records[os.path.basename(path)[: -len(".json")]] = json.load(open(path))
         assert not record["quick"] and record["rule"] == ev.VERDICT_RULE, path
         for row in record["claims"]:
-            claim = named[row["claim"]]  # a claim eval.py no longer checks would fail here
+            claim = named[row["claim"]]  # a claim eval.py no longer checks fails here
             assert (row["kind"], row["margin"]) == (claim["kind"], claim.get("margin", 0.0)), row["claim"]
+            assert (row["metric"], row["paper"], row["runs"]) == (
+                claim["metric"],
+                claim["paper"],
+                [claim["a"][0], claim["b"][0]],
+            )
             assert row["seeds"] == [1, 2, 3], row["claim"]
             effects = [ev.claim_effect(row["kind"], a, b, row["margin"]) for a, b in row["values"]]
             assert effects == pytest.approx(row["effects"]), row["claim"]
+            assert row["mean"] == pytest.approx(np.mean(effects)) and row["std"] == pytest.approx(
+                np.std(effects, ddof=1)
+            )
             assert row["verdict"] == ev.verdict(effects), row["claim"]
-        table = open(path[: -len(".json")] + ".md").read()
-        rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-        assert len(rows) == len(record["claims"]), path
-        if os.path.basename(path) == "mnist.json":
-            assert len(record["claims"]) == len(ev.CLAIMS)  # every claim, the ranking's included
-            readme = open(os.path.join(ROOT, "README.md")).read()
-            missing = [line for line in rows if line not in readme.splitlines()]
-            assert not missing, f"the README's claims table differs from docs/claims/mnist.md: {missing[0][:120]}"
+        args = argparse.Namespace(dataset=record["dataset"], seeds=3, quick=False, jobs=2)
+        written = table_rows(ev.claims_markdown(record["claims"], args, record["wall_s"]))
+        assert table_rows(open(path[: -len(".json")] + ".md").read()) == written, f"{path[:-5]}.md is not its json"
+    mnist = table_rows(open(os.path.join(ROOT, "docs", "claims", "mnist.md")).read())
+    assert len(mnist) == len(ev.CLAIMS)  # every claim, the ranking's included
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert shows_in_order(readme, mnist), "the README's claims table is not docs/claims/mnist.md's rows in order"
+    assert f"{records['mnist']['wall_s'] / 60:.1f} min wall" in readme
+    for method in (*METHODS, "comparison"):
+        page = open(os.path.join(ROOT, "docs", f"{method}.md")).read()
+        rows = [line for line in mnist if line.startswith(f"| {method} |")]
+        assert rows and shows_in_order(page, rows), f"docs/{method}.md does not show its rows of docs/claims/mnist.md"
+    # the method's own check and the whole one trained the same runs: the same values to the digit
+    alone = {r["claim"]: r["values"] for r in records["mnist-dlsgan"]["claims"]}
+    assert alone == {r["claim"]: r["values"] for r in records["mnist"]["claims"] if r["method"] == "dlsgan"}
