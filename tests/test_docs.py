@@ -221,10 +221,24 @@ def test_the_claims_records_follow_the_rule_and_the_docs_show_them_as_written():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert shows_in_order(readme, mnist), "the README's claims table is not docs/claims/mnist.md's rows in order"
     assert f"{records['mnist']['wall_s'] / 60:.1f} min wall" in readme
+    fashion = table_rows(open(os.path.join(ROOT, "docs", "claims", "fashion-mnist.md")).read())
     for method in (*METHODS, "comparison"):
         page = open(os.path.join(ROOT, "docs", f"{method}.md")).read()
-        rows = [line for line in mnist if line.startswith(f"| {method} |")]
-        assert rows and shows_in_order(page, rows), f"docs/{method}.md does not show its rows of docs/claims/mnist.md"
+        for name, record in (("mnist", mnist), ("fashion-mnist", fashion)):
+            rows = [line for line in record if line.startswith(f"| {method} |")]
+            assert rows and shows_in_order(page, rows), f"docs/{method}.md lacks its rows of docs/claims/{name}.md"
+    # the README's two data sets side by side: each claim's mean effect and verdict, from the records
+    by_claim = {r["claim"]: r for r in records["fashion-mnist"]["claims"]}
+
+    def cell(r):
+        return f"{r['mean']:.3g} ± {r['std']:.3g}, {r['verdict']}"
+
+    side_by_side = [
+        f"| {r['method']} | {r['claim']} | {cell(r)} | {cell(by_claim[r['claim']])} |"
+        for r in records["mnist"]["claims"]
+    ]
+    assert shows_in_order(readme, side_by_side), "the README's MNIST / Fashion-MNIST table is not the records'"
+    assert f"{records['fashion-mnist']['wall_s'] / 60:.1f} min wall" in readme
     # the method's own check and the whole one trained the same runs: the same values to the digit
     alone = {r["claim"]: r["values"] for r in records["mnist-dlsgan"]["claims"]}
     assert alone == {r["claim"]: r["values"] for r in records["mnist"]["claims"] if r["method"] == "dlsgan"}
