@@ -1755,13 +1755,29 @@ def from_eval(name, method, label, key, baseline=False):
 
     def read(runs):
         ckpt = checkpoint_of(method, runs[method, label])
-        rows = read_json(os.path.join(runs["eval", name], "results.json"))["rows"]
-        value = next(r for r in rows if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline)
+        results = os.path.join(runs["eval", name], "results.json")
+        rows = [r for r in read_json(results)["rows"] if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline]
+        if not rows:
+            raise KeyError(f"{results} has no {'optimization' if baseline else 'encoder'} row of {ckpt}")
+        value = rows[0]
         for part in key.split("/"):
             value = value[part]
         return value
 
     return (f"{label} {'optimization' if baseline else 'encoder'}", read)
+
+
+def claim_value(claim, side, runs, seed) -> float:
+    """One seed's value of a claim's winner (side 'a') or other ('b'); a run or evaluation that did not record it (a
+    flag that turned it off, a file removed) is named in one line, its runs kept for the next call to reuse."""
+    label, read = claim[side]
+    try:
+        return float(read(runs))
+    except (OSError, KeyError, StopIteration, TypeError, ValueError) as e:
+        common.fail(
+            f"claim '{claim['claim']}', seed {seed}: '{label}' has no recorded value ({type(e).__name__}: {e}); "
+            "a --method-args flag may have turned it off -- drop it, or remove that run under runs/, and run again"
+        )
 
 
 def jsonl_last(key):
@@ -2219,7 +2235,7 @@ def claims(args):
         common.fail(failed[0])
     rows = []
     for c in chosen:
-        values = [(c["a"][1](runs[seed]), c["b"][1](runs[seed])) for seed in seeds]
+        values = [(claim_value(c, "a", runs[seed], seed), claim_value(c, "b", runs[seed], seed)) for seed in seeds]
         effects = [claim_effect(c["kind"], a, b, c.get("margin", 0.0)) for a, b in values]
         rows.append(
             {

@@ -1167,6 +1167,32 @@ def test_the_ranking_reads_each_methods_own_encoder_row(tmp_path, monkeypatch):
     }
 
 
+def test_a_claim_whose_run_did_not_record_its_value_is_named_in_one_line(tmp_path, monkeypatch):
+    """A value a run or evaluation did not record (a flag that turned it off, a file removed) stops --claims with one
+    line naming the claim, the seed and the run's label, not a traceback after an hour of training."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/r")
+    with open("runs/r/metrics.jsonl", "w") as f:
+        f.write(json.dumps({"eval/real_psnr": 14.0}) + "\n")
+    near = next(c for c in ev.CLAIMS if c["kind"] == "near")
+    runs = {("dlsgan", "no DLS, DG"): "runs/r"}
+    with pytest.raises(SystemExit, match=r"^error: claim 'without DLS.*', seed 2: 'no DLS, DG' has no recorded value"):
+        ev.claim_value(near, "a", runs, 2)
+    assert ev.claim_value(near, "b", runs, 2) == 1.0
+    ppl = next(c for c in ev.CLAIMS if c["metric"].startswith("PPL"))
+    with pytest.raises(SystemExit, match=r"seed 1: 'in y' has no recorded value \(FileNotFoundError"):
+        ev.claim_value(ppl, "a", {("lia", "lia"): "runs/never"}, 1)
+    ranked = next(c for c in ev.CLAIMS if c["method"] == "comparison")
+    os.makedirs("runs/e")
+    with open("runs/e/results.json", "w") as f:
+        json.dump({"rows": []}, f)
+    ranking_runs = {("invgan", "default"): "runs/i", ("dlsgan", "main job"): "runs/d", ("eval", "recon"): "runs/e"}
+    with pytest.raises(
+        SystemExit, match=r"'InvGAN' has no recorded value \(KeyError: .runs/e/results.json has no encoder row"
+    ):
+        ev.claim_value(ranked, "a", ranking_runs, 3)
+
+
 def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration(tmp_path):
     """--claims --quick with tiny networks: the first call trains every run of every seed, a second reuses them all,
     a third with one method's configuration changed trains that method's runs anew (a new digest) and reuses the
