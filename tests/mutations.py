@@ -395,8 +395,8 @@ MUTATIONS = [
     (
         "--claims reads an optimization row as the encoder's",
         "eval.py",
-        'if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline)',
-        'if r.get("checkpoint") == ckpt)',
+        'if r.get("checkpoint") == ckpt and ("baseline" in r) == baseline]',
+        'if r.get("checkpoint") == ckpt]',
         ["tests/test_eval.py::test_the_ranking_reads_each_methods_own_encoder_row"],
     ),
     (
@@ -484,6 +484,13 @@ MUTATIONS = [
         [
             "tests/test_eval.py::test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed_configuration"
         ],
+    ),
+    (
+        "--claims reads a value no run recorded as 0",
+        "eval.py",
+        "    except (OSError, KeyError, StopIteration, TypeError, ValueError) as e:\n        common.fail(",
+        "    except (OSError, KeyError, StopIteration, TypeError, ValueError) as e:\n        return 0.0\n        common.fail(",
+        ["tests/test_eval.py::test_a_claim_whose_run_did_not_record_its_value_is_named_in_one_line"],
     ),
     (
         "--methods comparison trains every claim's runs",
