@@ -2043,6 +2043,16 @@ def run_configuration(method, argv):
     return answer["config"]
 
 
+CLAIMS_WALL = "claims_wall.json"  # a task's seconds as --claims timed it (the process, start-up included)
+
+
+def recorded_wall(directory, fallback):
+    """The seconds --claims timed for the run or evaluation in ``directory``, so a reused one counts what a trained one
+    does; for one trained outside --claims, its own record (``fallback``: training or evaluation alone)."""
+    path = os.path.join(directory, CLAIMS_WALL)
+    return read_json(path)["wall_s"] if os.path.isfile(path) else fallback
+
+
 def claim_run(method, argv, prefix, finished_in=""):
     """(run name, command, wall seconds or None): a run named by the digest of its configuration, so that a run of
     another configuration is never reused; a finished run of this name is reused when its checkpoint's recorded
@@ -2064,12 +2074,16 @@ def claim_run(method, argv, prefix, finished_in=""):
     if method == "lia":  # one command, several directories; finished when its last stage is
         stages = ("gan", "encoder", "refine") if finished_in == "__refine" else ("gan", "encoder")
         if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            return name, None, sum(read_json(f"runs/{name}__{s}/summary.json")["wall_s"] for s in stages)
+            return (
+                name,
+                None,
+                recorded_wall(run_dir, sum(read_json(f"runs/{name}__{s}/summary.json")["wall_s"] for s in stages)),
+            )
         if any(os.path.exists(f"runs/{name}__{s}") for s in stages):
             common.fail(f"runs/{name}__* is unfinished; remove {' '.join(f'runs/{name}__{s}' for s in stages)}")
         return name, [*argv, "--run-name", name], None
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
-        return name, None, read_json(os.path.join(run_dir, "summary.json"))["wall_s"]
+        return name, None, recorded_wall(run_dir, read_json(os.path.join(run_dir, "summary.json"))["wall_s"])
     if os.path.isfile(ckpt):
         return name, [*argv, "--resume", ckpt], None
     return name, [*argv, "--run-name", name], None
@@ -2082,7 +2096,8 @@ def claim_eval(argv, prefix):
     name = f"{prefix}__{hashlib.sha256(json.dumps(argv).encode()).hexdigest()[:8]}"
     results = os.path.join("runs", name, "results.json")
     if os.path.isfile(results) and read_json(results).get("complete"):
-        return name, None, read_json(results).get("wall_s", 0.0)  # 0: an evaluation from before walls were kept
+        # 0: an evaluation from before walls were kept
+        return name, None, recorded_wall(os.path.join("runs", name), read_json(results).get("wall_s", 0.0))
     if os.path.exists(os.path.join("runs", name)):
         common.fail(f"runs/{name} is an unfinished evaluation; remove it, then run this again")
     return name, [*argv, "--run-name", name], None
@@ -2205,6 +2220,12 @@ def claims(args):
             if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode:
                 raise RuntimeError(f"{script}.py {shlex.join(argv)} failed; see {log}")
         walls[key] = time.time() - t0
+        # kept with the run (LIA's: with its last stage), so that a later call reusing it counts the same seconds
+        last = next((f"runs/{name}{s}" for s in ("__refine", "__encoder") if os.path.isdir(f"runs/{name}{s}")), None)
+        path = os.path.join(last or f"runs/{name}", CLAIMS_WALL)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"wall_s": walls[key]}, f)
+        os.replace(path + ".tmp", path)
 
     def worker():
         """Takes the first task whose runs are done, until none is left (or one failed)."""

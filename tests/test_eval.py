@@ -1281,7 +1281,9 @@ def test_claims_train_what_is_missing_reuse_what_is_the_same_and_never_a_changed
     assert "training: " not in again.stdout and again.stdout.count("reusing") == 2 * (8 + 2)
     recorded = json.loads((tmp_path / "runs/c2/claims.json").read_text())
     assert len(recorded["reused"]) == len(recorded["task_wall_s"]) == 2 * (8 + 2)
-    assert all(wall > 0 for wall in recorded["task_wall_s"].values())  # a reused evaluation counts its own time
+    # a reused run or evaluation counts the seconds the first call timed for it (its process, start-up included)
+    assert recorded["task_wall_s"] == pytest.approx(result["task_wall_s"])
+    assert all(wall > 0 for wall in recorded["task_wall_s"].values())
     assert (
         json.loads((tmp_path / "runs/c2/claims.json").read_text())["claims"][0]["values"]
         == result["claims"][0]["values"]
