@@ -2137,6 +2137,7 @@ def claims(args):
     # the plan: every run and evaluation of every seed, each (key, script, run name, command or None, wall, needs);
     # a seed's evaluations follow its runs, so that they start while other seeds train
     tasks, runs = [], {seed: {} for seed in seeds}  # runs[seed][(method, label) or ("eval", name)]: its directory
+    finished_dir = {}  # a run's directory that says it is finished (LIA's last stage), where its claims_wall.json goes
     for seed in seeds:
         for method in trained:
             base = ["--dataset", args.dataset, "--seed", str(seed), *extra(method)]
@@ -2163,6 +2164,7 @@ def claims(args):
                 name, argv, wall = claim_run(method, argv, tag, finished_in=last)
                 tasks.append(((seed, method, label), method, name, argv, wall, needs))
                 runs[seed][method, label] = f"runs/{name}"
+                finished_dir[name] = f"runs/{name}{last}"
         for name, (owners, ckpts, flags, quick_flags) in CLAIM_EVALS.items():
             ckpts = [(m, label) for m, label in ckpts if (m, label) in runs[seed]]
             if name == "recon" and "comparison" not in chosen_methods:  # then only LIA's claims read it
@@ -2221,8 +2223,7 @@ def claims(args):
                 raise RuntimeError(f"{script}.py {shlex.join(argv)} failed; see {log}")
         walls[key] = time.time() - t0
         # kept with the run (LIA's: with its last stage), so that a later call reusing it counts the same seconds
-        last = next((f"runs/{name}{s}" for s in ("__refine", "__encoder") if os.path.isdir(f"runs/{name}{s}")), None)
-        path = os.path.join(last or f"runs/{name}", CLAIMS_WALL)
+        path = os.path.join(finished_dir.get(name, f"runs/{name}"), CLAIMS_WALL)
         with open(path + ".tmp", "w") as f:
             json.dump({"wall_s": walls[key]}, f)
         os.replace(path + ".tmp", path)
